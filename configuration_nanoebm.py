@@ -1,0 +1,164 @@
+"""Configuration of nanoebm, the energy-based character transformer that thinks at decode time.
+
+Every field keeps the name the research code gave it (see DESIGN.md); the thinking fields live here, on the model
+config, and not on the generation config, so that `generate(..., think_steps=4)` reaches `forward`.
+"""
+
+from transformers import PreTrainedConfig
+
+LANDSCAPES = ("linear", "mixture", "soft_tokens")
+THINK_INITS = ("base_energy", "zeros", "random")
+POSITION_EMBEDDINGS = ("learned", "rope")
+
+
+class NanoEBMConfig(PreTrainedConfig):
+    r"""
+    Args:
+        vocab_size: number of characters in the vocabulary (65 for tiny Shakespeare).
+        block_size: longest context the model attends to; prompts beyond it are cropped from the left.
+        n_layer, n_head, n_embd, dropout, bias: the GPT backbone (pre-LN blocks, GELU MLP of 4 * n_embd).
+        position_embedding: "learned" (absolute, as nanoGPT) or "rope" (rotary; lets the KV-cached window slide
+            past `block_size` without recomputation).
+        d_energy: width of the space where context and token projections meet (defaults to n_embd).
+        use_token_bias: add the per-token bias b_y to the energy.
+        landscape: how the energy depends on the current belief p: "linear" (not at all), "mixture" (an MLP of
+            the hidden state and the expected embedding) or "soft_tokens" (the backbone reads a provisional token
+            whose embedding is the expected embedding). `use_soft_tokens=True` is the research code's spelling.
+        think_steps: gradient steps on the logits before a token is chosen (alias `refine_steps`).
+        think_lr: step size alpha of the descent (alias `alpha_value`).
+        think_lr_learnable: make alpha a trained parameter.
+        softmax_temperature: tau in p = softmax(v / tau) and v0 = -E_base / tau.
+        entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p).
+        think_max_move: trust region, |v - v0| <= think_max_move per logit; 0 disables.
+        absolute_clamp: |v| <= absolute_clamp; 0 disables.
+        langevin_noise: std of the Gaussian noise added to v after each step while training; 0 disables.
+        mixture_stopgrad: hold p fixed inside E(h, y | p) when differentiating J (closed-form gradient);
+            false differentiates through the landscape's dependence on p with autograd.
+        think_init: start of the descent: "base_energy" (System 1 logits), "zeros" or "random".
+        think_init_noise_std: std of Gaussian noise added to the start (and of the "random" start).
+        energy_convergence_threshold: stop thinking once max |J_k - J_{k-1}| falls below it; 0 never stops early.
+        use_thinking: whether forward and generate think by default (false = System 1).
+    """
+
+    model_type = "nanoebm"
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "block_size",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.1,
+        bias: bool = True,
+        position_embedding: str = "learned",
+        rope_theta: float = 10000.0,
+        d_energy: int | None = None,
+        use_token_bias: bool = True,
+        landscape: str = "mixture",
+        use_soft_tokens: bool | None = None,
+        think_steps: int = 2,
+        think_lr: float = 0.5,
+        think_lr_learnable: bool = True,
+        softmax_temperature: float = 1.0,
+        entropy_weight: float = 0.1,
+        think_max_move: float = 0.25,
+        absolute_clamp: float = 0.0,
+        langevin_noise: float = 0.0,
+        mixture_stopgrad: bool = True,
+        think_init: str = "base_energy",
+        think_init_noise_std: float = 0.0,
+        energy_convergence_threshold: float = 0.0,
+        use_thinking: bool = True,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        # the research code's names for the same knobs
+        if "refine_steps" in kwargs:
+            think_steps = kwargs.pop("refine_steps")
+        if "alpha_value" in kwargs:
+            think_lr = kwargs.pop("alpha_value")
+        if use_soft_tokens is not None:
+            if use_soft_tokens and landscape not in ("mixture", "soft_tokens"):
+                raise ValueError(
+                    f"use_soft_tokens=True contradicts landscape={landscape!r}; set one of them "
+                    f"(landscape='soft_tokens' is the same as use_soft_tokens=True)"
+                )
+            if use_soft_tokens:
+                landscape = "soft_tokens"
+            elif landscape == "soft_tokens":
+                landscape = "mixture"
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.dropout = dropout
+        self.bias = bias
+        self.position_embedding = position_embedding
+        self.rope_theta = rope_theta
+        self.d_energy = d_energy if d_energy is not None else n_embd
+        self.use_token_bias = use_token_bias
+        self.landscape = landscape
+        self.think_steps = think_steps
+        self.think_lr = think_lr
+        self.think_lr_learnable = think_lr_learnable
+        self.softmax_temperature = softmax_temperature
+        self.entropy_weight = entropy_weight
+        self.think_max_move = think_max_move
+        self.absolute_clamp = absolute_clamp
+        self.langevin_noise = langevin_noise
+        self.mixture_stopgrad = mixture_stopgrad
+        self.think_init = think_init
+        self.think_init_noise_std = think_init_noise_std
+        self.energy_convergence_threshold = energy_convergence_threshold
+        self.use_thinking = use_thinking
+        self.initializer_range = initializer_range
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_nanoebm()
+
+    @property
+    def use_soft_tokens(self) -> bool:
+        return self.landscape == "soft_tokens"
+
+    def validate_nanoebm(self):
+        """Raise ValueError naming the field, its value and what is allowed."""
+
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"NanoEBMConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_energy"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value > 0, field, "must be a positive integer")
+        need(self.n_embd % self.n_head == 0, "n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.position_embedding == "rope":
+            need((self.n_embd // self.n_head) % 2 == 0, "n_head", "rope needs an even head size n_embd // n_head")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding", f"allowed: {POSITION_EMBEDDINGS}")
+        need(self.landscape in LANDSCAPES, "landscape", f"allowed: {LANDSCAPES}")
+        need(self.think_init in THINK_INITS, "think_init", f"allowed: {THINK_INITS}")
+        need(isinstance(self.think_steps, int) and self.think_steps >= 0, "think_steps", "must be an integer >= 0")
+        need(self.think_lr > 0, "think_lr", "must be > 0")
+        need(self.softmax_temperature > 0, "softmax_temperature", "must be > 0")
+        for field in ("entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise",
+                      "think_init_noise_std", "energy_convergence_threshold"):
+            need(getattr(self, field) >= 0, field, "must be >= 0 (0 disables it)")
+        if self.think_init == "random":
+            need(self.think_init_noise_std > 0, "think_init_noise_std",
+                 "must be > 0 when think_init='random' (it is the std of the random start)")
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["use_soft_tokens"] = self.use_soft_tokens  # the research code's flag, kept in sync for readers
+        return out
+
+
+NanoEBMConfig.register_for_auto_class()

@@ -1,0 +1,619 @@
+"""nanoebm: a character-level transformer that scores an energy for every candidate next token and thinks.
+
+Read top to bottom: the GPT backbone (with a KV cache), the energy head and its three landscapes, the energy
+descent on the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
+`pipeline` and the Trainer call. The maths and the option names are those of DESIGN.md.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput, logging
+
+try:  # inside a saved model folder loaded with trust_remote_code (a package)
+    from .configuration_nanoebm import NanoEBMConfig
+except ImportError:  # from a checkout, as a top-level module
+    from configuration_nanoebm import NanoEBMConfig
+
+logger = logging.get_logger(__name__)
+
+
+class ThinkingDivergedError(FloatingPointError):
+    """The energy descent produced NaN or Inf logits."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone: a nanoGPT decoder with a KV cache, padding masks and optional rotary positions
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos/sin of shape (B, 1, T, head_dim); computed on the fly, so no buffer needs re-initialising on load."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: NanoEBMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask, rotary=None, past_key_values=None, context_kv=None):
+        """`attn_mask` is boolean (B, 1, Tq, Tk), True = may attend, or None for plain causal attention.
+
+        `context_kv` are the keys/values of real tokens that provisional (soft) tokens read without being cached.
+        Returns the output and this call's own (key, value) so callers can keep them as context.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        own_kv = (k, v)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        elif context_kv is not None:
+            k, v = torch.cat((context_kv[0], k), dim=2), torch.cat((context_kv[1], v), dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), own_kv
+
+
+class MLP(nn.Module):
+    def __init__(self, config: NanoEBMConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: NanoEBMConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, rotary=None, past_key_values=None, context_kv=None):
+        a, own_kv = self.attn(self.ln_1(x), attn_mask, rotary, past_key_values, context_kv)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), own_kv
+
+
+class NanoEBMPreTrainedModel(PreTrainedModel):
+    config: NanoEBMConfig
+    config_class = NanoEBMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # forward takes **kwargs; without this the Trainer would divide the loss by the accumulation steps twice
+    accepts_loss_kwargs = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry)."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_nanoebm.NanoEBMConfig",
+            "AutoModel": "modeling_nanoebm.NanoEBMModel",
+            "AutoModelForCausalLM": "modeling_nanoebm.NanoEBMForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """nanoGPT's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        super()._init_weights(module)
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, EnergyHead):
+            if hasattr(module, "correction_scale"):
+                init.zeros_(module.correction_scale)  # a fresh model thinks on the base landscape
+            if module.token_bias is not None:
+                init.zeros_(module.token_bias)
+        if isinstance(module, NanoEBMForCausalLM):
+            init.constant_(module.think_lr_raw, inverse_softplus(self.config.think_lr))
+
+
+def inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class NanoEBMModel(NanoEBMPreTrainedModel):
+    """The GPT backbone: token (+ learned position) embeddings, pre-LN blocks, final LayerNorm."""
+
+    def __init__(self, config: NanoEBMConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position_embedding == "learned":
+            # one spare position: a provisional soft token sits one past the last real one
+            self.wpe = nn.Embedding(config.block_size + int(config.use_soft_tokens), config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def embed(self, inputs_embeds, position_ids):
+        if self.config.position_embedding == "learned":
+            if position_ids.numel() and int(position_ids.max()) >= self.wpe.num_embeddings:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is beyond block_size={self.config.block_size}: feed at most "
+                    f"block_size tokens (generate crops longer prompts from the left for you)"
+                )
+            return self.drop(inputs_embeds + self.wpe(position_ids)), None
+        head_dim = self.config.n_embd // self.config.n_head
+        return self.drop(inputs_embeds), rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, inputs_embeds.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_context_kv: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
+        use_cache = use_cache if use_cache is not None else (getattr(self.config, "use_cache", True) and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and attention_mask.shape[-1] != past_len + T:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache holds {past_len} and "
+                f"{T} are new"
+            )
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past_len, T, inputs_embeds.device).expand(B, -1)
+        x, rotary = self.embed(inputs_embeds, position_ids)
+        # rotary models attend to at most block_size keys (a sliding window), which is what the cached decode
+        # computes once it drops keys older than the window
+        window = self.config.block_size if self.config.position_embedding == "rope" else None
+        attn_mask = causal_padding_mask(attention_mask, past_len, T, x.device, window)
+        all_hidden = () if output_hidden_states else None
+        context_kv = [] if return_context_kv else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (x,)
+            x, own_kv = block(x, attn_mask, rotary, past_key_values if use_cache else None)
+            if return_context_kv:
+                context_kv.append(own_kv)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x, past_key_values=past_key_values if use_cache else None, hidden_states=all_hidden
+        )
+        out.context_kv = context_kv  # not a declared field: read by the causal LM only
+        out.position_ids = position_ids
+        return out
+
+    def provisional_hidden(self, embeds, position_ids, context_kv, key_valid, query_index):
+        """Hidden states of provisional (soft) tokens that see the real tokens 0..query_index and themselves.
+
+        `context_kv` holds each layer's real keys/values (B, H, S, hd); provisional i follows real token
+        `query_index[i]`. Nothing is written to any cache, so decoding needs no roll-back.
+        """
+        S, Tq = context_kv[0][0].shape[2], embeds.shape[1]
+        key = torch.arange(S, device=embeds.device)[None, :]
+        real = key <= query_index[:, None]  # (Tq, S)
+        if self.config.position_embedding == "rope":  # the same sliding window as the real tokens
+            real = real & (key > query_index[:, None] - self.config.block_size)
+        mask = torch.cat((real, torch.eye(Tq, dtype=torch.bool, device=embeds.device)), dim=1)[None, None]
+        if key_valid is not None:
+            own = torch.ones(key_valid.shape[0], Tq, dtype=torch.bool, device=embeds.device)
+            mask = mask & torch.cat((key_valid.bool(), own), dim=1)[:, None, None, :]
+        x, rotary = self.embed(embeds, position_ids)
+        for block, kv in zip(self.h, context_kv):
+            x, _ = block(x, mask, rotary, None, kv)
+        return self.ln_f(x)
+
+
+def positions_from_mask(attention_mask, past_len, T, device):
+    """Positions count real tokens only, so a left-padded row gets the positions it would have unpadded."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + T, device=device)[None]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+
+
+def causal_padding_mask(attention_mask, past_len, T, device, window=None):
+    """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is exact (no padding, no cache).
+
+    With `window`, a query sees only the last `window` keys (itself included).
+    """
+    S = past_len + T
+    banded = window is not None and S > window
+    if attention_mask is None and past_len == 0 and not banded:
+        return None
+    query = torch.arange(past_len, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None, :]
+    mask = (key <= query) & (key > query - window) if banded else key <= query
+    mask = mask[None, None]
+    if attention_mask is not None:
+        # a padded query would see no key at all (NaN in SDPA): let every query see itself
+        mask = mask & (attention_mask.bool()[:, None, None, :] | (key == query)[None, None])
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Energy head: E(h, y | p) = b_y - <W_c h, W_e e_y> - tanh(s) <r(p), W_e e_y>
+
+
+class EnergyHead(nn.Module):
+    def __init__(self, config: NanoEBMConfig):
+        super().__init__()
+        self.context_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_c
+        self.token_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_e
+        self.token_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.use_token_bias else None
+        if config.landscape == "mixture":
+            self.mixture = nn.Sequential(
+                nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias),
+                nn.GELU(),
+                nn.Linear(config.n_embd, config.d_energy, bias=config.bias),
+            )
+        if config.landscape != "linear":
+            self.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
+
+    def base_energy(self, hidden, token_features):
+        energy = -(self.context_proj(hidden).float() @ token_features.float().T)
+        return energy + self.token_bias.float() if self.token_bias is not None else energy
+
+
+@dataclass
+class Landscape:
+    """The energy of every candidate token as a function of the belief p, for one batch of positions."""
+
+    base: torch.Tensor  # E_base (..., V), float32
+    token_features: torch.Tensor | None = None  # W_e e_y (V, d_energy)
+    correction: Callable[[torch.Tensor], torch.Tensor] | None = None  # p -> r (..., d_energy)
+    scale: torch.Tensor | None = None  # tanh(s)
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        if self.correction is None:
+            return self.base
+        r = self.correction(p).float()
+        return self.base - self.scale * (r @ self.token_features.float().T)
+
+
+def expected_energy(landscape: Landscape, logits, temperature, entropy_weight):
+    """J(v) = sum_y p(y) E(y | p) - lambda H(p), with p = softmax(v / tau), per position."""
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    p = log_p.exp()
+    energy = landscape(p)
+    return (p * energy).sum(-1) + entropy_weight * (p * log_p).sum(-1), p, log_p, energy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The causal LM: System 1 reads -E_base, System 2 descends J on the logits
+
+
+@dataclass
+class NanoEBMCausalLMOutput(ModelOutput):
+    """
+    loss: next-token cross-entropy of `logits` (when labels are given).
+    logits: the scores decoding sees: refined by thinking, or System 1 when thinking is off.
+    system1_logits: -E_base, the one-pass prediction.
+    energies: E_base, the base energy of every candidate token.
+    step_logits: the logits after each thinking step (v_1 .. v_K).
+    energy_trace: J at v_0 .. v_K, shape (..., K + 1); J_0 - J_K is the energy gap thinking bought.
+    landscape: the belief-dependent energy function of this batch (only with `return_landscape=True`).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    system1_logits: torch.Tensor | None = None
+    energies: torch.Tensor | None = None
+    step_logits: tuple[torch.Tensor, ...] | None = None
+    energy_trace: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    landscape: Landscape | None = None
+
+
+class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: NanoEBMConfig):
+        super().__init__(config)
+        self.transformer = NanoEBMModel(config)
+        self.energy_head = EnergyHead(config)
+        # alpha = softplus(think_lr_raw) > 0; a Parameter only when it is learned, so "learnable" means it
+        raw = torch.tensor(inverse_softplus(config.think_lr))
+        if config.think_lr_learnable:
+            self.think_lr_raw = nn.Parameter(raw)
+        else:
+            self.register_buffer("think_lr_raw", raw)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    @property
+    def think_lr(self) -> torch.Tensor:
+        return F.softplus(self.think_lr_raw)
+
+    # -- landscape -------------------------------------------------------------------------------------------
+
+    def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
+        """E(h, . | p) for the positions in `hidden` (B, n, d)."""
+        token_embeddings = self.transformer.wte.weight
+        features = self.energy_head.token_proj(token_embeddings)
+        base = self.energy_head.base_energy(hidden, features)
+        landscape = self.config.landscape
+        if landscape == "linear":
+            return Landscape(base)
+
+        def expected_embedding(p):
+            return p.to(token_embeddings.dtype) @ token_embeddings
+
+        if landscape == "mixture":
+            def correction(p):
+                return self.energy_head.mixture(torch.cat((hidden, expected_embedding(p).to(hidden.dtype)), dim=-1))
+        else:  # soft tokens: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
+            def correction(p):
+                soft = self.transformer.provisional_hidden(
+                    expected_embedding(p).to(hidden.dtype), position_ids + 1, context_kv, key_valid, query_index
+                )
+                return self.energy_head.context_proj(soft)
+
+        scale = torch.tanh(self.energy_head.correction_scale).float()
+        return Landscape(base, features, correction, scale)
+
+    # -- thinking --------------------------------------------------------------------------------------------
+
+    def initial_logits(self, base_energy):
+        cfg = self.config
+        if cfg.think_init == "base_energy":
+            v0 = -base_energy / cfg.softmax_temperature
+        else:
+            v0 = torch.zeros_like(base_energy)
+        if cfg.think_init_noise_std > 0:
+            v0 = v0 + cfg.think_init_noise_std * torch.randn_like(v0)
+        # centred like every later iterate, so the trust region |v - v0| measures real moves, not a shift
+        return v0 - v0.mean(-1, keepdim=True)
+
+    def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True):
+        """Energy descent on the logits (DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
+
+        Every position descends its own J (the objective is summed, never averaged, over positions).
+        """
+        cfg = self.config
+        tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
+        alpha = self.think_lr if think_lr is None else think_lr
+        create_graph = self.training if create_graph is None else create_graph
+        v0 = self.initial_logits(landscape.base)
+        v, steps_taken, trace, previous = v0, [], [], None
+        for k in range(steps + 1):
+            last = k == steps
+            if last and not record_final:
+                break
+            coupled = not cfg.mixture_stopgrad and landscape.correction is not None and not last
+            if coupled:
+                with torch.enable_grad():
+                    if not v.requires_grad:
+                        v = v.detach().requires_grad_(True)
+                    # autograd through E(h, y | p): the math SDPA kernel is the one with a double backward
+                    with sdpa_kernel(SDPBackend.MATH):
+                        J = expected_energy(landscape, v, tau, lam)[0]
+                        (grad,) = torch.autograd.grad(J.sum(), v, create_graph=create_graph)
+            else:
+                J, p, log_p, energy = expected_energy(landscape, v, tau, lam)
+                if not last:  # closed form with p held fixed inside E: (1/tau) p (d - <d>_p)
+                    d = energy + lam * (log_p + 1.0)
+                    grad = p * (d - (p * d).sum(-1, keepdim=True)) / tau
+            trace.append(J.detach())
+            if cfg.energy_convergence_threshold > 0 and previous is not None:
+                if (J.detach() - previous).abs().max() < cfg.energy_convergence_threshold:
+                    break
+            previous = J.detach()
+            if last:
+                break
+            v = v - alpha * grad
+            if max_move > 0:
+                v = torch.maximum(torch.minimum(v, v0 + max_move), v0 - max_move)
+            if clamp > 0:
+                v = v.clamp(-clamp, clamp)
+            if self.training and cfg.langevin_noise > 0:
+                v = v + cfg.langevin_noise * torch.randn_like(v)
+            v = v - v.mean(-1, keepdim=True)
+            if coupled and not create_graph:
+                v = v.detach()
+            steps_taken.append(v)
+        if steps_taken and not torch.isfinite(v).all():
+            raise ThinkingDivergedError(
+                f"thinking produced NaN/Inf logits after {len(steps_taken)} step(s): lower think_lr "
+                f"(now {float(alpha):.4g}), raise softmax_temperature (now {tau}) or bound the moves with "
+                f"think_max_move / absolute_clamp"
+            )
+        return v, tuple(steps_taken), torch.stack(trace, dim=-1)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        use_thinking: bool | None = None,
+        think_steps: int | None = None,
+        think_lr: float | None = None,
+        return_energy_trace: bool = True,
+        return_landscape: bool = False,
+        **kwargs,
+    ) -> NanoEBMCausalLMOutput:
+        r"""
+        labels: targets aligned with `input_ids` (shifted inside, HF convention); -100 is ignored.
+        shift_labels: targets already shifted (target of position t at t), as transformers' loss utilities name
+            them; the training stream uses these so every one of the block_size positions is scored.
+        logits_to_keep: score (and think on) only the last n positions; generate passes 1.
+        use_thinking, think_steps, think_lr: override the config for this call (generate forwards them).
+        return_energy_trace: evaluate J after the last step too (one more landscape evaluation).
+        """
+        use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
+        steps = self.config.think_steps if think_steps is None else int(think_steps)
+        if steps < 0:
+            raise ValueError(f"think_steps={steps} is invalid: must be >= 0")
+        if think_lr is not None and not think_lr > 0:
+            raise ValueError(f"think_lr={think_lr} is invalid: must be > 0")
+        soft = self.config.use_soft_tokens and use_thinking and steps > 0
+        out = self.transformer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            return_context_kv=soft,
+        )
+        hidden = out.last_hidden_state
+        T = hidden.shape[1]
+        n = T if not logits_to_keep else min(logits_to_keep, T)
+        kept = hidden[:, -n:]
+        context = dict()
+        if soft:
+            cache = out.past_key_values
+            kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
+            S = kv[0][0].shape[2]
+            context = dict(
+                context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:],
+                query_index=torch.arange(S - n, S, device=hidden.device),
+            )
+        landscape = self.build_landscape(kept, **context)
+        system1 = -landscape.base
+        step_logits, trace = (), None
+        if use_thinking and steps > 0:
+            logits, step_logits, trace = self.think(landscape, steps, think_lr, record_final=return_energy_trace)
+        else:
+            logits = system1
+
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = self.next_token_loss(logits, labels, shift_labels)
+        return NanoEBMCausalLMOutput(
+            loss=loss, logits=logits, system1_logits=system1, energies=landscape.base, step_logits=step_logits,
+            energy_trace=trace, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            landscape=landscape if return_landscape else None,
+        )
+
+    @staticmethod
+    def next_token_loss(logits, labels=None, shift_labels=None):
+        """Mean next-token cross-entropy in nats; `labels` follow the HF convention, `shift_labels` are pre-shifted."""
+        if shift_labels is None:
+            logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        if logits.shape[1] != shift_labels.shape[1]:
+            raise ValueError(
+                f"labels cover {shift_labels.shape[1]} positions but {logits.shape[1]} were scored "
+                f"(logits_to_keep must be 0 when computing a loss)"
+            )
+        return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, past_key_values=None, attention_mask=None, use_cache=True,
+        **kwargs,
+    ):
+        """Feed only the new tokens, inside a window of at most `block_size` tokens.
+
+        Past `block_size` the window slides. With rotary positions the oldest cached keys are dropped (exact: the
+        attention scores only see relative positions). With learned positions every cached key would change
+        position, so the cache is emptied and the last `block_size // 2` tokens are re-read (amortised: the context
+        then varies between block_size // 2 and block_size tokens). Without a cache every step re-reads the last
+        `block_size` tokens, as the research code does.
+        """
+        block = self.config.block_size
+        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
+        kwargs.pop("cache_position", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cached = past_key_values.get_seq_length() if (use_cache and past_key_values is not None) else 0
+        if cached == 0 or next_sequence_length is None:
+            if input_ids.shape[1] > block and cached == 0 and kwargs.get("is_first_iteration", False):
+                logger.warning_once(
+                    f"the prompt has {input_ids.shape[1]} tokens, more than block_size={block}: only the last "
+                    f"{block} are read"
+                )
+            new = min(input_ids.shape[1], block)
+            if past_key_values is not None and cached:
+                past_key_values.crop(-cached)
+            cached = 0
+        else:
+            new = next_sequence_length
+            if cached + new > block:
+                if self.config.position_embedding == "rope":
+                    drop = cached + new - block
+                    for layer in past_key_values.layers:
+                        layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+                    cached -= drop
+                else:
+                    past_key_values.crop(-cached)
+                    new, cached = block // 2, 0
+        window = attention_mask[:, -(cached + new):]
+        if self.config.position_embedding == "rope":
+            position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
+        else:
+            position_ids = positions_from_mask(window, 0, new, input_ids.device)
+        kwargs.pop("is_first_iteration", None)
+        kwargs.setdefault("return_energy_trace", False)
+        return {
+            "input_ids": input_ids[:, -new:].contiguous(),
+            "attention_mask": window,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values if use_cache else None,
+            "use_cache": use_cache,
+            **kwargs,
+        }
+
+
+NanoEBMModel.register_for_auto_class("AutoModel")
+NanoEBMForCausalLM.register_for_auto_class("AutoModelForCausalLM")

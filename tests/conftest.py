@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny configs, the corpus, and a tiny model trained for a few steps (real computation only)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from configuration_nanoebm import NanoEBMConfig  # noqa: E402
+from modeling_nanoebm import NanoEBMForCausalLM  # noqa: E402
+
+
+def find_corpus():
+    for candidate in (os.environ.get("NANOEBM_DATA"), ROOT / "data" / "tinyshakespeare.txt",
+                      ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def corpus_text():
+    path = find_corpus()
+    if path is None:
+        pytest.skip("tiny Shakespeare not found (set NANOEBM_DATA or place it in data/ or ../shared/data/)")
+    return path.read_text(encoding="utf-8")
+
+
+def tiny_config(**overrides):
+    values = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    values.update(overrides)
+    return NanoEBMConfig(**values)
+
+
+def make_model(seed=0, correction_scale=None, **overrides):
+    torch.manual_seed(seed)
+    model = NanoEBMForCausalLM(tiny_config(**overrides))
+    if correction_scale is not None and hasattr(model.energy_head, "correction_scale"):
+        with torch.no_grad():  # a fresh model has s = 0; a non-zero s makes the landscape really depend on p
+            model.energy_head.correction_scale.fill_(correction_scale)
+    return model
+
+
+def train_briefly(model, ids, steps=40, lr=3e-3, seed=0):
+    """A few AdamW steps of next-token CE on the refined logits: enough for a landscape with structure."""
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    block = model.config.block_size
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - block - 1, (8,))
+        batch = torch.stack([ids[s:s + block + 1] for s in starts.tolist()])
+        loss = model(batch[:, :-1], shift_labels=batch[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()

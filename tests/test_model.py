@@ -1,0 +1,227 @@
+"""The model: config validation, forward/backward, the thinking maths, KV cache, padding, sliding window."""
+
+import pytest
+import torch
+
+from conftest import make_model, tiny_config, train_briefly
+from configuration_nanoebm import NanoEBMConfig
+from modeling_nanoebm import NanoEBMForCausalLM, ThinkingDivergedError, expected_energy
+
+LANDSCAPES = ["linear", "mixture", "soft_tokens"]
+
+
+@pytest.fixture(scope="module")
+def corpus_ids(corpus_text):
+    chars = sorted(set(corpus_text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return torch.tensor([stoi[c] for c in corpus_text[:30000]])
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_ids):
+    return {land: train_briefly(make_model(landscape=land, think_lr=1.0), corpus_ids) for land in LANDSCAPES}
+
+
+# -- config ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("n_embd", 31, "divisible by n_head"),
+    ("think_steps", -1, ">= 0"),
+    ("softmax_temperature", 0.0, "> 0"),
+    ("think_init", "noise", "allowed"),
+    ("landscape", "quadratic", "allowed"),
+    ("position_embedding", "alibi", "allowed"),
+    ("think_max_move", -0.1, ">= 0"),
+    ("dropout", 1.0, "[0, 1)"),
+])
+def test_config_rejects_bad_values(field, value, needle):
+    with pytest.raises(ValueError) as err:
+        tiny_config(**{field: value})
+    assert field in str(err.value) and repr(value) in str(err.value) and needle in str(err.value)
+
+
+def test_config_aliases_and_soft_token_flag():
+    cfg = NanoEBMConfig(refine_steps=6, alpha_value=0.3, use_soft_tokens=True)
+    assert (cfg.think_steps, cfg.think_lr, cfg.landscape, cfg.use_soft_tokens) == (6, 0.3, "soft_tokens", True)
+    assert cfg.hidden_size == cfg.n_embd and cfg.num_hidden_layers == cfg.n_layer
+    assert cfg.max_position_embeddings == cfg.block_size
+    with pytest.raises(ValueError, match="use_soft_tokens"):
+        NanoEBMConfig(use_soft_tokens=True, landscape="linear")
+    with pytest.raises(ValueError, match="think_init_noise_std"):
+        NanoEBMConfig(think_init="random")
+    reloaded = NanoEBMConfig.from_dict(cfg.to_dict())
+    assert reloaded.landscape == "soft_tokens" and reloaded.think_steps == 6
+
+
+# -- forward / backward ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("landscape", LANDSCAPES)
+@pytest.mark.parametrize("stopgrad", [True, False])
+def test_forward_shapes_and_every_parameter_learns(landscape, stopgrad):
+    model = make_model(landscape=landscape, mixture_stopgrad=stopgrad, think_steps=3, correction_scale=0.5).train()
+    ids = torch.randint(0, 65, (2, 32))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == out.system1_logits.shape == out.energies.shape == (2, 32, 65)
+    assert len(out.step_logits) == 3 and out.energy_trace.shape == (2, 32, 4)
+    assert torch.allclose(out.system1_logits, -out.energies)
+    out.loss.backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert silent == []
+
+
+def test_system1_when_thinking_is_off():
+    model = make_model().eval()
+    ids = torch.randint(0, 65, (1, 10))
+    out = model(ids, use_thinking=False)
+    assert torch.equal(out.logits, out.system1_logits) and out.step_logits == ()
+    assert not torch.allclose(model(ids, think_steps=2).logits, out.logits)
+
+
+def test_closed_form_gradient_equals_autograd_with_p_fixed():
+    model = make_model(landscape="mixture", correction_scale=0.8, entropy_weight=0.3, softmax_temperature=0.7)
+    ids = torch.randint(0, 65, (2, 12))
+    with torch.no_grad():
+        hidden = model.transformer(ids, use_cache=False).last_hidden_state
+        landscape = model.build_landscape(hidden)
+        v = torch.randn(2, 12, 65)
+        v = v - v.mean(-1, keepdim=True)  # the loop keeps v centred, so v1 - v is the step alone
+    tau, lam = 0.7, 0.3
+    p_fixed = torch.softmax(v / tau, -1).detach()
+    energy_fixed = landscape(p_fixed).detach()
+    v_leaf = v.clone().requires_grad_(True)
+    log_p = torch.log_softmax(v_leaf / tau, -1)
+    J = (log_p.exp() * energy_fixed).sum(-1) + lam * (log_p.exp() * log_p).sum(-1)
+    (autograd,) = torch.autograd.grad(J.sum(), v_leaf)
+    # one closed-form step, read back from the model's own loop
+    model.config.think_max_move = 0.0
+    model.config.think_init_noise_std = 0.0
+    model.eval()
+    model.initial_logits = lambda base: v  # start the descent at v
+    alpha = 0.37
+    v1, _, _ = model.think(landscape, steps=1, think_lr=alpha, record_final=False)
+    closed = -(v1 - v) / alpha  # v1 = v - alpha g, then centred: g sums to 0 so centring leaves it unchanged
+    assert torch.allclose(closed, autograd, atol=1e-5), (closed - autograd).abs().max()
+
+
+@pytest.mark.parametrize("landscape", ["linear", "mixture"])
+def test_thinking_lowers_expected_energy(trained, corpus_ids, landscape):
+    model = trained[landscape]
+    ids = corpus_ids[1000:1032][None]
+    with torch.no_grad():
+        trace = model(ids, think_steps=4).energy_trace  # (1, T, 5)
+    assert (trace[..., -1] < trace[..., 0]).float().mean() > 0.95
+    assert (trace[..., 1:] <= trace[..., :-1] + 1e-6).float().mean() > 0.95  # step by step
+    assert trace[..., 0].mean() - trace[..., -1].mean() > 1e-3  # it moves, unlike the research code's 1e-4
+
+
+def test_coupled_path_descends_too(trained, corpus_ids):
+    model = trained["mixture"]
+    model.config.mixture_stopgrad = False
+    try:
+        with torch.no_grad():
+            trace = model(corpus_ids[:32][None], think_steps=3).energy_trace
+    finally:
+        model.config.mixture_stopgrad = True
+    assert trace[..., -1].mean() < trace[..., 0].mean()
+
+
+def test_nan_during_thinking_names_the_knob():
+    model = make_model(think_max_move=0.0).eval()
+    with pytest.raises(ThinkingDivergedError, match="think_lr"):
+        model(torch.randint(0, 65, (1, 8)), think_lr=1e39, think_steps=3)  # overflows float32
+
+
+def test_bad_forward_inputs():
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="think_steps"):
+        model(torch.zeros(1, 3, dtype=torch.long), think_steps=-2)
+
+
+# -- generation -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("landscape", LANDSCAPES)
+@pytest.mark.parametrize("thinking", [True, False])
+def test_cached_and_uncached_decoding_agree(trained, corpus_ids, landscape, thinking):
+    model = trained[landscape]
+    prompt = corpus_ids[:8][None]
+    kw = dict(max_new_tokens=20, do_sample=False, use_thinking=thinking, think_steps=3)
+    cached = model.generate(prompt, **kw)
+    uncached = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_thinking_changes_what_is_decoded(trained, corpus_ids):
+    model = trained["mixture"]
+    prompt = corpus_ids[:8][None]
+    with torch.no_grad():
+        s1 = model(prompt, use_thinking=False).logits[:, -1]
+        s2 = model(prompt, think_steps=4).logits[:, -1]
+    assert (s2 - s1).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("landscape", LANDSCAPES)
+def test_left_padded_batch_equals_one_by_one(trained, corpus_ids, landscape):
+    model = trained[landscape]
+    prompts = [corpus_ids[100:110], corpus_ids[300:304], corpus_ids[500:507]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for row, p in enumerate(prompts):
+        single = model.generate(p[None], max_new_tokens=12, do_sample=False)
+        assert torch.equal(batched[row, width:], single[0, len(p):])
+
+
+@pytest.mark.parametrize("landscape", LANDSCAPES)
+def test_learned_positions_past_block_size_reread_half_windows(trained, corpus_ids, landscape):
+    """Past block_size the cached path equals re-reading a window that grows from block/2 to block, then resets."""
+    model, block = trained[landscape], 32
+    prompt = corpus_ids[:10][None]
+    generated = model.generate(prompt, max_new_tokens=60, do_sample=False)
+    reference, context = prompt, prompt.shape[1]
+    with torch.no_grad():
+        for step in range(60):
+            if step:
+                context = context + 1 if context < block else block // 2
+            logits = model(reference[:, -context:], use_cache=False).logits[:, -1]
+            reference = torch.cat((reference, logits.argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(generated, reference)
+
+
+@pytest.mark.parametrize("landscape", LANDSCAPES)
+def test_rope_past_block_size_is_sliding_window_attention(corpus_ids, landscape):
+    """With rotary positions the cached path equals one full-sequence pass with a block_size attention band."""
+    model = train_briefly(make_model(landscape=landscape, position_embedding="rope", think_lr=1.0), corpus_ids, steps=15)
+    prompt = corpus_ids[:10][None]
+    generated = model.generate(prompt, max_new_tokens=50, do_sample=False, think_steps=2)
+    reference = prompt
+    with torch.no_grad():
+        for _ in range(50):
+            logits = model(reference, use_cache=False, think_steps=2).logits[:, -1]
+            reference = torch.cat((reference, logits.argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(generated, reference)
+
+
+def test_long_prompt_is_cropped_from_the_left(trained, corpus_ids):
+    model = trained["linear"]
+    long_prompt = corpus_ids[:50][None]
+    out = model.generate(long_prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out[:, :50], long_prompt)
+    cropped = model.generate(long_prompt[:, -32:], max_new_tokens=5, do_sample=False)
+    assert torch.equal(out[:, 50:], cropped[:, 32:])
+
+
+def test_every_decoding_strategy_runs_on_refined_scores(trained, corpus_ids):
+    model = trained["mixture"]
+    prompt = corpus_ids[:8][None]
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=1.2,
+                             think_steps=4, repetition_penalty=1.1)
+    beams = model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, think_steps=2)
+    assert sampled.shape == beams.shape == (1, 18)

@@ -1,0 +1,266 @@
+"""Character-level tokenizer for nanoebm (transformers 5 "slow"/pure-Python tokenizer).
+
+The vocabulary is nanoGPT's: ``chars = sorted(set(text))`` and a character's id is its index.
+For tiny Shakespeare that gives 65 ids with ``"\\n" -> 0`` and ``" " -> 1``.
+
+Encoding is a bijection between strings over the vocabulary and id sequences, so
+``tok.decode(tok(text)["input_ids"]) == text`` holds exactly: nothing is normalised, stripped,
+cleaned up or inserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+from transformers.tokenization_python import PythonBackend
+
+VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
+
+# How many offending characters / positions an unknown-character error spells out.
+_MAX_REPORTED = 10
+
+
+class CharTokenizer(PythonBackend):
+    """One token per character; ids are indices into the sorted character set of a corpus.
+
+    Build it with ``CharTokenizer.from_corpus(text)``, ``CharTokenizer.from_chars(chars)`` or
+    ``CharTokenizer(vocab_file="vocab.json")`` (a JSON ``{char: id}`` map with ids ``0..n-1``);
+    ``save_pretrained`` / ``from_pretrained`` round-trip through ``vocab.json`` + ``tokenizer_config.json``.
+
+    Design choices (and why):
+
+    * **No special tokens are ever added.** The model is trained on raw character streams
+      (nanoGPT style), so BOS/EOS would shift every id sequence; ``add_special_tokens`` is a no-op.
+    * **Unknown characters raise** ``ValueError`` listing them and their positions. Silently mapping
+      them to some id would corrupt training data and bits-per-char numbers. To opt in to lossy
+      encoding pass ``unk_token=<a vocabulary character>`` (e.g. ``unk_token=" "``); unknown
+      characters then encode to that character's id (and decode as it).
+    * **No pad token by default.** A character vocabulary has no spare id, and inventing one would
+      change the vocabulary size the model was built with. For batched (e.g. left-padded generation)
+      inputs pass ``pad_token=<a vocabulary character>`` and ``padding_side="left"``; padded
+      positions are identified by ``attention_mask``, not by the id.
+    * Every special token (``unk_token``, ``pad_token``, ...) must therefore be an existing vocabulary
+      character; anything else raises instead of growing the vocabulary. Caveat: such a character is
+      then "special", so ``decode(..., skip_special_tokens=True)`` drops *every* occurrence of it --
+      keep the default ``skip_special_tokens=False`` and strip padding with the attention mask.
+    * ``clean_up_tokenization`` is a no-op so spaces before punctuation survive decoding whatever
+      ``clean_up_tokenization_spaces`` says.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike | None = None,
+        unk_token: str | None = None,
+        pad_token: str | None = None,
+        *,
+        vocab: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        if (vocab_file is None) == (vocab is None):
+            raise ValueError(
+                "CharTokenizer needs exactly one of `vocab_file` (path to vocab.json) or `vocab` "
+                "({char: id}); use CharTokenizer.from_corpus(text) to build one from a corpus."
+            )
+        if vocab is None:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+        self._vocab = self._validate_vocab(vocab)
+        self._id_to_char = {i: c for c, i in self._vocab.items()}
+
+        kwargs["unk_token"] = unk_token
+        kwargs["pad_token"] = pad_token
+        self._check_special_tokens_in_vocab(kwargs)
+        # Character streams get no BOS/EOS/CLS/SEP, and decoding must never rewrite spaces.
+        kwargs["special_tokens_pattern"] = "none"
+        kwargs["clean_up_tokenization_spaces"] = False
+        # Loading bookkeeping that from_pretrained injects; not worth persisting on the next save.
+        kwargs.pop("is_local", None)
+        kwargs.pop("local_files_only", None)
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_chars(cls, chars: Iterable[str], **kwargs) -> CharTokenizer:
+        """Tokenizer whose id ``i`` is ``chars[i]`` (order kept; chars must be distinct single characters)."""
+        chars = list(chars)
+        return cls(vocab={c: i for i, c in enumerate(chars)}, **kwargs)
+
+    @classmethod
+    def from_corpus(cls, text: str, **kwargs) -> CharTokenizer:
+        """nanoGPT vocabulary of ``text``: ``sorted(set(text))``, id = index."""
+        if not text:
+            raise ValueError("Cannot build a character vocabulary from an empty corpus.")
+        return cls.from_chars(sorted(set(text)), **kwargs)
+
+    # ------------------------------------------------------------------ validation helpers
+
+    @staticmethod
+    def _validate_vocab(vocab: dict[str, int]) -> dict[str, int]:
+        if not isinstance(vocab, dict) or not vocab:
+            raise ValueError("vocab must be a non-empty {char: id} mapping.")
+        bad = [c for c in vocab if not (isinstance(c, str) and len(c) == 1)]
+        if bad:
+            raise ValueError(f"vocab keys must be single characters; got {bad[:_MAX_REPORTED]!r}.")
+        ids = sorted(vocab.values())
+        if ids != list(range(len(vocab))):
+            raise ValueError(f"vocab ids must be exactly 0..{len(vocab) - 1} with no gaps or duplicates.")
+        return {c: int(i) for c, i in sorted(vocab.items(), key=lambda kv: kv[1])}
+
+    def _check_special_tokens_in_vocab(self, kwargs: dict) -> None:
+        # Tokens explicitly added earlier with add_tokens()/add_special_tokens() come back from
+        # from_pretrained() in `added_tokens_decoder`; those are legitimate too.
+        known = set(self._vocab) | {str(t) for t in (kwargs.get("added_tokens_decoder") or {}).values()}
+        names = list(self.SPECIAL_TOKENS_ATTRIBUTES)
+        candidates = [(n, kwargs.get(n)) for n in names]
+        extra = kwargs.get("extra_special_tokens") or kwargs.get("additional_special_tokens") or []
+        if isinstance(extra, dict):
+            candidates += list(extra.items())
+        else:
+            candidates += [("extra_special_tokens", t) for t in extra]
+        for name, value in candidates:
+            if value is not None and str(value) not in known:
+                raise ValueError(
+                    f"{name}={str(value)!r} is not a character of the vocabulary. CharTokenizer never grows "
+                    f"its vocabulary (the model's embedding size is fixed); pick an existing character, "
+                    f"e.g. {name}=' '."
+                )
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**self._vocab, **self._added_tokens_encoder}
+
+    # ------------------------------------------------------------------ encoding
+
+    def _unknown_error(self, unknown: list[tuple[int, str]]) -> ValueError:
+        distinct = list(dict.fromkeys(c for _, c in unknown))
+        shown_chars = ", ".join(repr(c) for c in distinct[:_MAX_REPORTED])
+        if len(distinct) > _MAX_REPORTED:
+            shown_chars += f", ... ({len(distinct)} distinct)"
+        shown_pos = ", ".join(f"{c!r}@{i}" for i, c in unknown[:_MAX_REPORTED])
+        if len(unknown) > _MAX_REPORTED:
+            shown_pos += f", ... ({len(unknown)} occurrences)"
+        return ValueError(
+            f"{type(self).__name__}: text contains characters outside the {self.vocab_size}-character "
+            f"vocabulary: {shown_chars} (first positions: {shown_pos}). Clean the text, or opt in to "
+            f"lossy encoding with unk_token=<a vocabulary character>, e.g. "
+            f"{type(self).__name__}(..., unk_token=' ')."
+        )
+
+    def _simple_added_tokens(self) -> bool:
+        # True when every added token is just a (special) vocabulary character, the normal case:
+        # then splitting on added tokens is a no-op and plain list(text) is the tokenization.
+        return all(tok in self._vocab for tok in self._added_tokens_encoder)
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Split ``text`` into characters; raise on (or map, with ``unk_token``) unknown characters."""
+        if not self._simple_added_tokens():
+            # Multi-character tokens were added with add_tokens(): let the base class split on them.
+            tokens = super().tokenize(text, **kwargs)
+        else:
+            kwargs.pop("split_special_tokens", None)
+            text, _ = self.prepare_for_tokenization(text, **kwargs)
+            if set(text).issubset(self._vocab):  # fast path (the whole corpus takes ~50 ms)
+                return list(text)
+            tokens = list(text)
+        known = self._vocab.keys() | self._added_tokens_encoder.keys()
+        unknown, pos = [], 0
+        for t in tokens:
+            if t not in known:
+                unknown.append((pos, t))
+            pos += len(t)
+        if not unknown:
+            return tokens
+        if self.unk_token is None:
+            raise self._unknown_error(unknown)
+        return [t if t in known else self.unk_token for t in tokens]
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return list(text)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        idx = self._vocab.get(token)
+        if idx is not None:
+            return idx
+        if self.unk_token is not None:
+            return self._vocab[self.unk_token]
+        raise self._unknown_error([(0, token)])
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        if isinstance(tokens, str):
+            return self._convert_token_to_id_with_added_voc(tokens)
+        vocab = self._vocab
+        if not self._added_tokens_encoder or self._simple_added_tokens():
+            # Fast path: added tokens are vocabulary characters with their own ids.
+            try:
+                return [vocab[t] for t in tokens]
+            except KeyError:
+                pass
+        return [self._convert_token_to_id_with_added_voc(t) for t in tokens]
+
+    def _get_padding_truncation_strategies(self, *args, **kwargs):
+        try:
+            return super()._get_padding_truncation_strategies(*args, **kwargs)
+        except ValueError as e:
+            if self.pad_token is None and "padding token" in str(e):
+                raise ValueError(
+                    f"{type(self).__name__} has no pad token by default (a character vocabulary has no spare "
+                    "id). To pad, choose an existing character, e.g. "
+                    f"{type(self).__name__}.from_pretrained(path, pad_token=' ', padding_side='left'); "
+                    "padded positions are then marked by attention_mask == 0."
+                ) from e
+            raise
+
+    # ------------------------------------------------------------------ decoding
+
+    def _convert_id_to_token(self, index: int) -> str:
+        char = self._id_to_char.get(int(index))
+        if char is None:
+            raise ValueError(f"id {index} is outside the vocabulary [0, {len(self)}).")
+        return char
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        if isinstance(ids, int) or not self._simple_added_tokens():
+            return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+        # Fast path (added tokens are vocabulary characters, so the base table suffices).
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        table = self._id_to_char
+        try:
+            return [table[i] for i in ids if i not in skip]
+        except (KeyError, TypeError):  # out-of-range or unhashable ids: the slow path says which
+            return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+    def clean_up_tokenization(self, text: str) -> str:
+        # Never rewrite " ," -> "," etc.: decoding must reproduce the text exactly.
+        return text
+
+    # ------------------------------------------------------------------ saving
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"Vocabulary path ({save_directory}) should be a directory.")
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        path = os.path.join(save_directory, prefix + VOCAB_FILES_NAMES["vocab_file"])
+        with open(path, "w", encoding="utf-8") as f:
+            # Keys in id order so the file reads like the sorted character set.
+            json.dump(self._vocab, f, ensure_ascii=False, indent=0)
+            f.write("\n")
+        return (path,)
+
+
+# Makes save_pretrained() write auto_map {"AutoTokenizer": ["tokenization_char.CharTokenizer", null]}
+# and copy this file next to it, so AutoTokenizer.from_pretrained(dir, trust_remote_code=True) works.
+CharTokenizer.register_for_auto_class("AutoTokenizer")
