@@ -419,10 +419,12 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         # centred like every later iterate, so the trust region |v - v0| measures real moves, not a shift
         return v0 - v0.mean(-1, keepdim=True)
 
-    def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True):
+    def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
+              detach_refine=False):
         """Energy descent on the logits (DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
 
         Every position descends its own J (the objective is summed, never averaged, over positions).
+        `detach_refine` cuts the gradient between steps: each step learns only from its own update.
         """
         cfg = self.config
         tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
@@ -434,6 +436,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             last = k == steps
             if last and not record_final:
                 break
+            if detach_refine and k > 0:
+                v = v.detach()
             coupled = not cfg.mixture_stopgrad and landscape.correction is not None and not last
             if coupled:
                 with torch.enable_grad():
@@ -493,6 +497,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         think_lr: float | None = None,
         return_energy_trace: bool = True,
         return_landscape: bool = False,
+        detach_refine: bool = False,
         **kwargs,
     ) -> NanoEBMCausalLMOutput:
         r"""
@@ -502,6 +507,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         logits_to_keep: score (and think on) only the last n positions; generate passes 1.
         use_thinking, think_steps, think_lr: override the config for this call (generate forwards them).
         return_energy_trace: evaluate J after the last step too (one more landscape evaluation).
+        return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
+        detach_refine: cut the gradient between thinking steps (training).
         """
         use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
         steps = self.config.think_steps if think_steps is None else int(think_steps)
@@ -532,7 +539,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         system1 = -landscape.base
         step_logits, trace = (), None
         if use_thinking and steps > 0:
-            logits, step_logits, trace = self.think(landscape, steps, think_lr, record_final=return_energy_trace)
+            logits, step_logits, trace = self.think(
+                landscape, steps, think_lr, record_final=return_energy_trace, detach_refine=detach_refine
+            )
         else:
             logits = system1
 

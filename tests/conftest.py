@@ -63,3 +63,26 @@ def train_briefly(model, ids, steps=40, lr=3e-3, seed=0):
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+# A process in which nanoebm is not importable, even when the checkout is pip-installed (CI installs it editable):
+# the saved folder's own copies, loaded by trust_remote_code as transformers_modules.*, must be enough.
+HIDE_NANOEBM = """
+import importlib.abc, sys
+class _NanoebmNotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in {"configuration_nanoebm", "modeling_nanoebm", "tokenization_char", "run_train", "run_generate"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: nanoebm is not installed here)")
+sys.meta_path.insert(0, _NanoebmNotInstalled())
+sys.path[:] = [p for p in sys.path if p not in ("", %r)]
+""" % str(ROOT)
+
+
+def run_without_nanoebm(script, cwd, modules_cache, timeout=300):
+    """Run `script` in a fresh interpreter, in `cwd`, with nanoebm hidden and the hub offline."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(modules_cache), TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run([sys.executable, "-c", HIDE_NANOEBM + script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from transformers import pipeline
 
-from conftest import ROOT, make_model, train_briefly
+from conftest import make_model, run_without_nanoebm, train_briefly
 from tokenization_char import CharTokenizer
 
 
@@ -43,7 +41,6 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
     weights = {k: v.sum().item() for k, v in model.state_dict().items()}
     script = textwrap.dedent(f"""
         import json, sys, torch
-        assert not any(p.rstrip("/") == {str(ROOT)!r} for p in sys.path)
         try:
             import modeling_nanoebm
             raise SystemExit("nanoebm must not be importable here")
@@ -61,10 +58,7 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
         print(json.dumps(dict(text=text, cls=type(lm).__name__, base=type(base).__name__, same_hidden=same_hidden,
                               weights={{k: v.sum().item() for k, v in lm.state_dict().items()}})))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_without_nanoebm(script, cwd=tmp_path, modules_cache=tmp_path / "modules")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cls"] == "NanoEBMForCausalLM" and result["base"] == "NanoEBMModel" and result["same_hidden"]

@@ -16,6 +16,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from conftest import run_without_nanoebm  # noqa: E402
 from tokenization_char import CharTokenizer  # noqa: E402
 
 
@@ -228,8 +229,12 @@ def test_autotokenizer_remote_code_in_clean_subprocess(tmp_path, small):
 
     script = textwrap.dedent(
         f"""
-        import importlib.util, json, sys
-        assert importlib.util.find_spec("tokenization_char") is None, "repo leaked onto sys.path"
+        import json
+        try:
+            import tokenization_char
+            raise SystemExit("the checkout leaked into this process")
+        except ImportError:
+            pass
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(saved)!r}, trust_remote_code=True)
         texts = {texts!r}
@@ -242,13 +247,9 @@ def test_autotokenizer_remote_code_in_clean_subprocess(tmp_path, small):
         }}))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_without_nanoebm(script, cwd=workdir, modules_cache=tmp_path / "modules", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cls"] == "CharTokenizer"

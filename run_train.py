@@ -1,0 +1,741 @@
+#!/usr/bin/env python
+"""Train nanoebm on a character stream with the HF Trainer; `accelerate launch run_train.py` runs it distributed.
+
+    python run_train.py --preset cpu                       # nanoGPT's CPU config: minutes on a laptop
+    accelerate launch run_train.py --contrastive_type pcd  # the research defaults (GPU-sized), with PCD
+
+The research code's syntax is accepted as well: `run_train.py model.use_contrastive=true train.max_steps=100`.
+Losses (DESIGN.md section 4): CE of the refined logits (mean over thinking steps, or the last with
+--truncate_refine), mixed with the System 1 CE by --aux_ce_weight, plus --contrastive_weight times a contrastive
+divergence term whose negatives come from Langevin chains on the logits (cd | pcd | fast_pcd).
+"""
+
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from configuration_nanoebm import NanoEBMConfig
+from modeling_nanoebm import NanoEBMForCausalLM
+from tokenization_char import CharTokenizer
+
+logger = logging.get_logger("nanoebm.train")
+ROOT = Path(__file__).resolve().parent
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
+
+
+def resolve_data_path(path=None) -> Path:
+    """The corpus: an explicit path, $NANOEBM_DATA, data/, then ../shared/data/ (tiny Shakespeare)."""
+    if path:
+        candidates = [Path(path)]
+    else:
+        env = os.environ.get("NANOEBM_DATA")
+        candidates = ([Path(env)] if env else []) + [
+            ROOT / "data" / "tinyshakespeare.txt",
+            ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+        ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            candidate = candidate / "tinyshakespeare.txt"
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"training text not found (tried: {tried}). Pass --data_path FILE, set NANOEBM_DATA, or download tiny "
+        f"Shakespeare into data/: curl -o data/tinyshakespeare.txt {CORPUS_URL}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+PRESETS = {
+    # the research code's "common overrides" (DESIGN.md section 6): GPU-sized
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True, block_size=256,
+                per_device_train_batch_size=64, max_steps=5000, learning_rate=3e-4, warmup_steps=100,
+                eval_steps=500, save_steps=1000, logging_steps=50),
+    # nanoGPT's CPU config: a real result in minutes
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True, block_size=64,
+                per_device_train_batch_size=12, max_steps=2000, learning_rate=1e-3, warmup_steps=100,
+                eval_steps=250, save_steps=1000, logging_steps=50),
+}
+
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
+                       "use_token_bias", "landscape", "use_soft_tokens")
+THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
+                   "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
+                   "think_init", "think_init_noise_std", "energy_convergence_threshold")
+
+
+def opt(help_text, default=None, **kwargs):
+    return field(default=default, metadata={"help": help_text}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = opt("continue from a saved nanoebm folder (weights, config, tokenizer)")
+    preset: str = opt("defaults to start from: 'gpu' (the research code's, 6x384, block 256, batch 64, 5000 steps) "
+                      "or 'cpu' (nanoGPT's CPU config, 4x128, block 64, batch 12, 2000 steps, lr 1e-3)", "gpu")
+    n_layer: int | None = opt("transformer blocks")
+    n_head: int | None = opt("attention heads")
+    n_embd: int | None = opt("model width")
+    dropout: float | None = opt("dropout probability")
+    bias: bool | None = opt("biases in linear layers and LayerNorms")
+    position_embedding: str | None = opt("'learned' (nanoGPT) or 'rope' (free sliding window past block_size)")
+    d_energy: int | None = opt("width of the energy space (default n_embd)")
+    use_token_bias: bool | None = opt("per-token energy bias b_y")
+    landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens")
+    use_soft_tokens: bool | None = opt("the research code's switch for landscape=soft_tokens")
+    use_thinking: bool | None = opt("think during training and evaluation (false trains System 1 only)")
+    think_steps: int | None = opt("thinking steps K (alias refine_steps)")
+    think_lr: float | None = opt("thinking step size alpha (alias alpha_value)")
+    think_lr_learnable: bool | None = opt("learn alpha")
+    softmax_temperature: float | None = opt("tau in p = softmax(v / tau)")
+    entropy_weight: float | None = opt("lambda of the entropy bonus inside J")
+    think_max_move: float | None = opt("trust region around the initial logits (0 disables)")
+    absolute_clamp: float | None = opt("clamp |v| (0 disables)")
+    langevin_noise: float | None = opt("noise std added to the logits after each training thinking step")
+    mixture_stopgrad: bool | None = opt("closed-form gradient with p fixed inside E (false: autograd, coupled)")
+    think_init: str | None = opt("start of the descent: base_energy | zeros | random")
+    think_init_noise_std: float | None = opt("noise on the start of the descent")
+    energy_convergence_threshold: float | None = opt("stop thinking early below this change of J (0 never)")
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = opt("a local text file (default: tiny Shakespeare, resolved from $NANOEBM_DATA, "
+                                "data/, ../shared/data/)")
+    dataset_name: str | None = opt("a datasets data set (local path or one already in the HF cache)")
+    dataset_config_name: str | None = opt("its configuration")
+    text_column: str = opt("the column holding the text", "text")
+    streaming: bool = opt("stream the data set instead of loading it (corpora larger than memory)", False)
+    block_size: int | None = opt("context length in characters")
+    train_fraction: float = opt("leading fraction of the text used for training; the rest validates", 0.9)
+    eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
+    vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
+                                10_000_000)
+
+
+@dataclass
+class EBMTrainingArguments(TrainingArguments):
+    output_dir: str | None = opt("where checkpoints and the final model folder go", "out")
+    do_train: bool = opt("train (on unless only --do_eval is given)", False)
+    do_eval: bool = opt("evaluate System 1 and System 2 on the validation blocks", False)
+    max_steps: int = opt("optimizer steps", 5000)
+    learning_rate: float = opt("peak AdamW learning rate", 3e-4)
+    weight_decay: float = opt("AdamW weight decay (not on biases, norms, embeddings, alpha)", 0.1)
+    adam_beta2: float = opt("AdamW beta2", 0.95)
+    lr_scheduler_type: str = opt("learning-rate schedule", "cosine_with_min_lr")
+    lr_scheduler_kwargs: dict | str | None = opt("schedule options", None)
+    warmup_steps: float = opt("linear warm-up steps", 100)
+    per_device_train_batch_size: int = opt("blocks per device per step", 64)
+    per_device_eval_batch_size: int = opt("blocks per device per evaluation batch", 32)
+    logging_steps: float = opt("log every N steps", 50)
+    save_steps: float = opt("checkpoint every N steps", 1000)
+    eval_steps: float | None = opt("evaluate every N steps (with --do_eval)", None)
+    report_to: str | list[str] | None = opt("'none', 'wandb', 'tensorboard', ...", "none")
+    # losses (DESIGN.md section 4)
+    aux_ce_weight: float = opt("lambda_aux: (1 - l) CE(refined) + l CE(System 1)", 0.1)
+    warmup_steps_no_refine: int = opt("train System 1 only for the first N steps", 0)
+    random_think_steps: str | None = opt("draw K per batch uniformly from 'LO-HI' (e.g. '2-3'); default fixed K")
+    truncate_refine: bool = opt("main CE on the last thinking step only (default: mean over steps)", False)
+    detach_refine: bool = opt("cut the gradient between thinking steps", False)
+    think_lr_lr_multiplier: float = opt("learning-rate multiplier of the learnable step size alpha", 3.0)
+    use_contrastive: bool | None = opt("add the contrastive divergence term (naming --contrastive_type implies it)")
+    contrastive_type: str | None = opt("cd (chains from System 1) | pcd (persistent buffer, Tieleman 2008) | "
+                                       "fast_pcd (parallel persistent chains with restarts; no fast weights)")
+    contrastive_k: int = opt("Langevin steps per negative", 1)
+    contrastive_weight: float = opt("weight of the contrastive term", 0.1)
+    contrastive_reg_weight: float = opt("energy-magnitude stabiliser E_pos^2 + E_neg^2 (Du & Mordatch 2019)", 0.01)
+    langevin_step_size: float = opt("Langevin step size", 0.01)
+    langevin_noise_scale: float = opt("Langevin noise: sqrt(2 * step * scale) * N(0, 1)", 0.005)
+    n_persistent: int = opt("pcd: persistent logit particles", 100)
+    n_chains: int = opt("fast_pcd: parallel chains", 20)
+    restart_prob: float = opt("fast_pcd: probability a chain restarts from System 1 logits", 0.01)
+    buffer_init_std: float = opt("std of the N(0, s) initial particles", 1.0)
+    wandb_project: str | None = opt("log to this W&B project (implies --report_to wandb)")
+
+    def __post_init__(self):
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
+        if self.wandb_project:
+            os.environ["WANDB_PROJECT"] = self.wandb_project
+            self.report_to = "wandb"
+        if self.contrastive_type is not None:
+            if self.contrastive_type not in CONTRASTIVE_TYPES:
+                raise ValueError(f"--contrastive_type {self.contrastive_type!r} is unknown: allowed {CONTRASTIVE_TYPES}")
+            if self.use_contrastive is False:
+                raise ValueError("--contrastive_type was given with --use_contrastive false: drop one of them")
+            self.use_contrastive = True
+        elif self.use_contrastive:
+            self.contrastive_type = "cd"
+        self.use_contrastive = bool(self.use_contrastive)
+        for name in ("contrastive_k", "n_persistent", "n_chains"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
+        if not 0 <= self.restart_prob <= 1:
+            raise ValueError(f"--restart_prob {self.restart_prob} is invalid: must be in [0, 1]")
+        if not 0 <= self.aux_ce_weight <= 1:
+            raise ValueError(f"--aux_ce_weight {self.aux_ce_weight} is invalid: must be in [0, 1]")
+        self.think_steps_range = parse_range(self.random_think_steps)
+        super().__post_init__()
+
+
+def parse_range(text):
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in str(text).replace(",", "-").split("-"))
+    except ValueError:
+        raise ValueError(f"--random_think_steps {text!r} is invalid: write 'LO-HI', e.g. '2-3'") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"--random_think_steps {text!r} is invalid: need 0 <= LO <= HI")
+    return lo, hi
+
+
+# the research code's key=value syntax: section prefixes dropped, a few keys renamed
+RESEARCH_KEYS = {
+    "batch_size": "per_device_train_batch_size",
+    "compile": "torch_compile",
+    "refine_steps": "think_steps",
+    "alpha_value": "think_lr",
+    "wandb_name": "run_name",
+    "out_dir": "output_dir",
+    "checkpoint": "model_name_or_path",
+}
+
+
+def translate_research_syntax(argv, known, renames=RESEARCH_KEYS, sections=("model", "data", "train")):
+    """`model.think_steps=4` -> `--think_steps 4`; unknown keys fail with the closest matches."""
+    out = []
+    for token in argv:
+        if token.startswith("-") or "=" not in token:
+            out.append(token)
+            continue
+        key, value = token.split("=", 1)
+        head, _, tail = key.partition(".")
+        if tail and head in sections:
+            key = tail
+        key = renames.get(key, key)
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise SystemExit(f"error: unknown option {token!r}{hint} (see --help)")
+        out += [f"--{key}", value]
+    return out
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, EBMTrainingArguments), description=__doc__)
+    known = {action.dest for action in parser._actions}
+    argv = translate_research_syntax(argv, known)
+    preset = "gpu"
+    for i, token in enumerate(argv):
+        if token == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif token.startswith("--preset="):
+            preset = token.split("=", 1)[1]
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
+    parser.set_defaults(**PRESETS[preset])
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if not training_args.do_train and not training_args.do_eval:
+        training_args.do_train = training_args.do_eval = True
+    if training_args.do_eval and training_args.eval_strategy == "no" and training_args.do_train:
+        training_args.eval_strategy = "steps"
+        training_args.eval_steps = training_args.eval_steps or training_args.save_steps
+    return model_args, data_args, training_args, argv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: a character stream from datasets, random-offset training blocks, fixed validation blocks
+
+
+class RandomOffsetBlocks(torch.utils.data.Dataset):
+    """Every offset of the training text is one example: a shuffled epoch visits each window once, in random
+    order (nanoGPT draws random offsets; fixed chunk boundaries would see block_size times fewer windows)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int):
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self):
+        return self.ids.numel() - self.block_size
+
+    def __getitem__(self, i):
+        chunk = self.ids[i: i + self.block_size + 1].long()
+        return {"input_ids": chunk[:-1], "shift_labels": chunk[1:]}
+
+
+class StreamBlocks(torch.utils.data.IterableDataset):
+    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM)."""
+
+    def __init__(self, stream, tokenizer, block_size, column, seed=0, buffer=1000):
+        self.stream, self.tokenizer, self.block_size, self.column = stream, tokenizer, block_size, column
+        self.seed, self.buffer = seed, buffer
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        pending, pool = [], []
+        for row in self.stream:
+            pending.extend(self.tokenizer(row[self.column] + "\n")["input_ids"])
+            while len(pending) > self.block_size:
+                chunk = torch.tensor(pending[: self.block_size + 1])
+                del pending[: self.block_size]
+                pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
+                if len(pool) >= self.buffer:
+                    yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
+        while pool:
+            yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
+
+
+def load_text(data_args):
+    """The whole text of the source (non-streaming), read through `datasets`."""
+    from datasets import load_dataset
+
+    if data_args.dataset_name:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
+        return "\n".join(dataset[data_args.text_column])
+    path = resolve_data_path(data_args.data_path)
+    dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
+    return "".join(dataset["text"])
+
+
+def build_data(data_args, tokenizer, block_size, seed):
+    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer)."""
+    if data_args.streaming:
+        from datasets import load_dataset
+
+        source = data_args.dataset_name or "text"
+        files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
+        open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
+                                           streaming=True)
+        if tokenizer is None:
+            seen, scanned = set(), 0
+            for row in open_stream():
+                seen.update(row[data_args.text_column] + "\n")
+                scanned += len(row[data_args.text_column]) + 1
+                if scanned >= data_args.vocab_scan_chars:
+                    break
+            tokenizer = CharTokenizer.from_chars(sorted(seen))
+        # validation: the first characters of the stream, held out by skipping them in training
+        val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
+        for row in open_stream():
+            val_text += row[data_args.text_column] + "\n"
+            rows_held += 1
+            if len(val_text) >= val_chars:
+                break
+        val_ids = torch.tensor(tokenizer(val_text)["input_ids"])
+        train = StreamBlocks(open_stream().skip(rows_held), tokenizer, block_size, data_args.text_column, seed)
+        return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+    text = load_text(data_args)
+    if tokenizer is None:
+        tokenizer = CharTokenizer.from_corpus(text)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int32 if len(tokenizer) > 32767 else torch.int16)
+    split = int(len(ids) * data_args.train_fraction)
+    train_ids, val_ids = ids[:split], ids[split:]
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if part.numel() < block_size + 2:
+            raise ValueError(
+                f"the {name} part of the corpus has {part.numel()} characters, fewer than one block "
+                f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
+            )
+    return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+
+def fixed_blocks(ids, block_size, n_blocks):
+    """n evenly spaced blocks of block_size + 1 characters: the same validation set at every evaluation."""
+    last = ids.numel() - block_size - 1
+    if last < 0:
+        raise ValueError(f"validation text ({ids.numel()} chars) is shorter than one block ({block_size + 1})")
+    starts = torch.linspace(0, last, min(n_blocks, last + 1)).long()
+    return torch.stack([ids[s: s + block_size + 1].long() for s in starts.tolist()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contrastive divergence on the logits
+
+
+class ContrastiveSampler:
+    """Negatives for contrastive divergence: Langevin chains on the logits over the batch's detached landscape.
+
+    cd starts chains at the System 1 logits of every position. pcd keeps `n_persistent` particles that move to a
+    random set of positions each step and persist (Tieleman 2008). fast_pcd keeps `n_chains` chains that restart
+    from the System 1 logits with probability `restart_prob` (persistent chains with restarts; not Tieleman &
+    Hinton's fast weights). The particles and the sampler's random generator are training state (`state_dict`).
+    """
+
+    def __init__(self, args: EBMTrainingArguments, vocab_size: int, temperature: float, seed: int):
+        self.args, self.temperature = args, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.particles = None
+        if args.contrastive_type in ("pcd", "fast_pcd"):
+            n = args.n_persistent if args.contrastive_type == "pcd" else args.n_chains
+            self.particles = args.buffer_init_std * torch.randn(n, vocab_size, generator=self.generator)
+
+    def state_dict(self):
+        return {"particles": self.particles, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.particles = state["particles"]
+        self.generator.set_state(state["generator"])
+
+    def randn(self, shape, device):
+        return torch.randn(shape, generator=self.generator).to(device)
+
+    @torch.no_grad()
+    def langevin(self, landscape, logits):
+        step, scale, tau = self.args.langevin_step_size, self.args.langevin_noise_scale, self.temperature
+        for _ in range(self.args.contrastive_k):
+            p = torch.softmax(logits / tau, dim=-1)
+            energy = landscape(p)
+            grad = p * (energy - (p * energy).sum(-1, keepdim=True)) / tau
+            logits = logits - step * grad + math.sqrt(2 * step * scale) * self.randn(logits.shape, logits.device)
+        return logits
+
+    def loss(self, landscape, system1_logits, labels):
+        """Returns (loss, E_pos, E_neg) averaged over the positions that carry a chain."""
+        B, T, V = system1_logits.shape
+        start = system1_logits.detach().float().clone()
+        valid = (labels != -100).flatten()
+        if self.particles is None:  # cd: every position
+            chosen = valid.nonzero().squeeze(1)
+        else:
+            candidates = valid.nonzero().squeeze(1)
+            n = min(self.particles.shape[0], candidates.numel())
+            chosen = candidates[torch.randperm(candidates.numel(), generator=self.generator)[:n]]
+            particles = self.particles[:n].to(start.device)
+            if self.args.contrastive_type == "fast_pcd":
+                restart = (torch.rand(n, generator=self.generator) < self.args.restart_prob).to(start.device)
+                particles = torch.where(restart[:, None], start.view(-1, V)[chosen], particles)
+            start.view(-1, V)[chosen] = particles
+        negatives = self.langevin(landscape, start)
+        if self.particles is not None:
+            n = chosen.numel()
+            self.particles[:n] = negatives.view(-1, V)[chosen].cpu()
+        # live landscape: gradients reach the model through the energies, never through the sampled beliefs
+        tau = self.temperature
+        p_data = torch.softmax(system1_logits.detach().float() / tau, -1)
+        e_pos = landscape(p_data).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).flatten()[chosen]
+        p_neg = torch.softmax(negatives / tau, -1)
+        e_neg = (p_neg * landscape(p_neg)).sum(-1).flatten()[chosen]
+        loss = (e_pos - e_neg).mean() + self.args.contrastive_reg_weight * (e_pos.pow(2) + e_neg.pow(2)).mean()
+        return loss, e_pos.mean().detach(), e_neg.mean().detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Trainer
+
+
+class EBMTrainer(Trainer):
+    """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
+
+    CONTRASTIVE_STATE = "contrastive_state_{}.pt"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model
+        self.contrastive = None
+        if self.args.use_contrastive:
+            self.contrastive = ContrastiveSampler(self.args, model.config.vocab_size, model.config.softmax_temperature,
+                                                  seed=self.args.seed + 1000 * self.args.process_index)
+        self._sums, self._count = defaultdict(float), 0
+        self._last_log = (time.perf_counter(), 0)
+
+    # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay, no_decay, alpha = [], [], []
+            for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if name.endswith("think_lr_raw"):
+                    alpha.append(param)
+                elif param.dim() >= 2 and not name.endswith(("wte.weight", "wpe.weight")):
+                    decay.append(param)
+                else:
+                    no_decay.append(param)
+            groups = [{"params": decay, "weight_decay": self.args.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            if alpha:
+                groups.append({"params": alpha, "weight_decay": 0.0,
+                               "lr": self.args.learning_rate * self.args.think_lr_lr_multiplier})
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- loss ----------------------------------------------------------------------------------------------
+
+    def think_steps_now(self, config):
+        if not config.use_thinking or self.state.global_step < self.args.warmup_steps_no_refine:
+            return 0
+        if self.args.think_steps_range is None:
+            return config.think_steps
+        lo, hi = self.args.think_steps_range  # the same draw on every rank: seeded by the step
+        draw = torch.Generator().manual_seed(self.args.seed * 100003 + self.state.global_step)
+        return int(torch.randint(lo, hi + 1, (1,), generator=draw))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.accelerator.unwrap_model(model).config
+        labels = inputs["shift_labels"]
+        steps = self.think_steps_now(config)
+        outputs = model(
+            input_ids=inputs["input_ids"], use_thinking=steps > 0, think_steps=steps,
+            detach_refine=self.args.detach_refine, return_landscape=self.contrastive is not None,
+        )
+        ce = NanoEBMForCausalLM.next_token_loss
+        loss_aux = ce(outputs.system1_logits, shift_labels=labels)
+        if steps > 0:
+            refined = outputs.step_logits[-1:] if self.args.truncate_refine else outputs.step_logits
+            loss_main = torch.stack([ce(v, shift_labels=labels) for v in refined]).mean()
+            loss = (1 - self.args.aux_ce_weight) * loss_main + self.args.aux_ce_weight * loss_aux
+        else:
+            loss_main = loss = loss_aux
+        logs = {"loss_main": loss_main, "loss_aux": loss_aux, "think_steps": steps}
+        if steps > 0:
+            trace = outputs.energy_trace
+            logs.update(energy_initial=trace[..., 0].mean(), energy_final=trace[..., -1].mean(),
+                        energy_gap=(trace[..., 0] - trace[..., -1]).mean())
+        if self.contrastive is not None:
+            cd_loss, e_pos, e_neg = self.contrastive.loss(outputs.landscape, outputs.system1_logits, labels)
+            loss = loss + self.args.contrastive_weight * cd_loss
+            logs.update(cd_loss=cd_loss, cd_energy_pos=e_pos, cd_energy_neg=e_neg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss.item()} at step {self.state.global_step}: lower --learning_rate "
+                f"(now {self.args.learning_rate}), --think_lr or --contrastive_weight, or raise --contrastive_reg_weight"
+            )
+        if model.training:
+            for key, value in logs.items():
+                self._sums[key] += float(value)
+            self._count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._count:
+            extras = torch.tensor([self._sums[k] / self._count for k in sorted(self._sums)],
+                                  device=self.args.device)
+            extras = self.accelerator.reduce(extras, reduction="mean")
+            logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
+            logs["perplexity"] = round(math.exp(min(logs["loss"], 50)), 4)
+            logs["bits_per_char"] = round(logs["loss"] / math.log(2), 5)
+            model = self.accelerator.unwrap_model(self.model)
+            logs["alpha"] = round(float(model.think_lr), 5)
+            now, step = time.perf_counter(), self.state.global_step
+            elapsed, steps = now - self._last_log[0], step - self._last_log[1]
+            if steps > 0 and elapsed > 0:
+                tokens = steps * self.args.train_batch_size * self.args.gradient_accumulation_steps \
+                    * model.config.block_size * self.args.world_size
+                logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            self._last_log = (now, step)
+            self._sums, self._count = defaultdict(float), 0
+        super().log(logs, start_time)
+
+    # -- evaluation: System 1 and System 2 on fixed validation blocks --------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        blocks = self.eval_dataset if eval_dataset is None else eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        steps = model.config.think_steps if model.config.use_thinking else 0
+        rank, world = self.args.process_index, self.args.world_size
+        mine = blocks[rank::world]
+        per_block = defaultdict(list)
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            for batch in mine.split(self.args.per_device_eval_batch_size):
+                batch = batch.to(self.args.device)
+                x, y = batch[:, :-1], batch[:, 1:]
+                out = model(x, use_thinking=steps > 0, think_steps=2 * steps)
+                nll = lambda logits: F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)  # noqa: E731
+                per_block["system1"].append(nll(out.system1_logits))
+                if steps > 0:
+                    per_block["system2"].append(nll(out.step_logits[steps - 1]))
+                    per_block["system2_2x"].append(nll(out.logits))
+                    per_block["energy_gap"].append((out.energy_trace[..., 0] - out.energy_trace[..., steps]).mean(1))
+                    per_block["energy_gap_2x"].append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).mean(1))
+        metrics = {}
+        bpc = load_bpc_metric()
+        per_rank = math.ceil(len(blocks) / world)
+        for name, values in per_block.items():
+            values = torch.cat(values) if values else torch.empty(0, device=self.args.device)
+            padded = torch.full((per_rank,), float("nan"), device=self.args.device)
+            padded[: values.numel()] = values
+            gathered = self.accelerator.gather(padded)
+            gathered = gathered[~torch.isnan(gathered)].cpu()
+            if name.startswith("energy_gap"):
+                metrics[f"{metric_key_prefix}_{name}"] = round(float(gathered.mean()), 5)
+                continue
+            result = bpc.compute(nll=gathered.tolist())  # equal-length blocks: the mean of means is the mean
+            metrics[f"{metric_key_prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
+            metrics[f"{metric_key_prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
+            metrics[f"{metric_key_prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
+        metrics[f"{metric_key_prefix}_loss"] = metrics.get(f"{metric_key_prefix}_system2_loss",
+                                                           metrics[f"{metric_key_prefix}_system1_loss"])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        model.train(was_training)
+        return metrics
+
+    # -- the contrastive buffers are training state -------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.contrastive is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.contrastive.state_dict(),
+                       os.path.join(folder, self.CONTRASTIVE_STATE.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and self.contrastive is not None:
+            path = os.path.join(checkpoint, self.CONTRASTIVE_STATE.format(self.args.process_index))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a contrastive run "
+                                        f"with the same number of processes")
+            self.contrastive.load_state_dict(torch.load(path, weights_only=False))
+
+
+_BPC = None
+
+
+def load_bpc_metric():
+    """The local `evaluate` module (the hub's perplexity metric would download a model)."""
+    global _BPC
+    if _BPC is None:
+        import evaluate
+
+        _BPC = evaluate.load(str(ROOT / "metrics" / "bits_per_char"), keep_in_memory=True)
+    return _BPC
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, card, main
+
+
+def build_model(model_args, data_args, tokenizer):
+    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
+                 if getattr(model_args, k) is not None}
+    if model_args.model_name_or_path:
+        folder = Path(model_args.model_name_or_path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
+                                    f"run_train.py or save_pretrained")
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != "nanoebm":
+            raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
+        model = NanoEBMForCausalLM.from_pretrained(folder)
+        changed = [k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(model.config, k) != overrides[k]]
+        if changed:
+            raise ValueError(f"cannot change the architecture of a saved model: {', '.join(changed)}")
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        model.config.validate_nanoebm()
+        return model
+    block_size = data_args.block_size
+    config = NanoEBMConfig(vocab_size=len(tokenizer), block_size=block_size, **overrides)
+    return NanoEBMForCausalLM(config)
+
+
+def write_model_card(folder, argv, metrics, config):
+    def fmt(key):
+        return f"{metrics[key]:.4f}" if key in metrics else "n/a"
+
+    card = f"""---
+library_name: transformers
+tags: [nanoebm, energy-based-model, character-level]
+---
+# nanoebm model
+
+An energy-based character transformer that thinks at decode time ({config.n_layer} layers, {config.n_embd} wide,
+block {config.block_size}, landscape `{config.landscape}`, {config.think_steps} thinking steps).
+
+Trained with:
+
+```bash
+python run_train.py {' '.join(argv)}
+```
+
+| validation | bits per char | nats per char |
+|---|---|---|
+| System 1 | {fmt('eval_system1_bpc')} | {fmt('eval_system1_loss')} |
+| System 2 ({config.think_steps} steps) | {fmt('eval_system2_bpc')} | {fmt('eval_system2_loss')} |
+| System 2 ({2 * config.think_steps} steps) | {fmt('eval_system2_2x_bpc')} | {fmt('eval_system2_2x_loss')} |
+
+Energy gap J0 - JK: {fmt('eval_energy_gap')}.
+
+```python
+from transformers import pipeline
+generator = pipeline("text-generation", model="PATH", trust_remote_code=True)
+generator("HAMLET:", think_steps={config.think_steps}, max_new_tokens=200, do_sample=True, top_k=64)
+```
+"""
+    (Path(folder) / "README.md").write_text(card)
+
+
+def main(argv=None, callbacks=None):
+    model_args, data_args, training_args, argv = parse_args(argv)
+    logging.set_verbosity_info() if training_args.should_log else logging.set_verbosity_warning()
+    if data_args.block_size is None:
+        data_args.block_size = PRESETS[model_args.preset]["block_size"]
+    set_seed(training_args.seed)
+
+    tokenizer = None
+    if model_args.model_name_or_path:
+        tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
+    with training_args.main_process_first(desc="reading the corpus"):
+        train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
+    model = build_model(model_args, data_args, tokenizer)
+    if model.config.block_size != data_args.block_size:
+        data_args.block_size = model.config.block_size
+        train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
+    logger.info(f"nanoebm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                f"vocabulary {len(tokenizer)}, landscape {model.config.landscape}")
+
+    trainer = EBMTrainer(
+        model=model, args=training_args, train_dataset=train_data if training_args.do_train else None,
+        eval_dataset=eval_blocks, processing_class=tokenizer, data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+    metrics = {}
+    if training_args.do_train:
+        resume = training_args.resume_from_checkpoint
+        if resume == "last" or resume is True:
+            resume = get_last_checkpoint(training_args.output_dir)
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        metrics.update(trainer.evaluate())
+    if training_args.do_train:
+        # only a finished run writes the model folder: a crash leaves checkpoints, never a half-made model
+        trainer.save_model(training_args.output_dir)
+        if trainer.is_world_process_zero():
+            write_model_card(training_args.output_dir, argv, metrics, trainer.model.config)
+            with open(Path(training_args.output_dir) / "all_results.json", "w") as handle:
+                json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
