@@ -30,7 +30,6 @@ from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
 from tokenization_char import CharTokenizer
 
-logger = logging.get_logger("nanoebm.train")
 ROOT = Path(__file__).resolve().parent
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
@@ -38,14 +37,11 @@ CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
 
 def resolve_data_path(path=None) -> Path:
     """The corpus: an explicit path, $NANOEBM_DATA, data/, then ../shared/data/ (tiny Shakespeare)."""
-    if path:
-        candidates = [Path(path)]
-    else:
-        env = os.environ.get("NANOEBM_DATA")
-        candidates = ([Path(env)] if env else []) + [
-            ROOT / "data" / "tinyshakespeare.txt",
-            ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
-        ]
+    explicit = path or os.environ.get("NANOEBM_DATA")  # an explicit choice never falls back silently
+    candidates = [Path(explicit)] if explicit else [
+        ROOT / "data" / "tinyshakespeare.txt",
+        ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+    ]
     for candidate in candidates:
         if candidate.is_dir():
             candidate = candidate / "tinyshakespeare.txt"
@@ -138,14 +134,12 @@ class EBMTrainingArguments(TrainingArguments):
     weight_decay: float = opt("AdamW weight decay (not on biases, norms, embeddings, alpha)", 0.1)
     adam_beta2: float = opt("AdamW beta2", 0.95)
     lr_scheduler_type: str = opt("learning-rate schedule", "cosine_with_min_lr")
-    lr_scheduler_kwargs: dict | str | None = opt("schedule options", None)
     warmup_steps: float = opt("linear warm-up steps", 100)
     per_device_train_batch_size: int = opt("blocks per device per step", 64)
     per_device_eval_batch_size: int = opt("blocks per device per evaluation batch", 32)
     logging_steps: float = opt("log every N steps", 50)
     save_steps: float = opt("checkpoint every N steps", 1000)
     eval_steps: float | None = opt("evaluate every N steps (with --do_eval)", None)
-    report_to: str | list[str] | None = opt("'none', 'wandb', 'tensorboard', ...", "none")
     # losses (DESIGN.md section 4)
     aux_ce_weight: float = opt("lambda_aux: (1 - l) CE(refined) + l CE(System 1)", 0.1)
     warmup_steps_no_refine: int = opt("train System 1 only for the first N steps", 0)
@@ -250,7 +244,7 @@ def parse_args(argv=None):
             preset = token.split("=", 1)[1]
     if preset not in PRESETS:
         raise SystemExit(f"error: --preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
-    parser.set_defaults(**PRESETS[preset])
+    parser.set_defaults(report_to="none", **PRESETS[preset])
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not training_args.do_train and not training_args.do_eval:
         training_args.do_train = training_args.do_eval = True
@@ -522,7 +516,7 @@ class EBMTrainer(Trainer):
             )
         if model.training:
             for key, value in logs.items():
-                self._sums[key] += float(value)
+                self._sums[key] += float(value.detach() if torch.is_tensor(value) else value)
             self._count += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -535,7 +529,7 @@ class EBMTrainer(Trainer):
             logs["perplexity"] = round(math.exp(min(logs["loss"], 50)), 4)
             logs["bits_per_char"] = round(logs["loss"] / math.log(2), 5)
             model = self.accelerator.unwrap_model(self.model)
-            logs["alpha"] = round(float(model.think_lr), 5)
+            logs["alpha"] = round(float(model.think_lr.detach()), 5)
             now, step = time.perf_counter(), self.state.global_step
             elapsed, steps = now - self._last_log[0], step - self._last_log[1]
             if steps > 0 and elapsed > 0:
@@ -629,19 +623,28 @@ def load_bpc_metric():
 # Model, card, main
 
 
+def check_model_folder(folder):
+    """A saved nanoebm folder, or a clear error (before anything is read or written)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
+                                f"run_train.py or save_pretrained")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model_name_or_path {folder}: config.json is not valid JSON ({err})") from None
+    if model_type != "nanoebm":
+        raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
+    if not (folder / "vocab.json").is_file():
+        raise FileNotFoundError(f"--model_name_or_path {folder}: no vocab.json (the character tokenizer) there")
+
+
 def build_model(model_args, data_args, tokenizer):
     overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
                  if getattr(model_args, k) is not None}
     if model_args.model_name_or_path:
-        folder = Path(model_args.model_name_or_path)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
-                                    f"run_train.py or save_pretrained")
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type != "nanoebm":
-            raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
-        model = NanoEBMForCausalLM.from_pretrained(folder)
+        model = NanoEBMForCausalLM.from_pretrained(model_args.model_name_or_path)
         changed = [k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(model.config, k) != overrides[k]]
         if changed:
             raise ValueError(f"cannot change the architecture of a saved model: {', '.join(changed)}")
@@ -692,13 +695,14 @@ generator("HAMLET:", think_steps={config.think_steps}, max_new_tokens=200, do_sa
 
 def main(argv=None, callbacks=None):
     model_args, data_args, training_args, argv = parse_args(argv)
-    logging.set_verbosity_info() if training_args.should_log else logging.set_verbosity_warning()
+    logging.set_verbosity_warning()
     if data_args.block_size is None:
         data_args.block_size = PRESETS[model_args.preset]["block_size"]
     set_seed(training_args.seed)
 
     tokenizer = None
     if model_args.model_name_or_path:
+        check_model_folder(model_args.model_name_or_path)
         tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
     with training_args.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
@@ -706,8 +710,9 @@ def main(argv=None, callbacks=None):
     if model.config.block_size != data_args.block_size:
         data_args.block_size = model.config.block_size
         train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
-    logger.info(f"nanoebm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                f"vocabulary {len(tokenizer)}, landscape {model.config.landscape}")
+    if training_args.should_log:
+        print(f"nanoebm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
+              f"{len(tokenizer)}, landscape {model.config.landscape}, block {model.config.block_size}")
 
     trainer = EBMTrainer(
         model=model, args=training_args, train_dataset=train_data if training_args.do_train else None,

@@ -1,0 +1,259 @@
+"""Training: the loss terms, short real runs of every contrastive type, exact resume, 2 processes, the saved
+folder, the research-code syntax and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, default_data_collator
+
+import run_train
+from conftest import ROOT, make_model, run_without_nanoebm
+
+TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
+        "--logging_steps", "5", "--save_steps", "1000", "--report_to", "none", "--disable_tqdm", "true",
+        "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_text):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(corpus_text[:60000])
+    return path
+
+
+def train(tmp_path, corpus, *extra, callbacks=None):
+    out = tmp_path / "out"
+    metrics = run_train.main([*TINY, "--data_path", str(corpus), "--output_dir", str(out), *extra],
+                             callbacks=callbacks)
+    return out, metrics
+
+
+def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
+    """A real EBMTrainer on a tiny model, for looking at compute_loss directly."""
+    model_args, data_args, args, _ = run_train.parse_args(
+        [*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
+    train_data, blocks, tokenizer = run_train.build_data(data_args, None, 32, 0)
+    model = make_model(landscape=landscape, n_layer=1, correction_scale=0.5, think_lr=1.0)
+    trainer = run_train.EBMTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=blocks,
+                                   processing_class=tokenizer, data_collator=default_data_collator)
+    batch = default_data_collator([train_data[i] for i in range(0, 800, 100)])
+    return trainer, model, batch
+
+
+# -- loss terms -----------------------------------------------------------------------------------------------
+
+def test_aux_weight_one_is_plain_system1_ce(tmp_path, small_corpus):
+    trainer, model, batch = make_trainer(tmp_path, small_corpus, "--aux_ce_weight", "1.0")
+    loss = trainer.compute_loss(model, batch)
+    out = model(batch["input_ids"], use_thinking=False)
+    assert torch.allclose(loss, model.next_token_loss(out.logits, shift_labels=batch["shift_labels"]))
+
+
+def test_main_loss_mean_over_steps_or_last(tmp_path, small_corpus):
+    trainer, model, batch = make_trainer(tmp_path, small_corpus, "--aux_ce_weight", "0.0")
+    torch.manual_seed(0)
+    out = model(batch["input_ids"], think_steps=2)
+    ce = [model.next_token_loss(v, shift_labels=batch["shift_labels"]) for v in out.step_logits]
+    assert torch.allclose(trainer.compute_loss(model, batch), (ce[0] + ce[1]) / 2, atol=1e-6)
+    trainer.args.truncate_refine = True
+    assert torch.allclose(trainer.compute_loss(model, batch), ce[1], atol=1e-6)
+
+
+def test_warmup_without_refinement_and_random_steps(tmp_path, small_corpus):
+    trainer, model, _ = make_trainer(tmp_path, small_corpus, "--warmup_steps_no_refine", "3",
+                                     "--random_think_steps", "2-3")
+    assert trainer.think_steps_now(model.config) == 0  # step 0 < 3
+    draws = set()
+    for step in range(3, 40):
+        trainer.state.global_step = step
+        draws.add(trainer.think_steps_now(model.config))
+    assert draws == {2, 3}
+    trainer.state.global_step = 7
+    assert trainer.think_steps_now(model.config) == trainer.think_steps_now(model.config)  # same on every rank
+
+
+def test_detach_refine_changes_the_gradient(tmp_path, small_corpus):
+    grads = []
+    for detach in ("false", "true"):
+        trainer, model, batch = make_trainer(tmp_path, small_corpus, "--aux_ce_weight", "0", "--detach_refine", detach)
+        trainer.compute_loss(model, batch).backward()
+        grads.append(model.transformer.wte.weight.grad.clone())
+    assert torch.isfinite(grads[1]).all() and not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("kind", ["cd", "pcd", "fast_pcd"])
+def test_contrastive_term_lowers_true_energy_against_negatives(tmp_path, small_corpus, kind):
+    trainer, model, batch = make_trainer(tmp_path, small_corpus, "--contrastive_type", kind, "--contrastive_k", "3",
+                                         "--n_persistent", "64", "--n_chains", "16", "--restart_prob", "0.2")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def margin():
+        with torch.no_grad():
+            out = model(batch["input_ids"], use_thinking=False, return_landscape=True)
+            _, e_pos, e_neg = trainer.contrastive.loss(out.landscape, out.system1_logits, batch["shift_labels"])
+        return float(e_pos - e_neg)
+
+    before = margin()
+    for _ in range(8):
+        out = model(batch["input_ids"], use_thinking=False, return_landscape=True)
+        cd_loss, _, _ = trainer.contrastive.loss(out.landscape, out.system1_logits, batch["shift_labels"])
+        optimizer.zero_grad()
+        cd_loss.backward()
+        optimizer.step()
+    assert margin() < before - 1e-3  # the true next token's energy fell relative to the negatives'
+
+
+def test_positive_energy_is_the_true_next_token(tmp_path, small_corpus):
+    trainer, model, batch = make_trainer(tmp_path, small_corpus, "--contrastive_type", "cd", landscape="linear")
+    with torch.no_grad():
+        out = model(batch["input_ids"], use_thinking=False, return_landscape=True)
+        _, e_pos, _ = trainer.contrastive.loss(out.landscape, out.system1_logits, batch["shift_labels"])
+        expected = out.energies.gather(-1, batch["shift_labels"][..., None]).mean()
+    assert torch.allclose(e_pos, expected, atol=1e-6)
+
+
+# -- real runs ------------------------------------------------------------------------------------------------
+
+class History(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+@pytest.mark.parametrize("kind", [None, "cd", "pcd", "fast_pcd"])
+def test_twenty_steps_lower_the_loss(tmp_path, small_corpus, kind):
+    history = History()
+    extra = ["--max_steps", "20", "--do_train", "true"] + (["--contrastive_type", kind] if kind else [])
+    out, _ = train(tmp_path, small_corpus, *extra, callbacks=[history])
+    assert len(history.losses) == 4 and history.losses[-1] < history.losses[0] - 0.05, history.losses
+    assert (out / "model.safetensors").is_file()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_exact_resume_including_the_pcd_buffer(tmp_path, small_corpus):
+    common = ["--max_steps", "8", "--save_steps", "4", "--contrastive_type", "pcd", "--do_train", "true",
+              "--langevin_noise", "0.01", "--random_think_steps", "1-3"]
+    straight, _ = train(tmp_path / "a", small_corpus, *common)
+    stopped, _ = train(tmp_path / "b", small_corpus, *common, callbacks=[StopAt(4)])
+    shutil.rmtree(stopped / "checkpoint-8", ignore_errors=True)
+    resumed, _ = train(tmp_path / "b", small_corpus, *common, "--resume_from_checkpoint", str(stopped / "checkpoint-4"))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    buffers = [torch.load(folder / "checkpoint-8" / "contrastive_state_0.pt", weights_only=False)["particles"]
+               for folder in (straight, resumed)]
+    assert torch.equal(*buffers)
+
+
+def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "tests" / "ddp_probe.py"), *TINY, "--data_path", str(small_corpus), "--output_dir", str(out),
+               "--max_steps", "6", "--use_cpu", "--contrastive_type", "pcd", "--do_train", "true"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((out / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [6, 6]
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process sees its own data
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # and they end with the same model
+    assert {"contrastive_state_0.pt", "contrastive_state_1.pt"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
+
+
+def test_saved_folder_is_a_complete_model_that_a_pipeline_loads(tmp_path, small_corpus):
+    out, metrics = train(tmp_path, small_corpus, "--max_steps", "10")
+    assert {"eval_system1_bpc", "eval_system2_bpc", "eval_system2_2x_bpc", "eval_energy_gap"} <= metrics.keys()
+    card = (out / "README.md").read_text()
+    assert "--max_steps 10" in card and f"{metrics['eval_system2_bpc']:.4f}" in card
+    script = textwrap.dedent(f"""
+        from transformers import pipeline
+        generator = pipeline("text-generation", model={str(out)!r}, trust_remote_code=True)
+        text = generator("ROMEO:", think_steps=3, max_new_tokens=12, do_sample=True, top_k=20,
+                         return_full_text=False)[0]["generated_text"]
+        assert len(text) == 12, text
+        print("ok")
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_without_nanoebm(script, cwd=elsewhere, modules_cache=tmp_path / "modules")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# -- arguments and bad input ------------------------------------------------------------------------------------
+
+def test_research_syntax_maps_onto_the_flags():
+    research = run_train.parse_args(["model.use_contrastive=true", "model.contrastive_type=pcd", "train.max_steps=100",
+                                     "data.batch_size=64", "model.refine_steps=6", "train.compile=false"])
+    flags = run_train.parse_args(["--use_contrastive", "true", "--contrastive_type", "pcd", "--max_steps", "100",
+                                  "--per_device_train_batch_size", "64", "--think_steps", "6", "--torch_compile", "false"])
+    assert asdict(research[0]) == asdict(flags[0]) and asdict(research[1]) == asdict(flags[1])
+    ta, tb = research[2], flags[2]
+    for name in ("use_contrastive", "contrastive_type", "max_steps", "per_device_train_batch_size", "torch_compile"):
+        assert getattr(ta, name) == getattr(tb, name)
+    assert (ta.contrastive_type, ta.max_steps, research[0].think_steps) == ("pcd", 100, 6)
+
+
+def test_naming_a_contrastive_type_turns_contrastive_on():
+    args = run_train.parse_args(["--contrastive_type", "pcd"])[2]
+    assert args.use_contrastive and args.contrastive_type == "pcd"
+    assert run_train.parse_args(["--use_contrastive", "true"])[2].contrastive_type == "cd"
+    assert not run_train.parse_args([])[2].use_contrastive
+
+
+def test_presets():
+    gpu = run_train.parse_args([])
+    cpu = run_train.parse_args(["--preset", "cpu", "--max_steps", "7"])
+    assert (gpu[0].n_layer, gpu[0].n_embd, gpu[2].per_device_train_batch_size, gpu[2].max_steps) == (6, 384, 64, 5000)
+    assert (cpu[0].n_layer, cpu[0].n_embd, cpu[2].learning_rate, cpu[2].max_steps) == (4, 128, 1e-3, 7)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["model.contrastve_type=pcd"], "contrastive_type"),
+    (["--contrastive_type", "nce"], "allowed"),
+    (["--random_think_steps", "3-1"], "LO <= HI"),
+])
+def test_bad_arguments(argv, needle):
+    with pytest.raises((SystemExit, ValueError)) as err:
+        run_train.parse_args(argv)
+    assert needle in str(err.value)
+
+
+def test_bad_data_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOEBM_DATA", str(tmp_path / "nowhere.txt"))
+    with pytest.raises(FileNotFoundError) as err:
+        run_train.resolve_data_path()
+    assert "nowhere.txt" in str(err.value) and "https://" in str(err.value)
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be")
+    with pytest.raises(ValueError, match="fewer than one block"):
+        run_train.main([*TINY, "--data_path", str(short), "--output_dir", str(tmp_path / "o")])
+    not_a_model = tmp_path / "other"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="not a nanoebm"):
+        run_train.main([*TINY, "--model_name_or_path", str(not_a_model), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data_path", str(tmp_path / "missing.txt")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "missing.txt" in done.stderr and "Traceback" not in done.stderr
