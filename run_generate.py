@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Literal
 
 ROOT = Path(__file__).resolve().parent
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_FILE = "tinyshakespeare.txt"
 PROG = "run_generate.py"
 
 
@@ -44,35 +42,6 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def resolve_data_path(path: str | os.PathLike | None = None) -> Path:
-    """The training corpus (tiny Shakespeare), found in this order:
-
-    1. `path` (the `--data_path` flag), 2. the environment variable `NANOEBM_DATA`, 3. `data/tinyshakespeare.txt`
-    in the repository, 4. `../shared/data/tinyshakespeare.txt` next to the repository.
-    A path given explicitly (1 or 2) must exist: it is never silently replaced by a default. Raises
-    `FileNotFoundError` naming every path tried and where to download the corpus.
-    """
-    tried = []
-    explicit = [(path, "--data_path"), (os.environ.get("NANOEBM_DATA") or None, "NANOEBM_DATA")]
-    for value, source in explicit:
-        if value is None or str(value) == "":
-            continue
-        candidate = Path(value).expanduser()
-        if candidate.is_file():
-            return candidate
-        tried.append(f"{candidate} (from {source})")
-        break  # an explicit choice is final
-    else:
-        for candidate in (ROOT / "data" / DATA_FILE, ROOT.parent / "shared" / "data" / DATA_FILE):
-            if candidate.is_file():
-                return candidate
-            tried.append(str(candidate))
-    raise FileNotFoundError(
-        "the tiny Shakespeare corpus was not found; tried: " + ", ".join(tried) + f". Download it from {DATA_URL} "
-        f"into data/{DATA_FILE}, or point --data_path (or the environment variable NANOEBM_DATA) at a text file."
-    )
 
 
 def validation_text(text: str) -> str:
@@ -300,7 +269,8 @@ def parse_arguments(argv: list[str]) -> GenerateArguments:
             close = difflib.get_close_matches(word.split("=")[0], options, n=2, cutoff=0.6)
             if close:
                 hints.append(f"{word!r}: did you mean {' or '.join(close)}?")
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}" + (" (" + "; ".join(hints) + ")" if hints else ""))
+        hint = " (" + "; ".join(hints) + ")" if hints else ""
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}{hint}")
     validate(args)
     return args
 
@@ -331,7 +301,8 @@ def validate(args: GenerateArguments) -> None:
     if args.num_return_sequences > 1 and args.num_candidates > 1:
         raise UsageError("use either --num_return_sequences (print every sample) or --num_candidates (keep the best)")
     if args.num_return_sequences > 1 and not args.do_sample:
-        raise UsageError("--num_return_sequences > 1 needs --do_sample (greedy decoding returns the same text each time)")
+        raise UsageError("--num_return_sequences > 1 needs --do_sample (greedy decoding returns the same text every "
+                         "time)")
     if args.num_candidates > 1 and not args.do_sample:
         note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
         args.do_sample = True
@@ -629,7 +600,7 @@ def _plot_bowl(ax, bowl: dict):
     ax.axvline(1, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("t  (0 = System 1 logits v0, 1 = refined logits vK)")
     ax.set_ylabel("expected energy J")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
 
 
 @_plain_text
@@ -697,7 +668,7 @@ def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | 
     ax.set_xticks(steps)
     ax.set_xlabel("thinking step k")
     ax.set_ylabel("J_k - J_0")
-    ax.set_title(f"expected energy falls at every step (mean gap J0 - JK = {float(-rel[:, -1].mean()):.3g})",
+    ax.set_title(f"expected energy across thinking steps (mean gap J0 - JK = {float(-rel[:, -1].mean()):.3g})",
                  fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     _plot_bowl(ax2, bowl)
@@ -705,7 +676,7 @@ def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -717,8 +688,10 @@ def plot_comparison(rows: list[dict], path: Path) -> Path:
     x = list(range(len(rows)))
     fig, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(rows), 3.8))
     ax = axes[0]
-    ax.bar([i - 0.2 for i in x], [r["bpc_system1"] for r in rows], 0.4, label="System 1", color="tab:grey")
-    ax.bar([i + 0.2 for i in x], [r["bpc_system2"] for r in rows], 0.4, label="System 2", color="tab:orange")
+    for offset, key, name, color in ((-0.2, "bpc_system1", "System 1", "tab:grey"),
+                                     (0.2, "bpc_system2", "System 2", "tab:orange")):
+        bars = ax.bar([i + offset for i in x], [r[key] for r in rows], 0.4, label=name, color=color)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
     low = min(min(r["bpc_system1"], r["bpc_system2"]) for r in rows)
     ax.set_ylim(bottom=max(0.0, low - 0.25))
     ax.set_title("validation bits per character (lower is better)", fontsize=9)
@@ -777,7 +750,7 @@ def run_generate(args: GenerateArguments) -> int:
     n = max(args.num_return_sequences, args.num_candidates)
     stream = args.stream and n == 1
     mode = (f"System 2 ({thinking['think_steps']} thinking steps, alpha={thinking['think_lr']:.4g})"
-            if thinking["use_thinking"] else "System 1 (no thinking)")
+            if thinking["use_thinking"] and thinking["think_steps"] > 0 else "System 1 (no thinking)")
     decoding = (f"sampling (T={args.temperature}, top_k={args.top_k or 'off'}, top_p={args.top_p}, seed={args.seed})"
                 if args.do_sample else "greedy")
     note(f"{Path(args.model_name_or_path).name}: {mode}, {decoding}, {args.max_new_tokens} characters"
@@ -797,7 +770,9 @@ def run_generate(args: GenerateArguments) -> int:
     tokens_per_s = n * args.max_new_tokens / max(elapsed, 1e-9)
 
     need_scores = args.num_candidates > 1 or args.plot or args.output_json
-    scores = score_continuations(model, sequences.to(device), P, args.think_steps, args.think_lr) if need_scores else None
+    scores = None
+    if need_scores:
+        scores = score_continuations(model, sequences.to(device), P, args.think_steps, args.think_lr)
     stats = [position_stats(scores, r) for r in range(n)] if scores is not None else None
 
     chosen, candidates = 0, None
@@ -825,7 +800,8 @@ def run_generate(args: GenerateArguments) -> int:
     if stats is not None:
         s = stats[chosen]
         summary += (f"; chosen text: System 1 {float(s['nll1'].mean()) / math.log(2):.3f} / System 2 "
-                    f"{float(s['nll2'].mean()) / math.log(2):.3f} bits/char, mean KL(S2||S1) {float(s['kl'].mean()):.4g}")
+                    f"{float(s['nll2'].mean()) / math.log(2):.3f} bits/char, "
+                    f"mean KL(S2||S1) {float(s['kl'].mean()):.4g}")
         if s["gap"] is not None:
             summary += f", mean energy gap J0-JK {float(s['gap'].mean()):.4g}"
     note(summary)
@@ -891,16 +867,17 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
         index = int(s["kl"].argmax())
     written = [plot_kl_strip(text, s["kl"].tolist(), folder / "kl_strip.png")]
     trace = scores["trace"][row] if scores["trace"] is not None else None
-    steps = resolved_thinking(model, args)["think_steps"]
-    bowl = energy_bowl(model, ids, P + index, int(scores["window_start"][index]), args.think_steps, args.think_lr)
-    written.append(plot_thinking_at_position(text, index, scores["logp1"][row, index], scores["logp2"][row, index],
-                                             vocab, int(scores["targets"][row, index]), bowl,
-                                             folder / "thinking_at_position.png"))
-    if trace is not None:
+    if trace is None:
+        steps = resolved_thinking(model, args)["think_steps"]
+        note(f"think_steps={steps}: nothing to draw but kl_strip.png (no thinking, no energy trace)")
+    else:
+        bowl = energy_bowl(model, ids, P + index, int(scores["window_start"][index]), args.think_steps,
+                           args.think_lr)
+        written.append(plot_thinking_at_position(
+            text, index, scores["logp1"][row, index], scores["logp2"][row, index], vocab,
+            int(scores["targets"][row, index]), bowl, folder / "thinking_at_position.png"))
         written.append(plot_energy_trace(trace, text, folder / "energy_trace.png"))
         written.append(plot_energy_descent(trace, bowl, index, folder / "energy_descent.png"))
-    else:
-        note(f"think_steps={steps}: no energy trace to draw (energy_trace.png, energy_descent.png skipped)")
     note("wrote " + ", ".join(str(p) for p in written))
     return written
 
@@ -909,36 +886,20 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
 # Compare mode
 
 
-_BPC_METRIC = None
-
-
-def bits_per_char_metric():
-    global _BPC_METRIC
-    if _BPC_METRIC is None:
-        import evaluate
-
-        _BPC_METRIC = evaluate.load(str(ROOT / "metrics" / "bits_per_char"))
-    return _BPC_METRIC
-
-
-def block_offsets(n_ids: int, block: int, count: int) -> list[int]:
-    """`count` evenly spaced starts of (block + 1)-character windows in a text of n_ids characters."""
-    last = n_ids - (block + 1)
-    if last < 0:
-        raise UsageError(f"the validation text has {n_ids} characters, fewer than block_size + 1 = {block + 1}")
-    if count == 1:
-        return [0]
-    return sorted({round(i * last / (count - 1)) for i in range(count)})
 
 
 def evaluate_model(model, tokenizer, val: str, args: GenerateArguments, device, label: str) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from run_train import fixed_blocks, load_bpc_metric  # the validation blocks and metric training uses
+
     ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
     block = model.config.block_size
-    offsets = block_offsets(ids.numel(), block, args.eval_blocks)
-    batch = torch.stack([ids[o:o + block + 1] for o in offsets]).to(device)
+    try:
+        batch = fixed_blocks(ids, block, args.eval_blocks).to(device)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     nll1, nll2, gaps = [], [], []
     with torch.no_grad():
         for chunk in batch.split(8):
@@ -949,7 +910,7 @@ def evaluate_model(model, tokenizer, val: str, args: GenerateArguments, device, 
             nll2.append(F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="none").cpu())
             if out.energy_trace is not None:
                 gaps.append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).float().flatten().cpu())
-    metric = bits_per_char_metric()
+    metric = load_bpc_metric()
     s1 = metric.compute(nll=torch.cat(nll1).numpy())
     s2 = metric.compute(nll=torch.cat(nll2).numpy())
 
@@ -992,6 +953,8 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def run_compare(args: GenerateArguments) -> int:
+    from run_train import resolve_data_path
+
     device = resolve_device(args.device)
     try:
         corpus = resolve_data_path(args.data_path)

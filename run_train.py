@@ -32,26 +32,41 @@ from tokenization_char import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_FILE = "tinyshakespeare.txt"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
 
 
-def resolve_data_path(path=None) -> Path:
-    """The corpus: an explicit path, $NANOEBM_DATA, data/, then ../shared/data/ (tiny Shakespeare)."""
-    explicit = path or os.environ.get("NANOEBM_DATA")  # an explicit choice never falls back silently
-    candidates = [Path(explicit)] if explicit else [
-        ROOT / "data" / "tinyshakespeare.txt",
-        ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
-    ]
-    for candidate in candidates:
-        if candidate.is_dir():
-            candidate = candidate / "tinyshakespeare.txt"
+def resolve_data_path(path: str | os.PathLike | None = None) -> Path:
+    """The training corpus (tiny Shakespeare), found in this order:
+
+    1. `path` (the `--data_path` flag), 2. the environment variable `NANOEBM_DATA`, 3. `data/tinyshakespeare.txt`
+    in the repository, 4. `../shared/data/tinyshakespeare.txt` next to the repository.
+    A folder stands for the tiny Shakespeare file inside it. A path given explicitly (1 or 2) must exist: it is
+    never silently replaced by a default. Raises `FileNotFoundError` naming every path tried and where to
+    download the corpus.
+    """
+    tried = []
+    explicit = [(path, "--data_path"), (os.environ.get("NANOEBM_DATA") or None, "NANOEBM_DATA")]
+    for value, source in explicit:
+        if value is None or str(value) == "":
+            continue
+        candidate = Path(value).expanduser()
+        if candidate.is_dir():  # a folder: the corpus inside it
+            candidate = candidate / CORPUS_FILE
         if candidate.is_file():
             return candidate
-    tried = ", ".join(str(c) for c in candidates)
+        tried.append(f"{candidate} (from {source})")
+        break  # an explicit choice is final
+    else:
+        for candidate in (ROOT / "data" / CORPUS_FILE, ROOT.parent / "shared" / "data" / CORPUS_FILE):
+            if candidate.is_file():
+                return candidate
+            tried.append(str(candidate))
     raise FileNotFoundError(
-        f"training text not found (tried: {tried}). Pass --data_path FILE, set NANOEBM_DATA, or download tiny "
-        f"Shakespeare into data/: curl -o data/tinyshakespeare.txt {CORPUS_URL}"
+        "the tiny Shakespeare corpus was not found; tried: " + ", ".join(tried) + f". Download it from {CORPUS_URL} "
+        f"into data/{CORPUS_FILE}, or point --data_path (or the environment variable NANOEBM_DATA) at a text file."
     )
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

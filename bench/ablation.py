@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Does thinking pay? Train each variant with run_train.py (nanoGPT's CPU config by default), several seeds, and
+report validation bits per character of System 1 and System 2 (at the trained and at test-time step counts), the
+energy gap and the cost (ms per training step, characters per second when evaluating).
+
+    python bench/ablation.py --variants plain_gpt default --seeds 0 1 2 --max_steps 2000
+    python bench/ablation.py --report bench/results/ablation.json     # tables and plot from saved results
+
+Every run sees the same data order (seed) and the same fixed validation blocks; the plain GPT is nanoebm's own
+code path with thinking off and a linear landscape (plain next-token CE), so the comparison is like for like.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "plain_gpt": ["--landscape", "linear", "--use_thinking", "false"],
+    "default": [],
+    "linear_think": ["--landscape", "linear"],
+    "no_trust_region": ["--think_max_move", "0"],
+    "big_step": ["--think_lr", "2.0"],
+    "init_random": ["--think_init", "random", "--think_init_noise_std", "1.0", "--think_max_move", "0"],
+    "init_zeros": ["--think_init", "zeros", "--think_max_move", "0"],
+    "soft_tokens": ["--landscape", "soft_tokens"],
+    "coupled": ["--mixture_stopgrad", "false"],
+    "random_steps": ["--random_think_steps", "2-3"],
+    "truncate": ["--truncate_refine", "true"],
+    "detach": ["--detach_refine", "true"],
+    "langevin": ["--langevin_noise", "0.05"],
+    "aux_0": ["--aux_ce_weight", "0"],
+    "aux_0.5": ["--aux_ce_weight", "0.5"],
+    "entropy_0": ["--entropy_weight", "0"],
+    "steps_4": ["--think_steps", "4"],
+    "cd": ["--contrastive_type", "cd"],
+    "pcd": ["--contrastive_type", "pcd"],
+    "fast_pcd": ["--contrastive_type", "fast_pcd"],
+}
+TEST_TIME_STEPS = (0, 1, 2, 4, 8)
+
+
+def run_one(name, seed, args):
+    out = Path(args.runs) / f"{name}-s{seed}"
+    result_file = out / "ablation.json"
+    if result_file.is_file() and not args.force:
+        return json.loads(result_file.read_text())
+    command = [sys.executable, str(ROOT / "run_train.py"), "--preset", args.preset, "--max_steps", str(args.max_steps),
+               "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
+               "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
+               "--logging_steps", str(max(1, args.max_steps // 10)), "--disable_tqdm", "true",
+               *VARIANTS[name], *args.extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"[{name} seed {seed}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None
+    metrics = json.loads((out / "all_results.json").read_text())
+    record = dict(variant=name, seed=seed, command=" ".join(command[1:]), wall_s=round(time.time() - started, 1),
+                  ms_per_step=1000 * metrics["train_runtime"] / args.max_steps, train_metrics=metrics,
+                  think_steps=json.loads((out / "config.json").read_text())["think_steps"],
+                  test_time=test_time_sweep(out, args))
+    result_file.write_text(json.dumps(record, indent=2))
+    print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
+          f" bpc, {record['ms_per_step']:.1f} ms/step", flush=True)
+    return record
+
+
+def test_time_sweep(folder, args):
+    """Validation bits/char of one trained model at 0, 1, 2, 4, 8 thinking steps, with characters/s."""
+    import torch
+    import torch.nn.functional as F
+
+    import run_train
+    from modeling_nanoebm import NanoEBMForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+    data_args = run_train.DataArguments(eval_blocks=args.eval_blocks)
+    _, blocks, _ = run_train.build_data(data_args, run_train.CharTokenizer.from_pretrained(folder),
+                                        model.config.block_size, 0)
+    sweep = {}
+    for steps in TEST_TIME_STEPS:
+        total, count, started = 0.0, 0, time.perf_counter()
+        with torch.no_grad():
+            for batch in blocks.split(64):
+                out = model(batch[:, :-1], use_thinking=steps > 0, think_steps=steps, return_energy_trace=False)
+                total += F.cross_entropy(out.logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
+                count += batch[:, 1:].numel()
+        sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / (time.perf_counter() - started))
+    return sweep
+
+
+def summarise(records):
+    by_variant = {}
+    for record in records:
+        by_variant.setdefault(record["variant"], []).append(record)
+    rows = []
+    for name, runs in by_variant.items():
+        def stat(values):
+            values = [v for v in values if v is not None and not math.isnan(v)]
+            if not values:
+                return float("nan"), float("nan")
+            return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+        s1 = stat([r["train_metrics"]["eval_system1_bpc"] for r in runs])
+        s2 = stat([r["train_metrics"].get("eval_system2_bpc", r["train_metrics"]["eval_system1_bpc"]) for r in runs])
+        s2x = stat([r["train_metrics"].get("eval_system2_2x_bpc", r["train_metrics"]["eval_system1_bpc"]) for r in runs])
+        gap = stat([r["train_metrics"].get("eval_energy_gap", 0.0) for r in runs])
+        ms = stat([r["ms_per_step"] for r in runs])
+        rows.append(dict(variant=name, seeds=len(runs), s1=s1, s2=s2, s2x=s2x, gap=gap, ms=ms,
+                         sweep={k: stat([r["test_time"][str(k)]["bpc"] if str(k) in r["test_time"]
+                                         else r["test_time"][k]["bpc"] for r in runs]) for k in TEST_TIME_STEPS},
+                         chars_s={k: stat([(r["test_time"].get(str(k)) or r["test_time"][k])["chars_per_s"]
+                                           for r in runs]) for k in TEST_TIME_STEPS},
+                         think_steps=runs[0].get("think_steps")))
+    return rows
+
+
+def markdown(rows):
+    base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
+    lines = ["| variant | seeds | System 1 bpc | System 2 bpc | S2 vs S1 | S2 vs plain GPT | S2 at 2x steps | "
+             "energy gap | ms/step | eval chars/s (K) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs_s1 = 100 * (r["s2"][0] / r["s1"][0] - 1)
+        vs_gpt = 100 * (r["s2"][0] / base["s1"][0] - 1) if base else float("nan")
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {r['s1'][0]:.4f} ± {r['s1'][1]:.4f} | {r['s2'][0]:.4f} ± {r['s2'][1]:.4f}"
+            f" | {vs_s1:+.2f}% | {vs_gpt:+.2f}% | {r['s2x'][0]:.4f} | {r['gap'][0]:.4f} | {r['ms'][0]:.1f} | "
+            f"{r['chars_s'][2][0]:.0f} |")
+    sweep = ["", "Validation bits/char against test-time thinking steps (mean over seeds):", "",
+             "| variant | " + " | ".join(f"K={k}" for k in TEST_TIME_STEPS) + " |",
+             "|---|" + "---|" * len(TEST_TIME_STEPS)]
+    for r in rows:
+        sweep.append(f"| {r['variant']} | " + " | ".join(f"{r['sweep'][k][0]:.4f}" for k in TEST_TIME_STEPS) + " |")
+    return "\n".join(lines + sweep)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thinking = [r for r in rows if r["variant"] != "plain_gpt"]
+    if not thinking:
+        return
+    best = min(thinking, key=lambda r: r["s2"][0])
+    base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ks = list(TEST_TIME_STEPS)
+    ax.errorbar(ks, [best["sweep"][k][0] for k in ks], yerr=[best["sweep"][k][1] for k in ks], marker="o",
+                label=f"nanoebm '{best['variant']}' (trained with K={best['think_steps']})")
+    if base:
+        ax.axhline(base["s1"][0], color="gray", ls="--", label="plain GPT (same backbone, same steps)")
+    ax.set_xlabel("thinking steps at test time (0 = System 1)")
+    ax.set_ylabel("validation bits per char")
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["plain_gpt", "default"], choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max_steps", type=int, default=2000)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--eval_blocks", type=int, default=1700, help="fixed validation blocks (1700 ~ all of it)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "ablation"))
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "ablation.json"))
+    parser.add_argument("--plot", default=None, help="PNG of bits/char against test-time steps")
+    parser.add_argument("--report", default=None, help="only summarise this results JSON")
+    parser.add_argument("--force", action="store_true", help="rerun runs that already have results")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more run_train.py flags for every run")
+    args = parser.parse_args()
+
+    if args.report:
+        records = json.loads(Path(args.report).read_text())["records"]
+    else:
+        jobs = [(v, s) for s in args.seeds for v in args.variants]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            records = [r for r in pool.map(lambda job: run_one(*job, args), jobs) if r]
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(Path(args.output).read_text())["records"] if Path(args.output).is_file() else []
+        keep = [r for r in previous if (r["variant"], r["seed"]) not in {(x["variant"], x["seed"]) for x in records}]
+        records = keep + records
+        Path(args.output).write_text(json.dumps({"records": records}, indent=1))
+    rows = summarise(records)
+    print(markdown(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    print(f"\nreproduce: python bench/ablation.py {' '.join(sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()
