@@ -138,6 +138,10 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
         if isinstance(module, (CausalSelfAttention, MLP)):
             init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, EnergyHead):
+            # std 1/sqrt(d_energy) makes W_c^T W_e ~ I, so <W_c h, W_e e_y> starts like a tied GPT head (h . e_y);
+            # two 0.02-scaled factors would start the energies, and their gradients, near zero
+            for proj in (module.context_proj, module.token_proj):
+                init.normal_(proj.weight, mean=0.0, std=self.config.d_energy ** -0.5)
             if hasattr(module, "correction_scale"):
                 init.zeros_(module.correction_scale)  # a fresh model thinks on the base landscape
             if module.token_bias is not None:

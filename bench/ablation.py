@@ -30,6 +30,7 @@ VARIANTS = {
     "linear_think": ["--landscape", "linear"],
     "no_trust_region": ["--think_max_move", "0"],
     "big_step": ["--think_lr", "2.0"],
+    "free_descent": ["--think_max_move", "0", "--think_lr", "2.0"],
     "init_random": ["--think_init", "random", "--think_init_noise_std", "1.0", "--think_max_move", "0"],
     "init_zeros": ["--think_init", "zeros", "--think_max_move", "0"],
     "soft_tokens": ["--landscape", "soft_tokens"],
@@ -41,6 +42,12 @@ VARIANTS = {
     "aux_0": ["--aux_ce_weight", "0"],
     "aux_0.5": ["--aux_ce_weight", "0.5"],
     "entropy_0": ["--entropy_weight", "0"],
+    # lambda = tau: J = tau * KL(p || softmax(-E / tau)) + const, so on a fixed landscape System 1 is already the
+    # minimum and thinking moves only where the belief-dependent correction says so (a self-consistent belief)
+    "kl": ["--entropy_weight", "1.0"],
+    "kl_free": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0"],
+    "kl_free_soft": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--landscape", "soft_tokens"],
+    "kl_free_steps4": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--think_steps", "4"],
     "steps_4": ["--think_steps", "4"],
     "cd": ["--contrastive_type", "cd"],
     "pcd": ["--contrastive_type", "pcd"],
