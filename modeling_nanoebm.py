@@ -6,7 +6,7 @@ descent on the logits ("thinking", System 2), and the causal-LM wrapper whose `f
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -315,14 +315,29 @@ class Landscape:
 
     base: torch.Tensor  # E_base (..., V), float32
     token_features: torch.Tensor | None = None  # W_e e_y (V, d_energy)
-    correction: Callable[[torch.Tensor], torch.Tensor] | None = None  # p -> r (..., d_energy)
+    correction: Callable[..., torch.Tensor] | None = None  # (p, **inputs) -> r (..., d_energy)
     scale: torch.Tensor | None = None  # tanh(s)
+    inputs: dict = field(default_factory=dict)  # the batch tensors the correction reads (hidden states, context)
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if self.correction is None:
             return self.base
-        r = self.correction(p).float()
+        r = self.correction(p, **self.inputs).float()
         return self.base - self.scale * (r @ self.token_features.float().T)
+
+    def cloned(self) -> "Landscape":
+        """A copy whose tensors autograd may save: tensors made under torch.inference_mode (pipelines decode
+        that way) cannot be, and the coupled descent differentiates through the landscape even when decoding."""
+
+        def clone(x):
+            if torch.is_tensor(x):
+                return x.clone()
+            if isinstance(x, (list, tuple)):
+                return type(x)(clone(item) for item in x)
+            return x
+
+        return Landscape(clone(self.base), clone(self.token_features), self.correction, clone(self.scale),
+                         {k: clone(v) for k, v in self.inputs.items()})
 
 
 def expected_energy(landscape: Landscape, logits, temperature, entropy_weight):
@@ -385,10 +400,21 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     # -- landscape -------------------------------------------------------------------------------------------
 
+    def token_features(self):
+        """W_e e_y for the whole vocabulary: a (V x d) x (d x d_energy) product that decoding would otherwise redo
+        for every token, so without autograd it is cached until either weight changes (their `_version`)."""
+        embeddings, proj = self.transformer.wte.weight, self.energy_head.token_proj.weight
+        if torch.is_grad_enabled():
+            return self.energy_head.token_proj(embeddings)
+        key = (embeddings.data_ptr(), embeddings._version, proj.data_ptr(), proj._version, proj.dtype)
+        if getattr(self, "_token_features", (None,))[0] != key:
+            self._token_features = (key, self.energy_head.token_proj(embeddings))
+        return self._token_features[1]
+
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""
         token_embeddings = self.transformer.wte.weight
-        features = self.energy_head.token_proj(token_embeddings)
+        features = self.token_features()
         base = self.energy_head.base_energy(hidden, features)
         landscape = self.config.landscape
         if landscape == "linear":
@@ -398,17 +424,21 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             return p.to(token_embeddings.dtype) @ token_embeddings
 
         if landscape == "mixture":
-            def correction(p):
+            def correction(p, hidden):
                 return self.energy_head.mixture(torch.cat((hidden, expected_embedding(p).to(hidden.dtype)), dim=-1))
+
+            inputs = dict(hidden=hidden)
         else:  # soft tokens: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
-            def correction(p):
+            def correction(p, hidden, context_kv, key_valid, query_index, position_ids):
                 soft = self.transformer.provisional_hidden(
                     expected_embedding(p).to(hidden.dtype), position_ids + 1, context_kv, key_valid, query_index
                 )
                 return self.energy_head.context_proj(soft)
 
+            inputs = dict(hidden=hidden, context_kv=context_kv, key_valid=key_valid, query_index=query_index,
+                          position_ids=position_ids)
         scale = torch.tanh(self.energy_head.correction_scale).float()
-        return Landscape(base, features, correction, scale)
+        return Landscape(base, features, correction, scale, inputs)
 
     # -- thinking --------------------------------------------------------------------------------------------
 
@@ -436,6 +466,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         create_graph = self.training if create_graph is None else create_graph
         v0 = self.initial_logits(landscape.base)
         v, steps_taken, trace, previous = v0, [], [], None
+        differentiable = landscape
+        if not cfg.mixture_stopgrad and landscape.correction is not None and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                differentiable = landscape.cloned()
         for k in range(steps + 1):
             last = k == steps
             if last and not record_final:
@@ -444,12 +478,12 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 v = v.detach()
             coupled = not cfg.mixture_stopgrad and landscape.correction is not None and not last
             if coupled:
-                with torch.enable_grad():
+                with torch.inference_mode(False), torch.enable_grad():
                     if not v.requires_grad:
-                        v = v.detach().requires_grad_(True)
+                        v = v.clone().requires_grad_(True)
                     # autograd through E(h, y | p): the math SDPA kernel is the one with a double backward
                     with sdpa_kernel(SDPBackend.MATH):
-                        J = expected_energy(landscape, v, tau, lam)[0]
+                        J = expected_energy(differentiable, v, tau, lam)[0]
                         (grad,) = torch.autograd.grad(J.sum(), v, create_graph=create_graph)
             else:
                 J, p, log_p, energy = expected_energy(landscape, v, tau, lam)

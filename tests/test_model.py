@@ -225,3 +225,15 @@ def test_every_decoding_strategy_runs_on_refined_scores(trained, corpus_ids):
                              think_steps=4, repetition_penalty=1.1)
     beams = model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, think_steps=2)
     assert sampled.shape == beams.shape == (1, 18)
+
+
+@pytest.mark.parametrize("landscape", ["mixture", "soft_tokens"])
+def test_coupled_thinking_works_under_inference_mode(landscape):
+    """Pipelines decode under torch.inference_mode; the coupled descent still needs autograd through E(h, y | p)."""
+    model = make_model(landscape=landscape, mixture_stopgrad=False, correction_scale=0.7).eval()
+    ids = torch.randint(0, 65, (2, 10))
+    with torch.no_grad():
+        expected = model(ids, think_steps=3).logits
+    with torch.inference_mode():
+        got = model(ids, think_steps=3).logits
+    assert torch.allclose(got, expected, atol=1e-6)
