@@ -461,7 +461,7 @@ class EBMTrainer(Trainer):
         if self.args.use_contrastive:
             self.contrastive = ContrastiveSampler(self.args, model.config.vocab_size, model.config.softmax_temperature,
                                                   seed=self.args.seed + 1000 * self.args.process_index)
-        self._sums, self._count = defaultdict(float), 0
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
 
     # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
@@ -503,9 +503,14 @@ class EBMTrainer(Trainer):
         config = self.accelerator.unwrap_model(model).config
         labels = inputs["shift_labels"]
         steps = self.think_steps_now(config)
+        # J after the last step costs one more landscape evaluation (a backbone pass for soft tokens): only for
+        # the steps whose numbers get logged
+        every = self.args.logging_steps if self.args.logging_steps >= 1 else self.args.logging_steps * self.args.max_steps
+        want_trace = not model.training or self.state.global_step % max(1, int(every)) == 0
         outputs = model(
             input_ids=inputs["input_ids"], use_thinking=steps > 0, think_steps=steps,
             detach_refine=self.args.detach_refine, return_landscape=self.contrastive is not None,
+            return_energy_trace=want_trace,
         )
         ce = NanoEBMForCausalLM.next_token_loss
         loss_aux = ce(outputs.system1_logits, shift_labels=labels)
@@ -516,7 +521,7 @@ class EBMTrainer(Trainer):
         else:
             loss_main = loss = loss_aux
         logs = {"loss_main": loss_main, "loss_aux": loss_aux, "think_steps": steps}
-        if steps > 0:
+        if steps > 0 and want_trace:
             trace = outputs.energy_trace
             logs.update(energy_initial=trace[..., 0].mean(), energy_final=trace[..., -1].mean(),
                         energy_gap=(trace[..., 0] - trace[..., -1]).mean())
@@ -532,12 +537,12 @@ class EBMTrainer(Trainer):
         if model.training:
             for key, value in logs.items():
                 self._sums[key] += float(value.detach() if torch.is_tensor(value) else value)
-            self._count += 1
+                self._counts[key] += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        if "loss" in logs and self._count:
-            extras = torch.tensor([self._sums[k] / self._count for k in sorted(self._sums)],
+        if "loss" in logs and self._counts:
+            extras = torch.tensor([self._sums[k] / self._counts[k] for k in sorted(self._sums)],
                                   device=self.args.device)
             extras = self.accelerator.reduce(extras, reduction="mean")
             logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
@@ -552,7 +557,7 @@ class EBMTrainer(Trainer):
                     * model.config.block_size * self.args.world_size
                 logs["tokens_per_second"] = round(tokens / elapsed, 1)
             self._last_log = (now, step)
-            self._sums, self._count = defaultdict(float), 0
+            self._sums, self._counts = defaultdict(float), defaultdict(int)
         super().log(logs, start_time)
 
     # -- evaluation: System 1 and System 2 on fixed validation blocks --------------------------------------
