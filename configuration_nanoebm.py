@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 
 LANDSCAPES = ("linear", "mixture", "soft_tokens")
 THINK_INITS = ("base_energy", "zeros", "random")
+THINK_GRADIENTS = ("plain", "natural")
 POSITION_EMBEDDINGS = ("learned", "rope")
 
 
@@ -35,6 +36,9 @@ class NanoEBMConfig(PreTrainedConfig):
         mixture_stopgrad: hold p fixed inside E(h, y | p) when differentiating J (closed-form gradient);
             false differentiates through the landscape's dependence on p with autograd.
         think_init: start of the descent: "base_energy" (System 1 logits), "zeros" or "random".
+        think_gradient: "plain" descends dJ/dv; "natural" preconditions it by the inverse Fisher of the softmax
+            (mirror descent on the simplex), so rare tokens move as fast as likely ones: with a fixed landscape
+            v <- (1 - alpha) v - alpha E. Needs mixture_stopgrad=true.
         think_init_noise_std: std of Gaussian noise added to the start (and of the "random" start).
         energy_convergence_threshold: stop thinking once max |J_k - J_{k-1}| falls below it; 0 never stops early.
         use_thinking: whether forward and generate think by default (false = System 1).
@@ -73,6 +77,7 @@ class NanoEBMConfig(PreTrainedConfig):
         langevin_noise: float = 0.0,
         mixture_stopgrad: bool = True,
         think_init: str = "base_energy",
+        think_gradient: str = "plain",
         think_init_noise_std: float = 0.0,
         energy_convergence_threshold: float = 0.0,
         use_thinking: bool = True,
@@ -117,6 +122,7 @@ class NanoEBMConfig(PreTrainedConfig):
         self.langevin_noise = langevin_noise
         self.mixture_stopgrad = mixture_stopgrad
         self.think_init = think_init
+        self.think_gradient = think_gradient
         self.think_init_noise_std = think_init_noise_std
         self.energy_convergence_threshold = energy_convergence_threshold
         self.use_thinking = use_thinking
@@ -145,6 +151,9 @@ class NanoEBMConfig(PreTrainedConfig):
         need(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding", f"allowed: {POSITION_EMBEDDINGS}")
         need(self.landscape in LANDSCAPES, "landscape", f"allowed: {LANDSCAPES}")
         need(self.think_init in THINK_INITS, "think_init", f"allowed: {THINK_INITS}")
+        need(self.think_gradient in THINK_GRADIENTS, "think_gradient", f"allowed: {THINK_GRADIENTS}")
+        if self.think_gradient == "natural":
+            need(self.mixture_stopgrad, "mixture_stopgrad", "must be true with think_gradient='natural'")
         need(isinstance(self.think_steps, int) and self.think_steps >= 0, "think_steps", "must be an integer >= 0")
         need(self.think_lr > 0, "think_lr", "must be > 0")
         need(self.softmax_temperature > 0, "softmax_temperature", "must be > 0")

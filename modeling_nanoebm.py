@@ -489,7 +489,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 J, p, log_p, energy = expected_energy(landscape, v, tau, lam)
                 if not last:  # closed form with p held fixed inside E: (1/tau) p (d - <d>_p)
                     d = energy + lam * (log_p + 1.0)
-                    grad = p * (d - (p * d).sum(-1, keepdim=True)) / tau
+                    centred = d - (p * d).sum(-1, keepdim=True)
+                    # natural: the same step preconditioned by the inverse Fisher of softmax(v / tau)
+                    grad = centred / tau if cfg.think_gradient == "natural" else p * centred / tau
             trace.append(J.detach())
             if cfg.energy_convergence_threshold > 0 and previous is not None:
                 if (J.detach() - previous).abs().max() < cfg.energy_convergence_threshold:

@@ -87,7 +87,7 @@ ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "positi
                        "use_token_bias", "landscape", "use_soft_tokens")
 THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
-                   "think_init", "think_init_noise_std", "energy_convergence_threshold")
+                   "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
 
 
 def opt(help_text, default=None, **kwargs):
@@ -121,6 +121,7 @@ class ModelArguments:
     mixture_stopgrad: bool | None = opt("closed-form gradient with p fixed inside E (false: autograd, coupled)")
     think_init: str | None = opt("start of the descent: base_energy | zeros | random")
     think_init_noise_std: float | None = opt("noise on the start of the descent")
+    think_gradient: str | None = opt("plain (dJ/dv) or natural (inverse-Fisher preconditioned: mirror descent)")
     energy_convergence_threshold: float | None = opt("stop thinking early below this change of J (0 never)")
 
 

@@ -237,3 +237,16 @@ def test_coupled_thinking_works_under_inference_mode(landscape):
     with torch.inference_mode():
         got = model(ids, think_steps=3).logits
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_natural_gradient_is_a_damped_fixed_point_step():
+    """With lambda = tau the natural step on a fixed landscape is v <- (1 - alpha) v - alpha E (up to centring)."""
+    model = make_model(landscape="linear", think_gradient="natural", entropy_weight=1.0, think_max_move=0.0,
+                       think_init="zeros").eval()
+    ids = torch.randint(0, 65, (2, 9))
+    with torch.no_grad():
+        out = model(ids, think_steps=1, think_lr=0.5)
+    target = -0.5 * out.energies
+    assert torch.allclose(out.logits, target - target.mean(-1, keepdim=True), atol=1e-5)
+    with pytest.raises(ValueError, match="mixture_stopgrad"):
+        tiny_config(think_gradient="natural", mixture_stopgrad=False)
