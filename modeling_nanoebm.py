@@ -401,15 +401,21 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- landscape -------------------------------------------------------------------------------------------
 
     def token_features(self):
-        """W_e e_y for the whole vocabulary: a (V x d) x (d x d_energy) product that decoding would otherwise redo
-        for every token, so without autograd it is cached until either weight changes (their `_version`)."""
-        embeddings, proj = self.transformer.wte.weight, self.energy_head.token_proj.weight
-        if torch.is_grad_enabled():
-            return self.energy_head.token_proj(embeddings)
-        key = (embeddings.data_ptr(), embeddings._version, proj.data_ptr(), proj._version, proj.dtype)
-        if getattr(self, "_token_features", (None,))[0] != key:
-            self._token_features = (key, self.energy_head.token_proj(embeddings))
-        return self._token_features[1]
+        """W_e e_y for the whole vocabulary (V x d_energy)."""
+        frozen = getattr(self, "_frozen_token_features", None)
+        if frozen is not None:
+            return frozen
+        return self.energy_head.token_proj(self.transformer.wte.weight)
+
+    def generate(self, *args, **kwargs):
+        """GenerationMixin.generate, with W_e e_y computed once per call: the weights cannot change while decoding,
+        and the (V x d) x (d x d_energy) product would otherwise be redone for every token."""
+        with torch.no_grad():
+            self._frozen_token_features = self.energy_head.token_proj(self.transformer.wte.weight)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._frozen_token_features = None
 
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""

@@ -250,3 +250,20 @@ def test_natural_gradient_is_a_damped_fixed_point_step():
     assert torch.allclose(out.logits, target - target.mean(-1, keepdim=True), atol=1e-5)
     with pytest.raises(ValueError, match="mixture_stopgrad"):
         tiny_config(think_gradient="natural", mixture_stopgrad=False)
+
+
+def test_no_stale_state_between_optimizer_steps_and_evaluation():
+    """Whatever decoding caches must not survive a weight update: evaluation after training sees the new weights."""
+    model = make_model(landscape="mixture", correction_scale=0.5)
+    ids = torch.randint(0, 65, (2, 16))
+    model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(ids).energies
+        fresh = model.energy_head.base_energy(model.transformer(ids).last_hidden_state,
+                                              model.energy_head.token_proj(model.transformer.wte.weight))
+    assert torch.allclose(after, fresh)
