@@ -62,7 +62,7 @@ TEST_TIME_STEPS = (0, 1, 2, 4, 8)
 def run_one(name, seed, args):
     out = Path(args.runs) / f"{name}-s{seed}"
     result_file = out / "ablation.json"
-    if result_file.is_file() and not args.force:
+    if result_file.is_file() and not (args.force or args.resweep):
         return json.loads(result_file.read_text())
     command = [sys.executable, str(ROOT / "run_train.py"), "--preset", args.preset, "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
@@ -71,14 +71,16 @@ def run_one(name, seed, args):
                *VARIANTS[name], *args.extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(f"[{name} seed {seed}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-        return None
+    if not (out / "all_results.json").is_file() or args.force:  # a finished training run is only re-measured
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"[{name} seed {seed}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            return None
     metrics = json.loads((out / "all_results.json").read_text())
     record = dict(variant=name, seed=seed, command=" ".join(command[1:]), wall_s=round(time.time() - started, 1),
                   ms_per_step=1000 * metrics["train_runtime"] / args.max_steps, train_metrics=metrics,
                   think_steps=json.loads((out / "config.json").read_text())["think_steps"],
+                  thinks=json.loads((out / "config.json").read_text())["use_thinking"],
                   test_time=test_time_sweep(out, args))
     result_file.write_text(json.dumps(record, indent=2))
     print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
@@ -101,13 +103,18 @@ def test_time_sweep(folder, args):
                                         model.config.block_size, 0)
     sweep = {}
     for steps in TEST_TIME_STEPS:
-        total, count, started = 0.0, 0, time.perf_counter()
+        total, gap, count, elapsed = 0.0, 0.0, 0, 0.0
         with torch.no_grad():
             for batch in blocks.split(64):
+                started = time.perf_counter()
                 out = model(batch[:, :-1], use_thinking=steps > 0, think_steps=steps, return_energy_trace=False)
+                elapsed += time.perf_counter() - started
                 total += F.cross_entropy(out.logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
                 count += batch[:, 1:].numel()
-        sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / (time.perf_counter() - started))
+                if steps > 0:  # the energy gap J0 - JK, outside the timing (it costs one more landscape evaluation)
+                    trace = model(batch[:, :-1], think_steps=steps).energy_trace
+                    gap += (trace[..., 0] - trace[..., -1]).sum().item()
+        sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / elapsed, energy_gap=gap / count)
     return sweep
 
 
@@ -123,10 +130,15 @@ def summarise(records):
                 return float("nan"), float("nan")
             return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-        s1 = stat([r["train_metrics"]["eval_system1_bpc"] for r in runs])
-        s2 = stat([r["train_metrics"].get("eval_system2_bpc", r["train_metrics"]["eval_system1_bpc"]) for r in runs])
-        s2x = stat([r["train_metrics"].get("eval_system2_2x_bpc", r["train_metrics"]["eval_system1_bpc"]) for r in runs])
-        gap = stat([r["train_metrics"].get("eval_energy_gap", 0.0) for r in runs])
+        def at(r, k):  # validation of the saved model, reloaded: the same fixed blocks for every variant
+            k = 0 if not r.get("thinks", True) else k
+            return (r["test_time"].get(str(k)) or r["test_time"].get(k) or {})
+
+        K = runs[0].get("think_steps", 2)
+        s1 = stat([at(r, 0).get("bpc") for r in runs])
+        s2 = stat([at(r, K).get("bpc") for r in runs])
+        s2x = stat([at(r, 2 * K).get("bpc") for r in runs])
+        gap = stat([at(r, K).get("energy_gap", float("nan")) for r in runs])
         ms = stat([r["ms_per_step"] for r in runs])
         rows.append(dict(variant=name, seeds=len(runs), s1=s1, s2=s2, s2x=s2x, gap=gap, ms=ms,
                          sweep={k: stat([r["test_time"][str(k)]["bpc"] if str(k) in r["test_time"]
@@ -186,7 +198,7 @@ def plot(rows, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["plain_gpt", "default"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["plain_gpt", "default"], choices=sorted(VARIANTS) + ["all"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=2000)
     parser.add_argument("--preset", default="cpu")
@@ -197,11 +209,19 @@ def main():
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "ablation.json"))
     parser.add_argument("--plot", default=None, help="PNG of bits/char against test-time steps")
     parser.add_argument("--report", default=None, help="only summarise this results JSON")
+    parser.add_argument("--collect", action="store_true",
+                        help="summarise every finished run under --runs (for --variants, or all with --variants all)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have results")
+    parser.add_argument("--resweep", action="store_true", help="re-measure finished runs without retraining")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more run_train.py flags for every run")
     args = parser.parse_args()
 
-    if args.report:
+    if args.collect:
+        records = [json.loads(p.read_text()) for p in sorted(Path(args.runs).glob("*/ablation.json"))]
+        records = [r for r in records if r["variant"] in args.variants or args.variants == ["all"]]
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"records": records}, indent=1))
+    elif args.report:
         records = json.loads(Path(args.report).read_text())["records"]
     else:
         jobs = [(v, s) for s in args.seeds for v in args.variants]
