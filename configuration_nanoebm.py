@@ -29,7 +29,10 @@ class NanoEBMConfig(PreTrainedConfig):
         think_lr: step size alpha of the descent (alias `alpha_value`).
         think_lr_learnable: make alpha a trained parameter.
         softmax_temperature: tau in p = softmax(v / tau) and v0 = -E_base / tau.
-        entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p).
+        entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p). The default lambda = tau makes
+            J = tau * KL(p || softmax(-E / tau)) + const: System 1 is the minimum of a fixed landscape, so thinking
+            moves only where the belief-dependent correction says so (the research code's 0.1 sharpens towards
+            argmin E and measured worse, see BENCHMARKS.md).
         think_max_move: trust region, |v - v0| <= think_max_move per logit; 0 disables.
         absolute_clamp: |v| <= absolute_clamp; 0 disables.
         langevin_noise: std of the Gaussian noise added to v after each step while training; 0 disables.
@@ -71,7 +74,7 @@ class NanoEBMConfig(PreTrainedConfig):
         think_lr: float = 0.5,
         think_lr_learnable: bool = True,
         softmax_temperature: float = 1.0,
-        entropy_weight: float = 0.1,
+        entropy_weight: float = 1.0,
         think_max_move: float = 0.25,
         absolute_clamp: float = 0.0,
         langevin_noise: float = 0.0,

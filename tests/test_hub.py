@@ -16,7 +16,8 @@ from tokenization_char import CharTokenizer
 def saved(tmp_path_factory, corpus_text):
     tokenizer = CharTokenizer.from_corpus(corpus_text)
     ids = torch.tensor(tokenizer(corpus_text[:30000])["input_ids"])
-    model = train_briefly(make_model(landscape="mixture", think_lr=1.0), ids, steps=30)
+    # lambda < tau: thinking sharpens, so it visibly changes what is sampled even after a few training steps
+    model = train_briefly(make_model(landscape="mixture", think_lr=1.0, entropy_weight=0.1), ids, steps=30)
     folder = tmp_path_factory.mktemp("nanoebm-model")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

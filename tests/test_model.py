@@ -103,25 +103,39 @@ def test_closed_form_gradient_equals_autograd_with_p_fixed():
     assert torch.allclose(closed, autograd, atol=1e-5), (closed - autograd).abs().max()
 
 
-@pytest.mark.parametrize("landscape", ["linear", "mixture"])
-def test_thinking_lowers_expected_energy(trained, corpus_ids, landscape):
+@pytest.mark.parametrize("landscape,entropy_weight", [("linear", 0.1), ("mixture", 0.1)])
+def test_thinking_lowers_expected_energy(trained, corpus_ids, landscape, entropy_weight):
     model = trained[landscape]
     ids = corpus_ids[1000:1032][None]
-    with torch.no_grad():
-        trace = model(ids, think_steps=4).energy_trace  # (1, T, 5)
+    model.config.entropy_weight = entropy_weight
+    try:
+        with torch.no_grad():
+            trace = model(ids, think_steps=4).energy_trace  # (1, T, 5)
+    finally:
+        model.config.entropy_weight = 1.0
     assert (trace[..., -1] < trace[..., 0]).float().mean() > 0.95
     assert (trace[..., 1:] <= trace[..., :-1] + 1e-6).float().mean() > 0.95  # step by step
     assert trace[..., 0].mean() - trace[..., -1].mean() > 1e-3  # it moves, unlike the research code's 1e-4
 
 
+def test_system1_is_the_fixed_point_of_a_fixed_landscape_when_lambda_equals_tau(trained, corpus_ids):
+    """J = tau KL(p || softmax(-E / tau)) + const: with no belief-dependent correction there is nothing to fix."""
+    model = trained["linear"]
+    with torch.no_grad():
+        out = model(corpus_ids[:32][None], think_steps=4)
+    s1 = out.system1_logits - out.system1_logits.mean(-1, keepdim=True)
+    assert torch.allclose(out.logits, s1, atol=1e-4)
+    assert torch.allclose(out.energy_trace[..., -1], out.energy_trace[..., 0], atol=1e-5)
+
+
 def test_coupled_path_descends_too(trained, corpus_ids):
     model = trained["mixture"]
-    model.config.mixture_stopgrad = False
+    model.config.mixture_stopgrad, model.config.entropy_weight = False, 0.1
     try:
         with torch.no_grad():
             trace = model(corpus_ids[:32][None], think_steps=3).energy_trace
     finally:
-        model.config.mixture_stopgrad = True
+        model.config.mixture_stopgrad, model.config.entropy_weight = True, 1.0
     assert trace[..., -1].mean() < trace[..., 0].mean()
 
 
