@@ -56,6 +56,8 @@ VARIANTS = {
     "steps_4": ["--think_steps", "4", "--entropy_weight", "0.1"],
     "cd": ["--contrastive_type", "cd", "--entropy_weight", "1.0"],
     "pcd": ["--contrastive_type", "pcd", "--entropy_weight", "1.0"],
+    "pcd_reg1": ["--contrastive_type", "pcd", "--contrastive_reg_weight", "1.0", "--entropy_weight", "1.0"],
+    "pcd_w0.01": ["--contrastive_type", "pcd", "--contrastive_weight", "0.01", "--entropy_weight", "1.0"],
     "fast_pcd": ["--contrastive_type", "fast_pcd", "--entropy_weight", "1.0"],
 }
 TEST_TIME_STEPS = (0, 1, 2, 4, 8)
