@@ -116,7 +116,7 @@ def test_time_sweep(folder, args):
                 total += F.cross_entropy(out.logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
                 count += batch[:, 1:].numel()
                 if steps > 0:  # the energy gap J0 - JK, outside the timing (it costs one more landscape evaluation)
-                    trace = model(batch[:, :-1], think_steps=steps).energy_trace
+                    trace = model(batch[:, :-1], use_thinking=True, think_steps=steps).energy_trace
                     gap += (trace[..., 0] - trace[..., -1]).sum().item()
         sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / elapsed, energy_gap=gap / count)
     return sweep
@@ -183,13 +183,18 @@ def plot(rows, path):
     if not thinking:
         return
     best = min(thinking, key=lambda r: r["s2"][0])
+    shown = [r for r in rows if r["variant"] in ("kl", "research")] + ([best] if best["variant"] != "kl" else [])
     base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     ks = list(TEST_TIME_STEPS)
-    ax.errorbar(ks, [best["sweep"][k][0] for k in ks], yerr=[best["sweep"][k][1] for k in ks], marker="o",
-                label=f"nanoebm '{best['variant']}' (trained with K={best['think_steps']})")
+    for r in shown:
+        label = {"kl": "default (lambda = tau)", "research": "research defaults (lambda = 0.1)"}.get(r["variant"], r["variant"])
+        ax.errorbar(ks, [r["sweep"][k][0] for k in ks], yerr=[r["sweep"][k][1] for k in ks], marker="o", capsize=3,
+                    label=f"{label}, {r['seeds']} seed(s), trained K={r['think_steps']}")
     if base:
-        ax.axhline(base["s1"][0], color="gray", ls="--", label="plain GPT (same backbone, same steps)")
+        mean, std = base["s1"]
+        ax.axhline(mean, color="gray", ls="--", label=f"plain GPT, {base['seeds']} seeds (band: +-1 std)")
+        ax.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
     ax.set_xlabel("thinking steps at test time (0 = System 1)")
     ax.set_ylabel("validation bits per char")
     ax.set_xticks(ks)
