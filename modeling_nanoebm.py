@@ -620,8 +620,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     ):
         """Feed only the new tokens, inside a window of at most `block_size` tokens.
 
-        Past `block_size` the window slides. With rotary positions the oldest cached keys are dropped (exact: the
-        attention scores only see relative positions). With learned positions every cached key would change
+        Past `block_size` the window slides. With rotary positions the oldest cached keys are dropped: exact for
+        this model, whose every layer attends to the last `block_size` keys (a sliding attention window; scores see
+        only relative positions). Cached hidden states still carry older context through the layers, so this is
+        not the same as re-reading the last `block_size` tokens. With learned positions every cached key would change
         position, so the cache is emptied and the last `block_size // 2` tokens are re-read (amortised: the context
         then varies between block_size // 2 and block_size tokens). Without a cache every step re-reads the last
         `block_size` tokens, as the research code does.

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
-import run_generate
 import run_train
 from run_generate import main, score_continuations, validation_text
 from run_train import fixed_blocks, resolve_data_path

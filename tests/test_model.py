@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model, tiny_config, train_briefly
 from configuration_nanoebm import NanoEBMConfig
-from modeling_nanoebm import NanoEBMForCausalLM, ThinkingDivergedError, expected_energy
+from modeling_nanoebm import ThinkingDivergedError
 
 LANDSCAPES = ["linear", "mixture", "soft_tokens"]
 
