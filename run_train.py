@@ -261,7 +261,13 @@ def parse_args(argv=None):
             preset = token.split("=", 1)[1]
     if preset not in PRESETS:
         raise SystemExit(f"error: --preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
-    parser.set_defaults(report_to="none", **PRESETS[preset])
+    defaults = dict(PRESETS[preset])
+    continuing = any(t == "--model_name_or_path" or t.startswith("--model_name_or_path=") for t in argv)
+    for key in ("n_layer", "n_head", "n_embd", "dropout", "bias", "block_size"):
+        value = defaults.pop(key)  # a saved model keeps its own architecture; otherwise the preset's
+        if not continuing and key != "block_size":
+            defaults[key] = value
+    parser.set_defaults(report_to="none", **defaults)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not training_args.do_train and not training_args.do_eval:
         training_args.do_train = training_args.do_eval = True
@@ -660,6 +666,7 @@ def check_model_folder(folder):
         raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
     if not (folder / "vocab.json").is_file():
         raise FileNotFoundError(f"--model_name_or_path {folder}: no vocab.json (the character tokenizer) there")
+    return json.loads(config_file.read_text())
 
 
 def build_model(model_args, data_args, tokenizer):
@@ -718,20 +725,21 @@ generator("HAMLET:", think_steps={config.think_steps}, max_new_tokens=200, do_sa
 def main(argv=None, callbacks=None):
     model_args, data_args, training_args, argv = parse_args(argv)
     logging.set_verbosity_warning()
-    if data_args.block_size is None:
+    tokenizer = None
+    if model_args.model_name_or_path:
+        saved = check_model_folder(model_args.model_name_or_path)
+        if data_args.block_size not in (None, saved["block_size"]):
+            raise ValueError(f"--block_size {data_args.block_size} differs from the saved model's "
+                             f"block_size={saved['block_size']}: drop the flag to continue that model")
+        data_args.block_size = saved["block_size"]
+        tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
+    elif data_args.block_size is None:
         data_args.block_size = PRESETS[model_args.preset]["block_size"]
     set_seed(training_args.seed)
 
-    tokenizer = None
-    if model_args.model_name_or_path:
-        check_model_folder(model_args.model_name_or_path)
-        tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
     with training_args.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
     model = build_model(model_args, data_args, tokenizer)
-    if model.config.block_size != data_args.block_size:
-        data_args.block_size = model.config.block_size
-        train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
     if training_args.should_log:
         print(f"nanoebm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
               f"{len(tokenizer)}, landscape {model.config.landscape}, block {model.config.block_size}")

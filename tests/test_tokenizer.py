@@ -15,29 +15,19 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from conftest import run_without_nanoebm  # noqa: E402
+from conftest import find_corpus, run_without_nanoebm  # noqa: E402
 from tokenization_char import CharTokenizer  # noqa: E402
 
 
-def _corpus_path() -> Path:
-    env = os.environ.get("NANOEBM_DATA")
-    if env:
-        p = Path(env)
-        return p / "tinyshakespeare.txt" if p.is_dir() else p
-    return REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-CORPUS = _corpus_path()
+CORPUS = find_corpus()
 needs_corpus = pytest.mark.skipif(
-    not CORPUS.is_file(), reason=f"tiny Shakespeare not found at {CORPUS} (set NANOEBM_DATA to the file or its folder)"
+    CORPUS is None, reason="tiny Shakespeare not found (set NANOEBM_DATA or place it in data/ or ../shared/data/)"
 )
 
 
 @pytest.fixture(scope="module")
-def corpus() -> str:
-    if not CORPUS.is_file():
-        pytest.skip(f"tiny Shakespeare not found at {CORPUS} (set NANOEBM_DATA to the file or its folder)")
-    return CORPUS.read_text(encoding="utf-8")
+def corpus(corpus_text) -> str:
+    return corpus_text
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,20 @@ def test_saved_folder_is_a_complete_model_that_a_pipeline_loads(tmp_path, small_
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_continue_from_a_saved_folder(tmp_path, small_corpus):
+    first, _ = train(tmp_path / "first", small_corpus, "--max_steps", "4", "--do_train", "true")
+    out = tmp_path / "second"
+    metrics = run_train.main(["--model_name_or_path", str(first), "--data_path", str(small_corpus), "--output_dir",
+                              str(out), "--max_steps", "3", "--eval_blocks", "4", "--think_steps", "3",
+                              "--report_to", "none", "--disable_tqdm", "true"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["block_size"], config["think_steps"]) == (1, 32, 32, 3)
+    assert metrics["eval_system2_bpc"] > 0
+    with pytest.raises(ValueError, match="block_size"):
+        run_train.main(["--model_name_or_path", str(first), "--data_path", str(small_corpus), "--block_size", "64",
+                        "--output_dir", str(tmp_path / "third")])
+
+
 # -- arguments and bad input ------------------------------------------------------------------------------------
 
 def test_research_syntax_maps_onto_the_flags():
