@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -185,7 +185,37 @@ RESEARCH_KEYS = {
     "refine_steps": "think_steps",
     "alpha_value": "think_lr",
 }
+
+
 KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-]*)=(.*)$", re.DOTALL)
+
+
+def translate_research_syntax(argv, parser, renames, sections=(), error=SystemExit):
+    """Rewrite the research code's `model.think_steps=4` words as `--think_steps 4` (run_train.py uses it too;
+    it lives here because this module imports nothing heavy at the top).
+
+    A word is a key=value only where it cannot be the value of the preceding flag (`--prompt a=b` stays a prompt).
+    Unknown keys raise `error` with the closest known keys.
+    """
+    known = {action.dest for action in parser._actions} | set(renames)
+    out, expects_value = [], False
+    for word in argv:
+        match = KEY_VALUE.match(word)
+        if match and not expects_value:
+            key, value = match.group(1).replace("-", "_"), match.group(2)
+            head, _, tail = key.partition(".")
+            if tail and head in sections:
+                key = tail
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                raise error(f"error: unknown option {key!r} (in {word!r}){hint} (see --help)")
+            out += [f"--{renames.get(key, key)}", value]
+            continue
+        out.append(word)
+        action = parser._option_string_actions.get(word) if word.startswith("--") else None
+        expects_value = action is not None and action.nargs is None  # an option that takes exactly one value
+    return out
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -230,35 +260,9 @@ def build_parser():
     return parser
 
 
-def translate_research_syntax(argv: list[str], parser) -> list[str]:
-    """Rewrite `key=value` words (the research code's syntax) as `--flag value`.
-
-    A word is a key=value only where it cannot be the value of the preceding flag. Unknown keys raise UsageError
-    with the closest known keys.
-    """
-    known = {f.name: f.name for f in fields(GenerateArguments)} | RESEARCH_KEYS
-    out, expects_value = [], False
-    for word in argv:
-        match = KEY_VALUE.match(word)
-        if match and not expects_value:
-            key, value = match.group(1).replace("-", "_"), match.group(2)
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
-                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                raise UsageError(
-                    f"unknown option {key!r} (in {word!r}){hint} Known keys: {', '.join(sorted(known))}."
-                )
-            out += [f"--{known[key]}", value]
-            continue
-        out.append(word)
-        action = parser._option_string_actions.get(word) if word.startswith("--") else None
-        expects_value = action is not None and action.nargs is None  # an option that takes exactly one value
-    return out
-
-
 def parse_arguments(argv: list[str]) -> GenerateArguments:
     parser = build_parser()
-    argv = translate_research_syntax(argv, parser)
+    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=(), error=UsageError)
     args, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )

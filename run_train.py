@@ -10,7 +10,6 @@ Losses (DESIGN.md section 4): CE of the refined logits (mean over thinking steps
 divergence term whose negatives come from Langevin chains on the logits (cd | pcd | fast_pcd).
 """
 
-import difflib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from transformers.utils import logging
 
 from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
+from run_generate import translate_research_syntax
 from tokenization_char import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -228,31 +228,10 @@ RESEARCH_KEYS = {
 }
 
 
-def translate_research_syntax(argv, known, renames=RESEARCH_KEYS, sections=("model", "data", "train")):
-    """`model.think_steps=4` -> `--think_steps 4`; unknown keys fail with the closest matches."""
-    out = []
-    for token in argv:
-        if token.startswith("-") or "=" not in token:
-            out.append(token)
-            continue
-        key, value = token.split("=", 1)
-        head, _, tail = key.partition(".")
-        if tail and head in sections:
-            key = tail
-        key = renames.get(key, key)
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise SystemExit(f"error: unknown option {token!r}{hint} (see --help)")
-        out += [f"--{key}", value]
-    return out
-
-
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, EBMTrainingArguments), description=__doc__)
-    known = {action.dest for action in parser._actions}
-    argv = translate_research_syntax(argv, known)
+    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
     preset = "gpu"
     for i, token in enumerate(argv):
         if token == "--preset" and i + 1 < len(argv):

@@ -225,6 +225,11 @@ def test_research_syntax_maps_onto_the_flags():
     assert (ta.contrastive_type, ta.max_steps, research[0].think_steps) == ("pcd", 100, 6)
 
 
+def test_a_flag_value_with_an_equals_sign_stays_a_value():
+    args = run_train.parse_args(["--run_name", "lr=3e-4", "train.max_steps=7"])[2]
+    assert (args.run_name, args.max_steps) == ("lr=3e-4", 7)
+
+
 def test_naming_a_contrastive_type_turns_contrastive_on():
     args = run_train.parse_args(["--contrastive_type", "pcd"])[2]
     assert args.use_contrastive and args.contrastive_type == "pcd"
