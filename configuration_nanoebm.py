@@ -25,6 +25,11 @@ class NanoEBMConfig(PreTrainedConfig):
         landscape: how the energy depends on the current belief p: "linear" (not at all), "mixture" (an MLP of
             the hidden state and the expected embedding) or "soft_tokens" (the backbone reads a provisional token
             whose embedding is the expected embedding). `use_soft_tokens=True` is the research code's spelling.
+        correction_scale_init: tanh(s) of the correction's gate at initialisation, in [0, 1). 0 shuts the gate
+            (s = 0, DESIGN.md; the correction gets no gradient until s moves). Above 0 (`mixture` only) the gate
+            starts open and the mixture MLP's output layer at zero instead: a fresh model still thinks on the base
+            landscape, and the correction learns from the first step. Soft tokens read the provisional token
+            through the context projection W_c, which is shared and cannot start at zero.
         think_steps: gradient steps on the logits before a token is chosen (alias `refine_steps`).
         think_lr: step size alpha of the descent (alias `alpha_value`).
         think_lr_learnable: make alpha a trained parameter.
@@ -70,6 +75,7 @@ class NanoEBMConfig(PreTrainedConfig):
         use_token_bias: bool = True,
         landscape: str = "mixture",
         use_soft_tokens: bool | None = None,
+        correction_scale_init: float = 0.0,
         think_steps: int = 2,
         think_lr: float = 0.5,
         think_lr_learnable: bool = True,
@@ -115,6 +121,7 @@ class NanoEBMConfig(PreTrainedConfig):
         self.d_energy = d_energy if d_energy is not None else n_embd
         self.use_token_bias = use_token_bias
         self.landscape = landscape
+        self.correction_scale_init = correction_scale_init
         self.think_steps = think_steps
         self.think_lr = think_lr
         self.think_lr_learnable = think_lr_learnable
@@ -153,6 +160,11 @@ class NanoEBMConfig(PreTrainedConfig):
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding", f"allowed: {POSITION_EMBEDDINGS}")
         need(self.landscape in LANDSCAPES, "landscape", f"allowed: {LANDSCAPES}")
+        need(0.0 <= self.correction_scale_init < 1.0, "correction_scale_init", "must be in [0, 1) (it is tanh(s))")
+        if self.correction_scale_init > 0:
+            need(self.landscape == "mixture", "correction_scale_init",
+                 f"an open gate needs a zero-initialised output layer, which only landscape='mixture' has "
+                 f"(landscape={self.landscape!r}); use 0")
         need(self.think_init in THINK_INITS, "think_init", f"allowed: {THINK_INITS}")
         need(self.think_gradient in THINK_GRADIENTS, "think_gradient", f"allowed: {THINK_GRADIENTS}")
         if self.think_gradient == "natural":

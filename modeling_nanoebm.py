@@ -142,8 +142,13 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
             # two 0.02-scaled factors would start the energies, and their gradients, near zero
             for proj in (module.context_proj, module.token_proj):
                 init.normal_(proj.weight, mean=0.0, std=self.config.d_energy ** -0.5)
-            if hasattr(module, "correction_scale"):
-                init.zeros_(module.correction_scale)  # a fresh model thinks on the base landscape
+            if hasattr(module, "correction_scale"):  # either way a fresh model thinks on the base landscape:
+                gate = self.config.correction_scale_init
+                init.constant_(module.correction_scale, math.atanh(gate))  # tanh(s) = gate
+                if gate > 0:  # an open gate with a zero output layer (a shut gate would stop both gradients)
+                    init.zeros_(module.mixture[-1].weight)
+                    if module.mixture[-1].bias is not None:
+                        init.zeros_(module.mixture[-1].bias)
             if module.token_bias is not None:
                 init.zeros_(module.token_bias)
         if isinstance(module, NanoEBMForCausalLM):

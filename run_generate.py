@@ -892,11 +892,23 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
 
 
 
+def training_module():
+    """run_train (the validation blocks, the metric and the corpus lookup training uses), imported with stdout sent
+    to stderr: importing transformers' Trainer with WANDB_MODE=offline prints an info line that would otherwise land
+    in the comparison table."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import run_train
+    return run_train
+
+
 def evaluate_model(model, tokenizer, val: str, args: GenerateArguments, device, label: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from run_train import fixed_blocks, load_bpc_metric  # the validation blocks and metric training uses
+    run_train = training_module()
+    fixed_blocks, load_bpc_metric = run_train.fixed_blocks, run_train.load_bpc_metric
 
     ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
     block = model.config.block_size
@@ -957,7 +969,7 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def run_compare(args: GenerateArguments) -> int:
-    from run_train import resolve_data_path
+    resolve_data_path = training_module().resolve_data_path
 
     device = resolve_device(args.device)
     try:

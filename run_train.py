@@ -84,7 +84,7 @@ PRESETS = {
 }
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
-                       "use_token_bias", "landscape", "use_soft_tokens")
+                       "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
 THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
                    "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
@@ -109,6 +109,8 @@ class ModelArguments:
     use_token_bias: bool | None = opt("per-token energy bias b_y")
     landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens")
     use_soft_tokens: bool | None = opt("the research code's switch for landscape=soft_tokens")
+    correction_scale_init: float | None = opt("tanh of the correction gate at init, [0, 1): 0 = gate shut; above 0 "
+                                              "the gate starts open and the correction's output layer at zero")
     use_thinking: bool | None = opt("think during training and evaluation (false trains System 1 only)")
     think_steps: int | None = opt("thinking steps K (alias refine_steps)")
     think_lr: float | None = opt("thinking step size alpha (alias alpha_value)")

@@ -52,6 +52,11 @@ VARIANTS = {
     "kl_natural": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "0.5", "--think_gradient", "natural"],
     "kl_natural_soft": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "0.5", "--think_gradient",
                         "natural", "--landscape", "soft_tokens"],
+    # natural (mirror-descent) steps without a trust region: with lambda = tau one step at alpha = 1 lands on
+    # softmax(-E(. | p)), so the correction reaches the logits in full; gate open, correction output at zero
+    "nat_open": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--think_gradient",
+                 "natural", "--correction_scale_init", "0.5"],
+    "open_gate": ["--entropy_weight", "1.0", "--correction_scale_init", "0.5"],
     "kl_free_steps4": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--think_steps", "4"],
     "steps_4": ["--think_steps", "4", "--entropy_weight", "0.1"],
     "cd": ["--contrastive_type", "cd", "--entropy_weight", "1.0"],
