@@ -465,17 +465,22 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return v0 - v0.mean(-1, keepdim=True)
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
-              detach_refine=False):
+              detach_refine=False, start=None, start_mask=None):
         """Energy descent on the logits (DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
 
         Every position descends its own J (the objective is summed, never averaged, over positions).
         `detach_refine` cuts the gradient between steps: each step learns only from its own update.
+        `start` (..., V) replaces `think_init` where `start_mask` (...) is true: training resumes the descent of
+        replayed positions from the logits an earlier step refined them to.
         """
         cfg = self.config
         tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
         alpha = self.think_lr if think_lr is None else think_lr
         create_graph = self.training if create_graph is None else create_graph
         v0 = self.initial_logits(landscape.base)
+        if start is not None:
+            start = start.to(v0.dtype)
+            v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
         v, steps_taken, trace, previous = v0, [], [], None
         differentiable = landscape
         if not cfg.mixture_stopgrad and landscape.correction is not None and torch.is_inference_mode_enabled():
@@ -549,6 +554,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return_energy_trace: bool = True,
         return_landscape: bool = False,
         detach_refine: bool = False,
+        think_start: torch.Tensor | None = None,
+        think_start_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> NanoEBMCausalLMOutput:
         r"""
@@ -560,6 +567,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return_energy_trace: evaluate J after the last step too (one more landscape evaluation).
         return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
         detach_refine: cut the gradient between thinking steps (training).
+        think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true,
+            instead of `think_init` (training's replay buffer).
         """
         use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
         steps = self.config.think_steps if think_steps is None else int(think_steps)
@@ -567,6 +576,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             raise ValueError(f"think_steps={steps} is invalid: must be >= 0")
         if think_lr is not None and not think_lr > 0:
             raise ValueError(f"think_lr={think_lr} is invalid: must be > 0")
+        if (think_start is None) != (think_start_mask is None):
+            raise ValueError("think_start and think_start_mask go together: give both or neither")
         soft = self.config.use_soft_tokens and use_thinking and steps > 0
         out = self.transformer(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
@@ -591,7 +602,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         step_logits, trace = (), None
         if use_thinking and steps > 0:
             logits, step_logits, trace = self.think(
-                landscape, steps, think_lr, record_final=return_energy_trace, detach_refine=detach_refine
+                landscape, steps, think_lr, record_final=return_energy_trace, detach_refine=detach_refine,
+                start=think_start, start_mask=think_start_mask,
             )
         else:
             logits = system1

@@ -165,6 +165,9 @@ class EBMTrainingArguments(TrainingArguments):
     truncate_refine: bool = opt("main CE on the last thinking step only (default: mean over steps)", False)
     detach_refine: bool = opt("cut the gradient between thinking steps", False)
     think_lr_lr_multiplier: float = opt("learning-rate multiplier of the learnable step size alpha", 3.0)
+    think_replay_prob: float = opt("replay buffer (EBT): probability that a batch row is a replayed block whose "
+                                   "descent resumes from the logits an earlier step refined it to; 0 disables", 0.0)
+    think_replay_size: int = opt("replay buffer: blocks kept (with their refined logits)", 1000)
     use_contrastive: bool | None = opt("add the contrastive divergence term (naming --contrastive_type implies it)")
     contrastive_type: str | None = opt("cd (chains from System 1) | pcd (persistent buffer, Tieleman 2008) | "
                                        "fast_pcd (parallel persistent chains with restarts; no fast weights)")
@@ -195,7 +198,9 @@ class EBMTrainingArguments(TrainingArguments):
         elif self.use_contrastive:
             self.contrastive_type = "cd"
         self.use_contrastive = bool(self.use_contrastive)
-        for name in ("contrastive_k", "n_persistent", "n_chains"):
+        if not 0.0 <= self.think_replay_prob < 1.0:
+            raise ValueError(f"--think_replay_prob {self.think_replay_prob} is invalid: must be in [0, 1)")
+        for name in ("contrastive_k", "n_persistent", "n_chains", "think_replay_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
         if not 0 <= self.restart_prob <= 1:
@@ -435,6 +440,58 @@ class ContrastiveSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Replay buffer of refined logits (Energy-Based Transformers)
+
+
+class ThinkingReplay:
+    """Blocks seen earlier, kept with the logits thinking refined them to. A replayed row resumes its descent from
+    there, so training sees the landscape where a longer chain of steps would go (at the cost of fresh rows)."""
+
+    def __init__(self, size: int, prob: float, seed: int):
+        self.size, self.prob = size, prob
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ids = self.labels = self.logits = None
+        self.count, self.cursor = 0, 0
+
+    def state_dict(self):
+        return {"ids": self.ids, "labels": self.labels, "logits": self.logits, "count": self.count,
+                "cursor": self.cursor, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.ids, self.labels, self.logits = state["ids"], state["labels"], state["logits"]
+        self.count, self.cursor = state["count"], state["cursor"]
+        self.generator.set_state(state["generator"])
+
+    def mix(self, input_ids, labels):
+        """Replace some rows by replayed blocks: (input_ids, labels, start logits or None, row mask or None)."""
+        B = input_ids.shape[0]
+        rows = torch.rand(B, generator=self.generator) < self.prob
+        if self.count == 0 or not rows.any():
+            return input_ids, labels, None, None
+        picks = torch.randint(self.count, (int(rows.sum()),), generator=self.generator)
+        device = input_ids.device
+        rows_d = rows.to(device)
+        input_ids, labels = input_ids.clone(), labels.clone()
+        input_ids[rows_d] = self.ids[picks].to(device)
+        labels[rows_d] = self.labels[picks].to(device)
+        start = torch.zeros(*input_ids.shape, self.logits.shape[-1], device=device)
+        start[rows_d] = self.logits[picks].to(device).float()
+        return input_ids, labels, start, rows_d[:, None].expand(input_ids.shape)
+
+    @torch.no_grad()
+    def push(self, input_ids, labels, refined):
+        if self.ids is None:
+            self.ids = torch.zeros(self.size, input_ids.shape[1], dtype=torch.long)
+            self.labels = torch.zeros_like(self.ids)
+            self.logits = torch.zeros(self.size, *refined.shape[1:])
+        for row in range(input_ids.shape[0]):
+            self.ids[self.cursor], self.labels[self.cursor] = input_ids[row].cpu(), labels[row].cpu()
+            self.logits[self.cursor] = refined[row].detach().float().cpu()
+            self.cursor = (self.cursor + 1) % self.size
+            self.count = min(self.count + 1, self.size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The Trainer
 
 
@@ -442,6 +499,7 @@ class EBMTrainer(Trainer):
     """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
 
     CONTRASTIVE_STATE = "contrastive_state_{}.pt"
+    REPLAY_STATE = "replay_state_{}.pt"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -450,6 +508,10 @@ class EBMTrainer(Trainer):
         if self.args.use_contrastive:
             self.contrastive = ContrastiveSampler(self.args, model.config.vocab_size, model.config.softmax_temperature,
                                                   seed=self.args.seed + 1000 * self.args.process_index)
+        self.replay = None
+        if self.args.think_replay_prob > 0:
+            self.replay = ThinkingReplay(self.args.think_replay_size, self.args.think_replay_prob,
+                                         seed=self.args.seed + 1000 * self.args.process_index + 7)
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
 
@@ -496,11 +558,17 @@ class EBMTrainer(Trainer):
         # the steps whose numbers get logged
         every = self.args.logging_steps if self.args.logging_steps >= 1 else self.args.logging_steps * self.args.max_steps
         want_trace = not model.training or self.state.global_step % max(1, int(every)) == 0
+        input_ids, start, start_mask = inputs["input_ids"], None, None
+        replaying = self.replay is not None and model.training and steps > 0
+        if replaying:
+            input_ids, labels, start, start_mask = self.replay.mix(input_ids, labels)
         outputs = model(
-            input_ids=inputs["input_ids"], use_thinking=steps > 0, think_steps=steps,
+            input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
             detach_refine=self.args.detach_refine, return_landscape=self.contrastive is not None,
-            return_energy_trace=want_trace,
+            return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
         )
+        if replaying:
+            self.replay.push(input_ids, labels, outputs.logits)
         ce = NanoEBMForCausalLM.next_token_loss
         loss_aux = ce(outputs.system1_logits, shift_labels=labels)
         if steps > 0:
@@ -595,24 +663,30 @@ class EBMTrainer(Trainer):
         model.train(was_training)
         return metrics
 
-    # -- the contrastive buffers are training state -------------------------------------------------------
+    # -- the contrastive particles and the replay buffer are training state ----------------------------------
+
+    def _buffers(self):
+        return [(name, buffer) for name, buffer in ((self.CONTRASTIVE_STATE, self.contrastive),
+                                                     (self.REPLAY_STATE, self.replay)) if buffer is not None]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.contrastive is not None:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        for name, buffer in self._buffers():
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.contrastive.state_dict(),
-                       os.path.join(folder, self.CONTRASTIVE_STATE.format(self.args.process_index)))
+            torch.save(buffer.state_dict(), os.path.join(folder, name.format(self.args.process_index)))
 
     def _load_rng_state(self, checkpoint):
         super()._load_rng_state(checkpoint)
-        if checkpoint is not None and self.contrastive is not None:
-            path = os.path.join(checkpoint, self.CONTRASTIVE_STATE.format(self.args.process_index))
+        if checkpoint is None:
+            return
+        for name, buffer in self._buffers():
+            path = os.path.join(checkpoint, name.format(self.args.process_index))
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a contrastive run "
+                kind = "contrastive" if buffer is self.contrastive else "replay-buffer"
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
                                         f"with the same number of processes")
-            self.contrastive.load_state_dict(torch.load(path, weights_only=False))
+            buffer.load_state_dict(torch.load(path, weights_only=False))
 
 
 _BPC = None

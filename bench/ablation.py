@@ -24,46 +24,54 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Levers are measured one at a time against a base recipe: the research code's (lambda = 0.1) or nanoebm's default
-# (lambda = tau = 1, "kl"); every variant names its entropy_weight so the table does not depend on the defaults.
+# Levers are measured one at a time against a base recipe, and every variant names its entropy_weight so the table
+# does not depend on the defaults. Bases: `kl` (lambda = tau = 1: J = tau * KL(p || softmax(-E / tau)) + const, so on
+# a fixed landscape System 1 is already the minimum and thinking moves only where the belief-dependent correction
+# says so), `kl_free` (kl without the trust region, alpha 1), `kl_natural` (mirror-descent steps, no trust region);
+# `research` is the research code's lambda = 0.1.
+KL = ["--entropy_weight", "1.0"]
+KL_FREE = KL + ["--think_max_move", "0", "--think_lr", "1.0"]
+KL_NATURAL = KL + ["--think_max_move", "0", "--think_lr", "0.5", "--think_gradient", "natural"]
 VARIANTS = {
     "plain_gpt": ["--landscape", "linear", "--use_thinking", "false"],
-    "research": ["--entropy_weight", "0.1"],  # the research code's defaults (lambda = 0.1)
-    "linear_think": ["--landscape", "linear", "--entropy_weight", "0.1"],
-    "no_trust_region": ["--think_max_move", "0", "--entropy_weight", "0.1"],
-    "big_step": ["--think_lr", "2.0", "--entropy_weight", "0.1"],
-    "free_descent": ["--think_max_move", "0", "--think_lr", "2.0", "--entropy_weight", "0.1"],
-    "init_random": ["--think_init", "random", "--think_init_noise_std", "1.0", "--think_max_move", "0", "--entropy_weight", "0.1"],
-    "init_zeros": ["--think_init", "zeros", "--think_max_move", "0", "--entropy_weight", "0.1"],
-    "soft_tokens": ["--landscape", "soft_tokens", "--entropy_weight", "0.1"],
-    "coupled": ["--mixture_stopgrad", "false", "--entropy_weight", "1.0"],
-    "random_steps": ["--random_think_steps", "2-3", "--entropy_weight", "0.1"],
-    "truncate": ["--truncate_refine", "true", "--entropy_weight", "0.1"],
-    "detach": ["--detach_refine", "true", "--entropy_weight", "0.1"],
-    "langevin": ["--langevin_noise", "0.05", "--entropy_weight", "0.1"],
-    "aux_0": ["--aux_ce_weight", "0", "--entropy_weight", "0.1"],
-    "aux_0.5": ["--aux_ce_weight", "0.5", "--entropy_weight", "0.1"],
+    "research": ["--entropy_weight", "0.1"],
+    "no_trust_region": ["--think_max_move", "0", "--entropy_weight", "0.1"],  # against research
+    "kl": KL,
+    # the landscape
+    "linear_think": KL + ["--landscape", "linear"],
+    "soft_tokens": ["--landscape", "soft_tokens", "--entropy_weight", "0.1"],  # against research
+    "kl_free_soft": KL_FREE + ["--landscape", "soft_tokens"],  # against kl_free
+    "open_gate": KL + ["--correction_scale_init", "0.5"],
+    # the descent: step size, steps, gradient, trust region
+    "kl_free": KL_FREE,
+    "kl_free_steps4": KL_FREE + ["--think_steps", "4"],
+    "steps_4": KL + ["--think_steps", "4"],
+    "random_steps": KL + ["--random_think_steps", "1-3"],
+    "alpha_fixed": KL + ["--think_lr_learnable", "false"],
+    "coupled": KL + ["--mixture_stopgrad", "false"],  # second-order, through the math SDPA kernel
+    "kl_natural": KL_NATURAL,
+    # natural steps at alpha 1 land on softmax(-E(. | p)): the correction reaches the logits in full
+    "nat_open": KL + ["--think_max_move", "0", "--think_lr", "1.0", "--think_gradient", "natural",
+                      "--correction_scale_init", "0.5"],
+    # the start of the descent (natural steps: from a flat or random start plain steps barely move, dJ/dv ~ p)
+    "init_zeros": KL_NATURAL + ["--think_init", "zeros"],
+    "init_random": KL_NATURAL + ["--think_init", "random", "--think_init_noise_std", "1.0"],
+    # EBT's replay buffer: a quarter of the rows resume the descent of a stored block from its refined logits
+    "replay": KL + ["--think_replay_prob", "0.25"],
+    # gradients through the chain
+    "truncate": KL + ["--truncate_refine", "true"],
+    "detach": KL + ["--detach_refine", "true"],
+    "langevin": KL + ["--langevin_noise", "0.05"],
+    # the losses
+    "aux_0": KL + ["--aux_ce_weight", "0"],
+    "aux_0.5": KL + ["--aux_ce_weight", "0.5"],
     "entropy_0": ["--entropy_weight", "0"],
-    # lambda = tau: J = tau * KL(p || softmax(-E / tau)) + const, so on a fixed landscape System 1 is already the
-    # minimum and thinking moves only where the belief-dependent correction says so (a self-consistent belief)
-    "kl": ["--entropy_weight", "1.0"],
-    "kl_free": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0"],
-    "kl_free_soft": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--landscape", "soft_tokens"],
-    "kl_natural": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "0.5", "--think_gradient", "natural"],
-    "kl_natural_soft": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "0.5", "--think_gradient",
-                        "natural", "--landscape", "soft_tokens"],
-    # natural (mirror-descent) steps without a trust region: with lambda = tau one step at alpha = 1 lands on
-    # softmax(-E(. | p)), so the correction reaches the logits in full; gate open, correction output at zero
-    "nat_open": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--think_gradient",
-                 "natural", "--correction_scale_init", "0.5"],
-    "open_gate": ["--entropy_weight", "1.0", "--correction_scale_init", "0.5"],
-    "kl_free_steps4": ["--entropy_weight", "1.0", "--think_max_move", "0", "--think_lr", "1.0", "--think_steps", "4"],
-    "steps_4": ["--think_steps", "4", "--entropy_weight", "0.1"],
-    "cd": ["--contrastive_type", "cd", "--entropy_weight", "1.0"],
-    "pcd": ["--contrastive_type", "pcd", "--entropy_weight", "1.0"],
-    "pcd_reg1": ["--contrastive_type", "pcd", "--contrastive_reg_weight", "1.0", "--entropy_weight", "1.0"],
-    "pcd_w0.01": ["--contrastive_type", "pcd", "--contrastive_weight", "0.01", "--entropy_weight", "1.0"],
-    "fast_pcd": ["--contrastive_type", "fast_pcd", "--entropy_weight", "1.0"],
+    # contrastive terms (energy-magnitude stabiliser weight 1.0 unless named)
+    "cd": KL + ["--contrastive_type", "cd"],
+    "pcd": KL + ["--contrastive_type", "pcd", "--contrastive_reg_weight", "0.01"],
+    "pcd_reg1": KL + ["--contrastive_type", "pcd", "--contrastive_reg_weight", "1.0"],
+    "pcd_w0.01": KL + ["--contrastive_type", "pcd", "--contrastive_weight", "0.01", "--contrastive_reg_weight", "0.01"],
+    "fast_pcd": KL + ["--contrastive_type", "fast_pcd"],
 }
 TEST_TIME_STEPS = (0, 1, 2, 4, 8)
 
@@ -72,7 +80,11 @@ def run_one(name, seed, args):
     out = Path(args.runs) / f"{name}-s{seed}"
     result_file = out / "ablation.json"
     if result_file.is_file() and not (args.force or args.resweep):
-        return json.loads(result_file.read_text())
+        record = json.loads(result_file.read_text())
+        if "train_text" not in record:  # measured before that column existed
+            record["train_text"] = training_text_bpc(out, record["think_steps"] if record["thinks"] else 0, args)
+            result_file.write_text(json.dumps(record, indent=2))
+        return record
     command = [sys.executable, str(ROOT / "run_train.py"), "--preset", args.preset, "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
                "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
@@ -91,6 +103,7 @@ def run_one(name, seed, args):
                   think_steps=json.loads((out / "config.json").read_text())["think_steps"],
                   thinks=json.loads((out / "config.json").read_text())["use_thinking"],
                   test_time=test_time_sweep(out, args))
+    record["train_text"] = training_text_bpc(out, record["think_steps"] if record["thinks"] else 0, args)
     result_file.write_text(json.dumps(record, indent=2))
     print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
           f" bpc, {record['ms_per_step']:.1f} ms/step", flush=True)
@@ -127,6 +140,31 @@ def test_time_sweep(folder, args):
     return sweep
 
 
+def training_text_bpc(folder, steps, args, n_blocks=400):
+    """System 1 and System 2 bits/char on evenly spaced blocks of the TRAINING text: set beside validation, it shows
+    whether what thinking learned generalises or only fits the text it was trained on."""
+    import torch
+    import torch.nn.functional as F
+
+    import run_train
+    from modeling_nanoebm import NanoEBMForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+    train, _, _ = run_train.build_data(run_train.DataArguments(eval_blocks=args.eval_blocks),
+                                       run_train.CharTokenizer.from_pretrained(folder), model.config.block_size, 0)
+    blocks = run_train.fixed_blocks(train.ids, model.config.block_size, n_blocks)
+    result = {}
+    for name, k in (("s1", 0), ("s2", steps)):
+        total = 0.0
+        with torch.no_grad():
+            for batch in blocks.split(64):
+                logits = model(batch[:, :-1], use_thinking=k > 0, think_steps=k, return_energy_trace=False).logits
+                total += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
+        result[name] = total / blocks[:, 1:].numel() / math.log(2)
+    return result
+
+
 def summarise(records):
     by_variant = {}
     for record in records:
@@ -149,7 +187,9 @@ def summarise(records):
         s2x = stat([at(r, 2 * K).get("bpc") for r in runs])
         gap = stat([at(r, K).get("energy_gap", float("nan")) for r in runs])
         ms = stat([r["ms_per_step"] for r in runs])
-        rows.append(dict(variant=name, seeds=len(runs), s1=s1, s2=s2, s2x=s2x, gap=gap, ms=ms,
+        train_gain = stat([100 * (r["train_text"]["s2"] / r["train_text"]["s1"] - 1) if "train_text" in r
+                           else float("nan") for r in runs])
+        rows.append(dict(variant=name, seeds=len(runs), s1=s1, s2=s2, s2x=s2x, gap=gap, ms=ms, train_gain=train_gain,
                          sweep={k: stat([r["test_time"][str(k)]["bpc"] if str(k) in r["test_time"]
                                          else r["test_time"][k]["bpc"] for r in runs]) for k in TEST_TIME_STEPS},
                          chars_s={k: stat([(r["test_time"].get(str(k)) or r["test_time"][k])["chars_per_s"]
@@ -161,14 +201,15 @@ def summarise(records):
 def markdown(rows):
     base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
     lines = ["| variant | seeds | System 1 bpc | System 2 bpc | S2 vs S1 | S2 vs plain GPT | S2 at 2x steps | "
-             "energy gap | ms/step | eval chars/s (K) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "S2 vs S1 on training text | energy gap | ms/step | eval chars/s (K) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_s1 = 100 * (r["s2"][0] / r["s1"][0] - 1)
         vs_gpt = 100 * (r["s2"][0] / base["s1"][0] - 1) if base else float("nan")
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['s1'][0]:.4f} ± {r['s1'][1]:.4f} | {r['s2'][0]:.4f} ± {r['s2'][1]:.4f}"
-            f" | {vs_s1:+.2f}% | {vs_gpt:+.2f}% | {r['s2x'][0]:.4f} | {r['gap'][0]:.4f} | {r['ms'][0]:.1f} | "
+            f" | {vs_s1:+.2f}% | {vs_gpt:+.2f}% | {r['s2x'][0]:.4f} | {r['train_gain'][0]:+.2f}% | {r['gap'][0]:.4f}"
+            f" | {r['ms'][0]:.1f} | "
             f"{r['chars_s'][2][0]:.0f} |")
     sweep = ["", "Validation bits/char against test-time thinking steps (mean over seeds):", "",
              "| variant | " + " | ".join(f"K={k}" for k in TEST_TIME_STEPS) + " |",

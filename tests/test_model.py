@@ -266,6 +266,40 @@ def test_natural_gradient_is_a_damped_fixed_point_step():
         tiny_config(think_gradient="natural", mixture_stopgrad=False)
 
 
+def test_open_gate_starts_on_the_base_landscape_and_learns_at_once():
+    """correction_scale_init > 0: tanh(s) starts there and the mixture's output layer at zero, so a fresh model
+    thinks on the base landscape (System 2 = System 1 when lambda = tau) yet the correction gets gradient at once,
+    unlike the shut gate, where both the gate's and the correction's gradients start at zero."""
+    ids = torch.randint(0, 65, (2, 16))
+    model = make_model(landscape="mixture", correction_scale_init=0.5, entropy_weight=1.0).train()
+    assert torch.tanh(model.energy_head.correction_scale).item() == pytest.approx(0.5)
+    out = model(ids, labels=ids)
+    assert torch.allclose(out.logits, out.system1_logits - out.system1_logits.mean(-1, keepdim=True), atol=1e-5)
+    out.loss.backward()
+    assert model.energy_head.mixture[-1].weight.grad.abs().sum() > 0
+    shut = make_model(landscape="mixture").train()
+    shut(ids, labels=ids).loss.backward()
+    assert shut.energy_head.mixture[-1].weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="correction_scale_init.*mixture"):
+        tiny_config(landscape="soft_tokens", correction_scale_init=0.5)
+    with pytest.raises(ValueError, match="correction_scale_init"):
+        tiny_config(correction_scale_init=1.0)
+
+
+def test_think_start_replaces_the_initial_logits_where_masked():
+    model = make_model(landscape="linear", think_max_move=0.0).eval()
+    ids, start = torch.randint(0, 65, (2, 6)), 3 * torch.randn(2, 6, 65)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1] = True
+    with torch.no_grad():
+        moved = model(ids, think_steps=1, think_lr=1e-6, think_start=start, think_start_mask=mask).logits
+        plain = model(ids, think_steps=1, think_lr=1e-6).logits
+    assert torch.allclose(moved[0], plain[0])
+    assert torch.allclose(moved[1], start[1] - start[1].mean(-1, keepdim=True), atol=1e-4)
+    with pytest.raises(ValueError, match="think_start_mask"):
+        model(ids, think_start=start)
+
+
 def test_no_stale_state_between_optimizer_steps_and_evaluation():
     """Whatever decoding caches must not survive a weight update: evaluation after training sees the new weights."""
     model = make_model(landscape="mixture", correction_scale=0.5)

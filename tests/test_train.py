@@ -149,9 +149,10 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_exact_resume_including_the_pcd_buffer(tmp_path, small_corpus):
+def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpus):
     common = ["--max_steps", "8", "--save_steps", "4", "--contrastive_type", "pcd", "--do_train", "true",
-              "--langevin_noise", "0.01", "--random_think_steps", "1-3"]
+              "--langevin_noise", "0.01", "--random_think_steps", "1-3", "--think_replay_prob", "0.5",
+              "--think_replay_size", "16"]
     straight, _ = train(tmp_path / "a", small_corpus, *common)
     stopped, _ = train(tmp_path / "b", small_corpus, *common, callbacks=[StopAt(4)])
     shutil.rmtree(stopped / "checkpoint-8", ignore_errors=True)
@@ -161,6 +162,25 @@ def test_exact_resume_including_the_pcd_buffer(tmp_path, small_corpus):
     buffers = [torch.load(folder / "checkpoint-8" / "contrastive_state_0.pt", weights_only=False)["particles"]
                for folder in (straight, resumed)]
     assert torch.equal(*buffers)
+    replays = [torch.load(folder / "checkpoint-8" / "replay_state_0.pt", weights_only=False)
+               for folder in (straight, resumed)]
+    assert replays[0]["count"] == 16 and all(torch.equal(replays[0][k], replays[1][k]) for k in ("ids", "logits"))
+
+
+def test_replay_resumes_the_descent_from_stored_logits(small_corpus):
+    """A replayed row is a stored block whose descent starts from its stored refined logits; the rest are fresh."""
+    replay = run_train.ThinkingReplay(size=4, prob=0.5, seed=0)
+    ids, labels = torch.arange(12).view(3, 4), torch.arange(12).view(3, 4) + 1
+    assert replay.mix(ids, labels)[2] is None  # nothing stored yet
+    replay.push(ids, labels, torch.randn(3, 4, 7))
+    mixed, mixed_labels, start, mask = replay.mix(torch.full((64, 4), -1), torch.full((64, 4), -1))
+    replayed = mask[:, 0]
+    assert 0 < replayed.sum() < 64 and (mixed[~replayed] == -1).all() and (mixed[replayed] >= 0).all()
+    for row in replayed.nonzero().squeeze(1):
+        source = (ids == mixed[row]).all(-1).nonzero().item()  # which stored block came back
+        assert torch.equal(mixed_labels[row], labels[source])
+        assert torch.allclose(start[row], replay.logits[source])
+    assert replay.count == 3 and replay.cursor == 3
 
 
 def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
