@@ -145,7 +145,7 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
             if hasattr(module, "correction_scale"):  # either way a fresh model thinks on the base landscape:
                 gate = self.config.correction_scale_init
                 init.constant_(module.correction_scale, math.atanh(gate))  # tanh(s) = gate
-                if gate > 0:  # an open gate with a zero output layer (a shut gate would stop both gradients)
+                if gate > 0:  # open gate, zero output (with the output at zero a shut gate would leave both without gradient)
                     init.zeros_(module.mixture[-1].weight)
                     if module.mixture[-1].bias is not None:
                         init.zeros_(module.mixture[-1].bias)

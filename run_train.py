@@ -484,11 +484,11 @@ class ThinkingReplay:
             self.ids = torch.zeros(self.size, input_ids.shape[1], dtype=torch.long)
             self.labels = torch.zeros_like(self.ids)
             self.logits = torch.zeros(self.size, *refined.shape[1:])
-        for row in range(input_ids.shape[0]):
-            self.ids[self.cursor], self.labels[self.cursor] = input_ids[row].cpu(), labels[row].cpu()
-            self.logits[self.cursor] = refined[row].detach().float().cpu()
-            self.cursor = (self.cursor + 1) % self.size
-            self.count = min(self.count + 1, self.size)
+        slots = (self.cursor + torch.arange(input_ids.shape[0])) % self.size  # a ring: the oldest go first
+        self.ids[slots], self.labels[slots] = input_ids.cpu(), labels.cpu()
+        self.logits[slots] = refined.detach().float().cpu()
+        self.cursor = int(slots[-1] + 1) % self.size
+        self.count = min(self.count + input_ids.shape[0], self.size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
