@@ -168,7 +168,8 @@ class EBMTrainingArguments(TrainingArguments):
     think_replay_prob: float = opt("replay buffer (EBT): probability that a batch row is a replayed block whose "
                                    "descent resumes from the logits an earlier step refined it to; 0 disables", 0.0)
     think_replay_size: int = opt("replay buffer: blocks kept (with their refined logits)", 1000)
-    use_contrastive: bool | None = opt("add the contrastive divergence term (naming --contrastive_type implies it)")
+    use_contrastive: bool | None = opt("the contrastive divergence term: on (cd) unless false; naming --contrastive_type "
+                                       "picks the sampler")
     contrastive_type: str | None = opt("cd (chains from System 1) | pcd (persistent buffer, Tieleman 2008) | "
                                        "fast_pcd (parallel persistent chains with restarts; no fast weights)")
     contrastive_k: int = opt("Langevin steps per negative", 1)
@@ -195,9 +196,8 @@ class EBMTrainingArguments(TrainingArguments):
             if self.use_contrastive is False:
                 raise ValueError("--contrastive_type was given with --use_contrastive false: drop one of them")
             self.use_contrastive = True
-        elif self.use_contrastive:
-            self.contrastive_type = "cd"
-        self.use_contrastive = bool(self.use_contrastive)
+        elif self.use_contrastive is not False:  # on by default: cd measured -1.1% bits/char (BENCHMARKS.md)
+            self.contrastive_type, self.use_contrastive = "cd", True
         if not 0.0 <= self.think_replay_prob < 1.0:
             raise ValueError(f"--think_replay_prob {self.think_replay_prob} is invalid: must be in [0, 1)")
         for name in ("contrastive_k", "n_persistent", "n_chains", "think_replay_size"):

@@ -72,6 +72,13 @@ VARIANTS = {
     "pcd_reg1": KL + ["--contrastive_type", "pcd", "--contrastive_reg_weight", "1.0"],
     "pcd_w0.01": KL + ["--contrastive_type", "pcd", "--contrastive_weight", "0.01", "--contrastive_reg_weight", "0.01"],
     "fast_pcd": KL + ["--contrastive_type", "fast_pcd"],
+    "cd_w0.3": KL + ["--contrastive_type", "cd", "--contrastive_weight", "0.3"],
+    "cd_w1": KL + ["--contrastive_type", "cd", "--contrastive_weight", "1.0"],
+    "cd_soft": KL_FREE + ["--landscape", "soft_tokens", "--contrastive_type", "cd"],
+    # the control for cd: the same contrastive term on a plain GPT (System 1 only, no thinking)
+    "plain_cd": ["--landscape", "linear", "--use_thinking", "false", "--contrastive_type", "cd"],
+    "plain_cd_w0.3": ["--landscape", "linear", "--use_thinking", "false", "--contrastive_type", "cd",
+                      "--contrastive_weight", "0.3"],
 }
 # What each variant changes from (its row in the table is compared with that one, seed by seed)
 BASES = {
@@ -79,9 +86,18 @@ BASES = {
     "linear_think": "kl", "open_gate": "kl", "kl_free": "kl", "steps_4": "kl", "random_steps": "kl",
     "alpha_fixed": "kl", "coupled": "kl", "replay": "kl", "truncate": "kl", "detach": "kl", "langevin": "kl",
     "aux_0": "kl", "aux_0.5": "kl", "entropy_0": "kl", "cd": "kl", "fast_pcd": "kl", "pcd_reg1": "kl",
-    "pcd": "pcd_reg1", "pcd_w0.01": "pcd", "kl_free_soft": "kl_free", "kl_free_steps4": "kl_free",
+    "pcd": "pcd_reg1", "plain_cd": "plain_gpt", "plain_cd_w0.3": "plain_cd", "cd_w0.3": "cd", "cd_w1": "cd", "cd_soft": "kl_free_soft", "pcd_w0.01": "pcd", "kl_free_soft": "kl_free", "kl_free_steps4": "kl_free",
     "kl_natural": "kl_free", "nat_open": "kl_natural", "init_zeros": "kl_natural", "init_random": "kl_natural",
 }
+
+
+def flags(name):
+    """run_train.py flags of a variant. Contrastive training is on by default (measured below: cd); a variant that
+    names no contrastive type runs without it, as it was measured."""
+    extra = VARIANTS[name]
+    return extra if "--contrastive_type" in extra else [*extra, "--use_contrastive", "false"]
+
+
 TEST_TIME_STEPS = (0, 1, 2, 4, 8)
 
 
@@ -98,7 +114,7 @@ def run_one(name, seed, args):
                "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
                "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
                "--logging_steps", str(max(1, args.max_steps // 10)), "--disable_tqdm", "true",
-               *VARIANTS[name], *args.extra]
+               *flags(name), *args.extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.time()
     if not (out / "all_results.json").is_file() or args.force:  # a finished training run is only re-measured

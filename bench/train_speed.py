@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import run_train  # noqa: E402
-from ablation import VARIANTS  # noqa: E402
+from ablation import VARIANTS, flags  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -53,7 +53,7 @@ def main():
             timer = StepTimer(args.skip)
             run_train.main(["--preset", "cpu", "--max_steps", str(args.steps), "--do_train", "true", "--do_eval", "false",
                             "--save_strategy", "no", "--logging_steps", str(args.steps), "--disable_tqdm", "true",
-                            "--output_dir", f"{args.output_dir}/{name}", *VARIANTS[name], *args.extra],
+                            "--output_dir", f"{args.output_dir}/{name}", *flags(name), *args.extra],
                            callbacks=[timer])
             timings[name].append(1000 * statistics.median(timer.times))
     base = statistics.median(timings[args.variants[0]])

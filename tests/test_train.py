@@ -37,7 +37,9 @@ def train(tmp_path, corpus, *extra, callbacks=None):
 
 
 def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
-    """A real EBMTrainer on a tiny model, for looking at compute_loss directly."""
+    """A real EBMTrainer on a tiny model, for looking at compute_loss directly (contrastive only when named)."""
+    if "--contrastive_type" not in extra:
+        extra = (*extra, "--use_contrastive", "false")
     model_args, data_args, args, _ = run_train.parse_args(
         [*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
     train_data, blocks, tokenizer = run_train.build_data(data_args, None, 32, 0)
@@ -134,7 +136,8 @@ class History(TrainerCallback):
 @pytest.mark.parametrize("kind", [None, "cd", "pcd", "fast_pcd"])
 def test_twenty_steps_lower_the_loss(tmp_path, small_corpus, kind):
     history = History()
-    extra = ["--max_steps", "20", "--do_train", "true"] + (["--contrastive_type", kind] if kind else [])
+    extra = ["--max_steps", "20", "--do_train", "true"] + (["--contrastive_type", kind] if kind else
+                                                             ["--use_contrastive", "false"])
     out, _ = train(tmp_path, small_corpus, *extra, callbacks=[history])
     assert len(history.losses) == 4 and history.losses[-1] < history.losses[0] - 0.05, history.losses
     assert (out / "model.safetensors").is_file()
@@ -254,7 +257,10 @@ def test_naming_a_contrastive_type_turns_contrastive_on():
     args = run_train.parse_args(["--contrastive_type", "pcd"])[2]
     assert args.use_contrastive and args.contrastive_type == "pcd"
     assert run_train.parse_args(["--use_contrastive", "true"])[2].contrastive_type == "cd"
-    assert not run_train.parse_args([])[2].use_contrastive
+    default = run_train.parse_args([])[2]  # on by default: the measured best recipe trains with cd
+    assert default.use_contrastive and default.contrastive_type == "cd"
+    off = run_train.parse_args(["--use_contrastive", "false"])[2]
+    assert not off.use_contrastive and off.contrastive_type is None
 
 
 def test_presets():
