@@ -90,6 +90,12 @@ BASES = {
     "kl_natural": "kl_free", "nat_open": "kl_natural", "init_zeros": "kl_natural", "init_random": "kl_natural",
 }
 
+DEFAULT = "cd"  # the recipe run_train.py trains with no flags: kl thinking plus contrastive divergence
+LABELS = {"cd": "default: thinking + cd", "kl": "thinking, no contrastive (previous default)",
+          "research": "research defaults (lambda = 0.1)", "plain_gpt": "plain GPT",
+          "plain_cd": "plain GPT + the same cd term", "cd_w0.3": "thinking + cd at weight 0.3",
+          "kl_free_soft": "soft tokens, no trust region"}
+
 
 def flags(name):
     """run_train.py flags of a variant. Contrastive training is on by default (measured below: cd); a variant that
@@ -269,31 +275,32 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    thinking = [r for r in rows if r["variant"] != "plain_gpt"]
+    by_name = {r["variant"]: r for r in rows}
+    thinking = [r for r in rows if r.get("think_steps") and not r["variant"].startswith("plain")]
     if not thinking:
         return
-    # the best recipe among those measured on the most seeds: a lucky single seed is not a finding
+    # the default, the previous default and the research code's, plus the best recipe among those measured on the
+    # most seeds (a lucky single seed is not a finding)
     most = max(r["seeds"] for r in thinking)
     best = min((r for r in thinking if r["seeds"] == most), key=lambda r: r["s2"][0])
-    shown = [r for r in rows if r["variant"] in ("kl", "research")] + ([best] if best["variant"] != "kl" else [])
-    base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    names = [n for n in (DEFAULT, "kl", "research", best["variant"]) if n in by_name]
+    fig, ax = plt.subplots(figsize=(6.8, 4.0), dpi=110)
     ks = list(TEST_TIME_STEPS)
-    for r in shown:
-        label = {"kl": "default (lambda = tau)", "research": "research defaults (lambda = 0.1)"}.get(r["variant"], r["variant"])
+    for name in dict.fromkeys(names):
+        r = by_name[name]
         ax.errorbar(ks, [r["sweep"][k][0] for k in ks], yerr=[r["sweep"][k][1] for k in ks], marker="o", capsize=3,
-                    label=f"{label}, {r['seeds']} seed(s), trained K={r['think_steps']}")
-    if base:
-        mean, std = base["s1"]
-        ax.axhline(mean, color="gray", ls="--", label=f"plain GPT, {base['seeds']} seeds (band: +-1 std)")
-        ax.axhspan(mean - std, mean + std, color="gray", alpha=0.15)
+                    label=f"{LABELS.get(name, name)}, {r['seeds']} seed(s), trained K={r['think_steps']}")
+    for name, color in (("plain_gpt", "gray"), ("plain_cd", "tab:brown")):
+        if name in by_name:
+            mean, std = by_name[name]["s1"]
+            ax.axhline(mean, color=color, ls="--", label=f"{LABELS[name]}, {by_name[name]['seeds']} seeds (+-1 std)")
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     ax.set_xlabel("thinking steps at test time (0 = System 1)")
     ax.set_ylabel("validation bits per char")
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.savefig(path, bbox_inches="tight")
     print(f"wrote {path}")
 
 
@@ -318,8 +325,16 @@ def main():
     args = parser.parse_args()
 
     if args.collect:
-        records = [json.loads(p.read_text()) for p in sorted(Path(args.runs).glob("*/ablation.json"))]
-        records = [r for r in records if r["variant"] in args.variants or args.variants == ["all"]]
+        records = []
+        for path in sorted(Path(args.runs).glob("*/ablation.json")):
+            record = json.loads(path.read_text())
+            if record["variant"] not in args.variants and args.variants != ["all"]:
+                continue
+            if "train_text" not in record:  # measured before that column existed
+                steps = record["think_steps"] if record["thinks"] else 0
+                record["train_text"] = training_text_bpc(path.parent, steps, args)
+                path.write_text(json.dumps(record, indent=2))
+            records.append(record)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({"records": records}, indent=1))
     elif args.report:
