@@ -7,7 +7,9 @@
 The research code's syntax is accepted as well: `run_train.py model.use_contrastive=true train.max_steps=100`.
 Losses (DESIGN.md section 4): CE of the refined logits (mean over thinking steps, or the last with
 --truncate_refine), mixed with the System 1 CE by --aux_ce_weight, plus --contrastive_weight times a contrastive
-divergence term whose negatives come from Langevin chains on the logits (cd | pcd | fast_pcd).
+divergence term whose negatives come from Langevin chains on the logits (cd | pcd | fast_pcd). Contrastive training
+is on by default (cd; `--use_contrastive false` turns it off): it was the lever that made thinking pay in the
+ablation (BENCHMARKS.md).
 """
 
 import json

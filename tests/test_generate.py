@@ -308,6 +308,16 @@ def test_bad_input_in_a_subprocess_has_no_traceback(model_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_compare_prints_only_the_table_on_stdout(model_dir):
+    """In a fresh process with WANDB_MODE=offline, importing the Trainer prints an info line; it must not land in
+    the table a user pipes somewhere."""
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(ROOT / "run_generate.py"), "--compare", str(model_dir), "--eval_blocks",
+                           "3", "--max_new_tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("| model"), done.stdout[:300]
+
+
 def test_compare_without_corpus_names_the_paths_tried(capsys, tmp_path, model_dir):
     missing = tmp_path / "nowhere.txt"
     code, _, err = run(capsys, "--compare", model_dir, "--data_path", missing)
