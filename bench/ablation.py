@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Does thinking pay? Train each variant with run_train.py (nanoGPT's CPU config by default), several seeds, and
-report validation bits per character of System 1 and System 2 (at the trained and at test-time step counts), the
-energy gap and the cost (ms per training step, characters per second when evaluating).
+report validation bits per character of System 1 and System 2 (at the trained and at test-time step counts), each
+variant against its base seed by seed, System 2's gain on the training text beside it, the energy gap and the cost
+(ms per training step, characters per second when evaluating).
 
-    python bench/ablation.py --variants plain_gpt default --seeds 0 1 2 --max_steps 2000
-    python bench/ablation.py --report bench/results/ablation.json     # tables and plot from saved results
+    python bench/ablation.py --variants plain_gpt kl cd --seeds 0 1 2 --max_steps 2000
+    python bench/ablation.py --collect --variants all --plot docs/thinking_steps.png   # tables + plot from runs/
+    python bench/ablation.py --report bench/results/ablation.json                      # tables from saved results
 
 Every run sees the same data order (seed) and the same fixed validation blocks; the plain GPT is nanoebm's own
 code path with thinking off and a linear landscape (plain next-token CE), so the comparison is like for like.
@@ -73,7 +75,7 @@ VARIANTS = {
     "pcd_w0.01": KL + ["--contrastive_type", "pcd", "--contrastive_weight", "0.01", "--contrastive_reg_weight", "0.01"],
     "fast_pcd": KL + ["--contrastive_type", "fast_pcd"],
     "cd_w0.3": KL + ["--contrastive_type", "cd", "--contrastive_weight", "0.3"],
-    "cd_w1": KL + ["--contrastive_type", "cd", "--contrastive_weight", "1.0"],
+    "cd_open": KL + ["--contrastive_type", "cd", "--correction_scale_init", "0.5"],
     "cd_soft": KL_FREE + ["--landscape", "soft_tokens", "--contrastive_type", "cd"],
     # the control for cd: the same contrastive term on a plain GPT (System 1 only, no thinking)
     "plain_cd": ["--landscape", "linear", "--use_thinking", "false", "--contrastive_type", "cd"],
@@ -82,12 +84,13 @@ VARIANTS = {
 }
 # What each variant changes from (its row in the table is compared with that one, seed by seed)
 BASES = {
-    "research": "kl", "no_trust_region": "research", "soft_tokens": "research", "kl": "plain_gpt",
+    "kl": "plain_gpt", "research": "kl", "no_trust_region": "research", "soft_tokens": "research",
     "linear_think": "kl", "open_gate": "kl", "kl_free": "kl", "steps_4": "kl", "random_steps": "kl",
     "alpha_fixed": "kl", "coupled": "kl", "replay": "kl", "truncate": "kl", "detach": "kl", "langevin": "kl",
     "aux_0": "kl", "aux_0.5": "kl", "entropy_0": "kl", "cd": "kl", "fast_pcd": "kl", "pcd_reg1": "kl",
-    "pcd": "pcd_reg1", "plain_cd": "plain_gpt", "plain_cd_w0.3": "plain_cd", "cd_w0.3": "cd", "cd_w1": "cd", "cd_soft": "kl_free_soft", "pcd_w0.01": "pcd", "kl_free_soft": "kl_free", "kl_free_steps4": "kl_free",
+    "pcd": "pcd_reg1", "pcd_w0.01": "pcd", "kl_free_soft": "kl_free", "kl_free_steps4": "kl_free",
     "kl_natural": "kl_free", "nat_open": "kl_natural", "init_zeros": "kl_natural", "init_random": "kl_natural",
+    "cd_w0.3": "cd", "cd_open": "cd", "cd_soft": "kl_free_soft", "plain_cd": "plain_gpt", "plain_cd_w0.3": "plain_cd",
 }
 
 DEFAULT = "cd"  # the recipe run_train.py trains with no flags: kl thinking plus contrastive divergence
@@ -98,8 +101,8 @@ LABELS = {"cd": "default: thinking + cd", "kl": "thinking, no contrastive (previ
 
 
 def flags(name):
-    """run_train.py flags of a variant. Contrastive training is on by default (measured below: cd); a variant that
-    names no contrastive type runs without it, as it was measured."""
+    """run_train.py flags of a variant. run_train.py trains with cd unless told otherwise; a variant that names no
+    contrastive type runs without it, as it was measured."""
     extra = VARIANTS[name]
     return extra if "--contrastive_type" in extra else [*extra, "--use_contrastive", "false"]
 
@@ -111,11 +114,7 @@ def run_one(name, seed, args):
     out = Path(args.runs) / f"{name}-s{seed}"
     result_file = out / "ablation.json"
     if result_file.is_file() and not (args.force or args.resweep):
-        record = json.loads(result_file.read_text())
-        if "train_text" not in record:  # measured before that column existed
-            record["train_text"] = training_text_bpc(out, record["think_steps"] if record["thinks"] else 0, args)
-            result_file.write_text(json.dumps(record, indent=2))
-        return record
+        return with_train_text(json.loads(result_file.read_text()), result_file, args)
     command = [sys.executable, str(ROOT / "run_train.py"), "--preset", args.preset, "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
                "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
@@ -134,8 +133,7 @@ def run_one(name, seed, args):
                   think_steps=json.loads((out / "config.json").read_text())["think_steps"],
                   thinks=json.loads((out / "config.json").read_text())["use_thinking"],
                   test_time=test_time_sweep(out, args))
-    record["train_text"] = training_text_bpc(out, record["think_steps"] if record["thinks"] else 0, args)
-    result_file.write_text(json.dumps(record, indent=2))
+    with_train_text(record, result_file, args)
     print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
           f" bpc, {record['ms_per_step']:.1f} ms/step", flush=True)
     return record
@@ -169,6 +167,15 @@ def test_time_sweep(folder, args):
                     gap += (trace[..., 0] - trace[..., -1]).sum().item()
         sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / elapsed, energy_gap=gap / count)
     return sweep
+
+
+def with_train_text(record, result_file, args):
+    """The record with its training-text column, measured (and saved) if the run predates that column."""
+    if "train_text" not in record:
+        steps = record["think_steps"] if record["thinks"] else 0
+        record["train_text"] = training_text_bpc(Path(result_file).parent, steps, args)
+    Path(result_file).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def training_text_bpc(folder, steps, args, n_blocks=400):
@@ -330,11 +337,7 @@ def main():
             record = json.loads(path.read_text())
             if record["variant"] not in args.variants and args.variants != ["all"]:
                 continue
-            if "train_text" not in record:  # measured before that column existed
-                steps = record["think_steps"] if record["thinks"] else 0
-                record["train_text"] = training_text_bpc(path.parent, steps, args)
-                path.write_text(json.dumps(record, indent=2))
-            records.append(record)
+            records.append(with_train_text(record, path, args))
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({"records": records}, indent=1))
     elif args.report:
