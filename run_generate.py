@@ -891,7 +891,6 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
 
 
 
-
 def training_module():
     """run_train (the validation blocks, the metric and the corpus lookup training uses), imported with stdout sent
     to stderr: importing transformers' Trainer with WANDB_MODE=offline prints an info line that would otherwise land

@@ -269,7 +269,7 @@ def test_natural_gradient_is_a_damped_fixed_point_step():
 def test_open_gate_starts_on_the_base_landscape_and_learns_at_once():
     """correction_scale_init > 0: tanh(s) starts there and the mixture's output layer at zero, so a fresh model
     thinks on the base landscape (System 2 = System 1 when lambda = tau) yet the correction gets gradient at once,
-    unlike the shut gate, where both the gate's and the correction's gradients start at zero."""
+    unlike behind the shut gate, where the correction's gradient is scaled by tanh(0) = 0."""
     ids = torch.randint(0, 65, (2, 16))
     model = make_model(landscape="mixture", correction_scale_init=0.5, entropy_weight=1.0).train()
     assert torch.tanh(model.energy_head.correction_scale).item() == pytest.approx(0.5)

@@ -170,7 +170,7 @@ def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpu
     assert replays[0]["count"] == 16 and all(torch.equal(replays[0][k], replays[1][k]) for k in ("ids", "logits"))
 
 
-def test_replay_resumes_the_descent_from_stored_logits(small_corpus):
+def test_replay_resumes_the_descent_from_stored_logits():
     """A replayed row is a stored block whose descent starts from its stored refined logits; the rest are fresh."""
     replay = run_train.ThinkingReplay(size=4, prob=0.5, seed=0)
     ids, labels = torch.arange(12).view(3, 4), torch.arange(12).view(3, 4) + 1
