@@ -128,30 +128,37 @@ def run_one(name, seed, args):
             print(f"[{name} seed {seed}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             return None
     metrics = json.loads((out / "all_results.json").read_text())
+    model, train_ids, blocks = load_trained(out, args)
     record = dict(variant=name, seed=seed, command=" ".join(command[1:]), wall_s=round(time.time() - started, 1),
                   ms_per_step=1000 * metrics["train_runtime"] / args.max_steps, train_metrics=metrics,
-                  think_steps=json.loads((out / "config.json").read_text())["think_steps"],
-                  thinks=json.loads((out / "config.json").read_text())["use_thinking"],
-                  test_time=test_time_sweep(out, args))
-    with_train_text(record, result_file, args)
+                  think_steps=model.config.think_steps, thinks=model.config.use_thinking,
+                  test_time=test_time_sweep(model, blocks))
+    record["train_text"] = training_text_bpc(model, train_ids, trained_steps(record))
+    result_file.write_text(json.dumps(record, indent=2))
     print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
           f" bpc, {record['ms_per_step']:.1f} ms/step", flush=True)
     return record
 
 
-def test_time_sweep(folder, args):
-    """Validation bits/char of one trained model at 0, 1, 2, 4, 8 thinking steps, with characters/s."""
+def load_trained(folder, args):
+    """A trained model (eval mode), its training text and the fixed validation blocks, read once per run."""
     import torch
-    import torch.nn.functional as F
 
     import run_train
     from modeling_nanoebm import NanoEBMForCausalLM
 
     torch.set_num_threads(args.threads)
     model = NanoEBMForCausalLM.from_pretrained(folder).eval()
-    data_args = run_train.DataArguments(eval_blocks=args.eval_blocks)
-    _, blocks, _ = run_train.build_data(data_args, run_train.CharTokenizer.from_pretrained(folder),
-                                        model.config.block_size, 0)
+    train, blocks, _ = run_train.build_data(run_train.DataArguments(eval_blocks=args.eval_blocks),
+                                            run_train.CharTokenizer.from_pretrained(folder), model.config.block_size, 0)
+    return model, train.ids, blocks
+
+
+def test_time_sweep(model, blocks):
+    """Validation bits/char of one trained model at 0, 1, 2, 4, 8 thinking steps, with characters/s."""
+    import torch
+    import torch.nn.functional as F
+
     sweep = {}
     for steps in TEST_TIME_STEPS:
         total, gap, count, elapsed = 0.0, 0.0, 0, 0.0
@@ -169,29 +176,15 @@ def test_time_sweep(folder, args):
     return sweep
 
 
-def with_train_text(record, result_file, args):
-    """The record with its training-text column, measured (and saved) if the run predates that column."""
-    if "train_text" not in record:
-        steps = record["think_steps"] if record["thinks"] else 0
-        record["train_text"] = training_text_bpc(Path(result_file).parent, steps, args)
-    Path(result_file).write_text(json.dumps(record, indent=2))
-    return record
-
-
-def training_text_bpc(folder, steps, args, n_blocks=400):
+def training_text_bpc(model, train_ids, steps, n_blocks=400):
     """System 1 and System 2 bits/char on evenly spaced blocks of the TRAINING text: set beside validation, it shows
     whether what thinking learned generalises or only fits the text it was trained on."""
     import torch
     import torch.nn.functional as F
 
     import run_train
-    from modeling_nanoebm import NanoEBMForCausalLM
 
-    torch.set_num_threads(args.threads)
-    model = NanoEBMForCausalLM.from_pretrained(folder).eval()
-    train, _, _ = run_train.build_data(run_train.DataArguments(eval_blocks=args.eval_blocks),
-                                       run_train.CharTokenizer.from_pretrained(folder), model.config.block_size, 0)
-    blocks = run_train.fixed_blocks(train.ids, model.config.block_size, n_blocks)
+    blocks = run_train.fixed_blocks(train_ids, model.config.block_size, n_blocks)
     result = {}
     for name, k in (("s1", 0), ("s2", steps)):
         total = 0.0
@@ -201,6 +194,19 @@ def training_text_bpc(folder, steps, args, n_blocks=400):
                 total += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
         result[name] = total / blocks[:, 1:].numel() / math.log(2)
     return result
+
+
+def trained_steps(record):
+    return record["think_steps"] if record["thinks"] else 0
+
+
+def with_train_text(record, result_file, args):
+    """The record with its training-text column: runs measured before that column existed get it (and it is saved)."""
+    if "train_text" not in record:
+        model, train_ids, _ = load_trained(Path(result_file).parent, args)
+        record["train_text"] = training_text_bpc(model, train_ids, trained_steps(record))
+        Path(result_file).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def summarise(records):
