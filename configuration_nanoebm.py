@@ -57,7 +57,6 @@ class NanoEBMConfig(PreTrainedConfig):
         "hidden_size": "n_embd",
         "num_hidden_layers": "n_layer",
         "num_attention_heads": "n_head",
-        "max_position_embeddings": "block_size",
     }
 
     def __init__(
@@ -99,6 +98,10 @@ class NanoEBMConfig(PreTrainedConfig):
             think_steps = kwargs.pop("refine_steps")
         if "alpha_value" in kwargs:
             think_lr = kwargs.pop("alpha_value")
+        # accepted as a name for block_size, but not kept as an attribute: generate would then cap max_length at it
+        # and remind that the text exceeded it, although decoding past block_size is supported (the window slides)
+        if "max_position_embeddings" in kwargs:
+            block_size = kwargs.pop("max_position_embeddings")
         if use_soft_tokens is not None:
             if use_soft_tokens and landscape not in ("mixture", "soft_tokens"):
                 raise ValueError(

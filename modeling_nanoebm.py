@@ -26,6 +26,11 @@ except ImportError:  # from a checkout, as a top-level module
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`. A saved folder carries
+# this file, so it must run on both sides of the rename: it speaks whichever name the installed version uses and
+# accepts both on the way in.
+CACHE_NAME = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class ThinkingDivergedError(FloatingPointError):
     """The energy descent produced NaN or Inf logits."""
@@ -59,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, attn_mask, rotary=None, past_key_values=None, context_kv=None):
+    def forward(self, x, attn_mask, rotary=None, cache=None, context_kv=None):
         """`attn_mask` is boolean (B, 1, Tq, Tk), True = may attend, or None for plain causal attention.
 
         `context_kv` are the keys/values of real tokens that provisional (soft) tokens read without being cached.
@@ -72,8 +77,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rotary
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         own_kv = (k, v)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         elif context_kv is not None:
             k, v = torch.cat((context_kv[0], k), dim=2), torch.cat((context_kv[1], v), dim=2)
         y = F.scaled_dot_product_attention(
@@ -104,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask, rotary=None, past_key_values=None, context_kv=None):
-        a, own_kv = self.attn(self.ln_1(x), attn_mask, rotary, past_key_values, context_kv)
+    def forward(self, x, attn_mask, rotary=None, cache=None, context_kv=None):
+        a, own_kv = self.attn(self.ln_1(x), attn_mask, rotary, cache, context_kv)
         x = x + a
         return x + self.mlp(self.ln_2(x)), own_kv
 
@@ -116,7 +121,7 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     # forward takes **kwargs; without this the Trainer would divide the loss by the accumulation steps twice
     accepts_loss_kwargs = False
@@ -195,24 +200,27 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_context_kv: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` (`past_key_values` before transformers 5.24) holds the keys and values of earlier tokens."""
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
+            inputs_embeds = self.wte(real_token_ids(input_ids, attention_mask, self.config.vocab_size))
         B, T = inputs_embeds.shape[:2]
         if T == 0:
             raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
         use_cache = use_cache if use_cache is not None else (getattr(self.config, "use_cache", True) and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[-1] != past_len + T:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache holds {past_len} and "
@@ -230,15 +238,16 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            x, own_kv = block(x, attn_mask, rotary, past_key_values if use_cache else None)
+            x, own_kv = block(x, attn_mask, rotary, cache if use_cache else None)
             if return_context_kv:
                 context_kv.append(own_kv)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden += (x,)
         out = BaseModelOutputWithPast(
-            last_hidden_state=x, past_key_values=past_key_values if use_cache else None, hidden_states=all_hidden
+            last_hidden_state=x, hidden_states=all_hidden, **{CACHE_NAME: cache if use_cache else None}
         )
+        out.kv_cache = cache if use_cache else None  # the same under either transformers name
         out.context_kv = context_kv  # not a declared field: read by the causal LM only
         out.position_ids = position_ids
         return out
@@ -262,6 +271,22 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         for block, kv in zip(self.h, context_kv):
             x, _ = block(x, mask, rotary, None, kv)
         return self.ln_f(x)
+
+
+def real_token_ids(input_ids, attention_mask, vocab_size):
+    """Token ids with padding made harmless: the tokenizer's pad id lies outside the model's vocabulary (it can
+    never be mistaken for a character), so padded positions, which attention masks out, read id 0 instead."""
+    outside = input_ids >= vocab_size
+    if not outside.any():
+        return input_ids
+    if attention_mask is None or (outside & attention_mask[:, -input_ids.shape[1]:].bool()).any():
+        bad = sorted(set(input_ids[outside].tolist()))
+        raise ValueError(
+            f"input_ids hold {bad[:5]}, outside the vocabulary [0, {vocab_size}): ids at or above vocab_size are "
+            f"padding and need attention_mask == 0 there (the tokenizer's pad token, or generate with "
+            f"attention_mask)"
+        )
+    return input_ids.masked_fill(outside, 0)
 
 
 def positions_from_mask(attention_mask, past_len, T, device):
@@ -375,9 +400,11 @@ class NanoEBMCausalLMOutput(ModelOutput):
     energies: torch.Tensor | None = None
     step_logits: tuple[torch.Tensor, ...] | None = None
     energy_trace: torch.Tensor | None = None
-    past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     landscape: Landscape | None = None
+    # the KV cache, under the name the installed transformers gives it (`cache` from 5.24, else `past_key_values`)
+    __annotations__[CACHE_NAME] = Cache | None
+    vars()[CACHE_NAME] = None
 
 
 class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
@@ -541,7 +568,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
@@ -556,9 +583,11 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         detach_refine: bool = False,
         think_start: torch.Tensor | None = None,
         think_start_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> NanoEBMCausalLMOutput:
         r"""
+        cache: the KV cache of earlier tokens (`past_key_values` before transformers 5.24; either name works).
         labels: targets aligned with `input_ids` (shifted inside, HF convention); -100 is ignored.
         shift_labels: targets already shifted (target of position t at t), as transformers' loss utilities name
             them; the training stream uses these so every one of the block_size positions is scored.
@@ -580,7 +609,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             raise ValueError("think_start and think_start_mask go together: give both or neither")
         soft = self.config.use_soft_tokens and use_thinking and steps > 0
         out = self.transformer(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
             return_context_kv=soft,
         )
@@ -590,8 +620,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         kept = hidden[:, -n:]
         context = dict()
         if soft:
-            cache = out.past_key_values
-            kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
+            kv = [(layer.keys, layer.values) for layer in out.kv_cache.layers] if out.kv_cache is not None else out.context_kv
             S = kv[0][0].shape[2]
             context = dict(
                 context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:],
@@ -613,8 +642,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             loss = self.next_token_loss(logits, labels, shift_labels)
         return NanoEBMCausalLMOutput(
             loss=loss, logits=logits, system1_logits=system1, energies=landscape.base, step_logits=step_logits,
-            energy_trace=trace, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-            landscape=landscape if return_landscape else None,
+            energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
+            **{CACHE_NAME: out.kv_cache},
         )
 
     @staticmethod
@@ -632,61 +661,68 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- generation ------------------------------------------------------------------------------------------
 
     def prepare_inputs_for_generation(
-        self, input_ids, next_sequence_length=None, past_key_values=None, attention_mask=None, use_cache=True,
-        **kwargs,
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, use_cache=True,
+        past_key_values=None, **kwargs,
     ):
         """Feed only the new tokens, inside a window of at most `block_size` tokens.
 
-        Past `block_size` the window slides. With rotary positions the oldest cached keys are dropped: exact for
-        this model, whose every layer attends to the last `block_size` keys (a sliding attention window; scores see
-        only relative positions). Cached hidden states still carry older context through the layers, so this is
-        not the same as re-reading the last `block_size` tokens. With learned positions every cached key would change
-        position, so the cache is emptied and the last `block_size // 2` tokens are re-read (amortised: the context
-        then varies between block_size // 2 and block_size tokens). Without a cache every step re-reads the last
-        `block_size` tokens, as the research code does.
+        Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
+        Learned positions: a row reads `decode_window(length)` tokens, which grows to `block_size` and then falls
+        back to `block_size // 2` (every cached key would change position, so the window is re-read: amortised,
+        one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys are dropped, which is
+        exact for this model, whose every layer attends to the last `block_size` keys (cached hidden states still
+        carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a cache
+        every step re-reads the last `block_size` tokens, as the research code does.
         """
+        cache = cache if cache is not None else past_key_values
         block = self.config.block_size
-        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
-        kwargs.pop("cache_position", None)
+        for key in ("position_ids", "cache_position", "is_first_iteration"):
+            kwargs.pop(key, None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        cached = past_key_values.get_seq_length() if (use_cache and past_key_values is not None) else 0
-        if cached == 0 or next_sequence_length is None:
-            if input_ids.shape[1] > block and cached == 0 and kwargs.get("is_first_iteration", False):
-                logger.warning_once(
-                    f"the prompt has {input_ids.shape[1]} tokens, more than block_size={block}: only the last "
-                    f"{block} are read"
-                )
-            new = min(input_ids.shape[1], block)
-            if past_key_values is not None and cached:
-                past_key_values.crop(-cached)
-            cached = 0
-        else:
-            new = next_sequence_length
-            if cached + new > block:
-                if self.config.position_embedding == "rope":
-                    drop = cached + new - block
-                    for layer in past_key_values.layers:
-                        layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-                    cached -= drop
-                else:
-                    past_key_values.crop(-cached)
-                    new, cached = block // 2, 0
-        window = attention_mask[:, -(cached + new):]
+            attention_mask = (input_ids < self.config.vocab_size).long()
+        lengths = attention_mask.sum(-1)
+        cached = cache.get_seq_length() if (use_cache and cache is not None) else 0
+        new = next_sequence_length
         if self.config.position_embedding == "rope":
+            if cached == 0 or new is None:
+                new, cached = min(input_ids.shape[1], block), 0
+            elif cached + new > block:
+                drop = cached + new - block
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+                cached -= drop
+            window = attention_mask[:, -(cached + new):]
             position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
         else:
+            context = decode_window(lengths, block) if use_cache else lengths.clamp(max=block)
+            width = int(context.max())
+            grown = (cached > 0 and new is not None and cached + new == width
+                     and bool((context == decode_window(lengths - new, block) + new).all()))
+            if not grown:  # first step, or some row's window restarts: re-read every row's window
+                new, cached = width, 0
+            columns = torch.arange(width, device=input_ids.device)
+            window = (columns[None, :] >= width - context[:, None]).long()
             position_ids = positions_from_mask(window, 0, new, input_ids.device)
-        kwargs.pop("is_first_iteration", None)
+        if cache is not None and cached == 0 and cache.get_seq_length():
+            cache.crop(-cache.get_seq_length())  # empty it
         kwargs.setdefault("return_energy_trace", False)
         return {
             "input_ids": input_ids[:, -new:].contiguous(),
             "attention_mask": window,
             "position_ids": position_ids,
-            "past_key_values": past_key_values if use_cache else None,
+            CACHE_NAME: cache if use_cache else None,
             "use_cache": use_cache,
             **kwargs,
         }
+
+
+def decode_window(lengths, block_size):
+    """How many of its last tokens a row of `lengths` real tokens reads when decoding with learned positions:
+    all of them up to `block_size`, then a window that restarts at `block_size // 2` and grows back to
+    `block_size` (a pure function of the length, so batching and padding never change a row's context)."""
+    half = max(1, block_size // 2)
+    period = block_size - half + 1
+    return torch.where(lengths <= block_size, lengths, half + (lengths - block_size - 1) % period)
 
 
 NanoEBMModel.register_for_auto_class("AutoModel")

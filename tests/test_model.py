@@ -44,7 +44,10 @@ def test_config_aliases_and_soft_token_flag():
     cfg = NanoEBMConfig(refine_steps=6, alpha_value=0.3, use_soft_tokens=True)
     assert (cfg.think_steps, cfg.think_lr, cfg.landscape, cfg.use_soft_tokens) == (6, 0.3, "soft_tokens", True)
     assert cfg.hidden_size == cfg.n_embd and cfg.num_hidden_layers == cfg.n_layer
-    assert cfg.max_position_embeddings == cfg.block_size
+    # block_size is not exposed as max_position_embeddings: generate would cap max_length at it and warn past it,
+    # although decoding past block_size is supported; the name is still accepted on the way in
+    assert not hasattr(cfg, "max_position_embeddings")
+    assert NanoEBMConfig(max_position_embeddings=128).block_size == 128
     with pytest.raises(ValueError, match="use_soft_tokens"):
         NanoEBMConfig(use_soft_tokens=True, landscape="linear")
     with pytest.raises(ValueError, match="think_init_noise_std"):
