@@ -20,33 +20,21 @@ Exit status: 0 on success, 2 on bad input (a message on stderr, never a tracebac
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from nanoebm.cli import UsageError, reject_unknown, translate_research_syntax
+from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path, validation_text
+
 ROOT = Path(__file__).resolve().parent
 PROG = "run_generate.py"
-
-
-class UsageError(Exception):
-    """Bad input: reported on stderr as one message, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def validation_text(text: str) -> str:
-    """The last 10% of the corpus (nanoGPT's split)."""
-    return text[int(0.9 * len(text)):]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,7 +149,7 @@ class GenerateArguments:
     data_path: str | None = field(
         default=None,
         metadata={"help": "Corpus for --compare (its last 10%% is the validation text). Default: $NANOEBM_DATA, "
-                          "data/tinyshakespeare.txt, ../shared/data/tinyshakespeare.txt."},
+                          "else the embedded tiny Shakespeare."},
     )
     eval_blocks: int = field(
         default=20,
@@ -185,37 +173,6 @@ RESEARCH_KEYS = {
     "refine_steps": "think_steps",
     "alpha_value": "think_lr",
 }
-
-
-KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-]*)=(.*)$", re.DOTALL)
-
-
-def translate_research_syntax(argv, parser, renames, sections=(), error=SystemExit):
-    """Rewrite the research code's `model.think_steps=4` words as `--think_steps 4` (run_train.py uses it too;
-    it lives here because this module imports nothing heavy at the top).
-
-    A word is a key=value only where it cannot be the value of the preceding flag (`--prompt a=b` stays a prompt).
-    Unknown keys raise `error` with the closest known keys.
-    """
-    known = {action.dest for action in parser._actions} | set(renames)
-    out, expects_value = [], False
-    for word in argv:
-        match = KEY_VALUE.match(word)
-        if match and not expects_value:
-            key, value = match.group(1).replace("-", "_"), match.group(2)
-            head, _, tail = key.partition(".")
-            if tail and head in sections:
-                key = tail
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
-                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                raise error(f"error: unknown option {key!r} (in {word!r}){hint} (see --help)")
-            out += [f"--{renames.get(key, key)}", value]
-            continue
-        out.append(word)
-        action = parser._option_string_actions.get(word) if word.startswith("--") else None
-        expects_value = action is not None and action.nargs is None  # an option that takes exactly one value
-    return out
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -262,19 +219,11 @@ def build_parser():
 
 def parse_arguments(argv: list[str]) -> GenerateArguments:
     parser = build_parser()
-    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=(), error=UsageError)
+    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS)
     args, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )
-    if remaining:
-        options = [o for o in parser._option_string_actions if o.startswith("--")]
-        hints = []
-        for word in remaining:
-            close = difflib.get_close_matches(word.split("=")[0], options, n=2, cutoff=0.6)
-            if close:
-                hints.append(f"{word!r}: did you mean {' or '.join(close)}?")
-        hint = " (" + "; ".join(hints) + ")" if hints else ""
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}{hint}")
+    reject_unknown(parser, remaining)
     validate(args)
     return args
 
@@ -891,23 +840,9 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
 
 
 
-def training_module():
-    """run_train (the validation blocks, the metric and the corpus lookup training uses), imported with stdout sent
-    to stderr: importing transformers' Trainer with WANDB_MODE=offline prints an info line that would otherwise land
-    in the comparison table."""
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr):
-        import run_train
-    return run_train
-
-
 def evaluate_model(model, tokenizer, val: str, args: GenerateArguments, device, label: str) -> dict:
     import torch
     import torch.nn.functional as F
-
-    run_train = training_module()
-    fixed_blocks, load_bpc_metric = run_train.fixed_blocks, run_train.load_bpc_metric
 
     ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
     block = model.config.block_size
@@ -968,8 +903,6 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def run_compare(args: GenerateArguments) -> int:
-    resolve_data_path = training_module().resolve_data_path
-
     device = resolve_device(args.device)
     try:
         corpus = resolve_data_path(args.data_path)
@@ -1008,21 +941,10 @@ def run_compare(args: GenerateArguments) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _DropMaxLengthReminder(logging.Filter):
-    """Decoding past block_size is supported (the window slides, README), so generate's reminder that the text
-    exceeded max_position_embeddings (= block_size) is noise here."""
-
-    def filter(self, record):
-        return "friendly reminder" not in record.getMessage()
-
-
 def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    target = logging.getLogger("transformers.generation.stopping_criteria")
-    if not any(isinstance(f, _DropMaxLengthReminder) for f in target.filters):
-        target.addFilter(_DropMaxLengthReminder())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,46 +29,12 @@ from transformers.utils import logging
 
 from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
-from run_generate import translate_research_syntax
+from nanoebm.cli import translate_research_syntax
+from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
 from tokenization_char import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent
-CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-CORPUS_FILE = "tinyshakespeare.txt"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
-
-
-def resolve_data_path(path: str | os.PathLike | None = None) -> Path:
-    """The training corpus (tiny Shakespeare), found in this order:
-
-    1. `path` (the `--data_path` flag), 2. the environment variable `NANOEBM_DATA`, 3. `data/tinyshakespeare.txt`
-    in the repository, 4. `../shared/data/tinyshakespeare.txt` next to the repository.
-    A folder stands for the tiny Shakespeare file inside it. A path given explicitly (1 or 2) must exist: it is
-    never silently replaced by a default. Raises `FileNotFoundError` naming every path tried and where to
-    download the corpus.
-    """
-    tried = []
-    explicit = [(path, "--data_path"), (os.environ.get("NANOEBM_DATA") or None, "NANOEBM_DATA")]
-    for value, source in explicit:
-        if value is None or str(value) == "":
-            continue
-        candidate = Path(value).expanduser()
-        if candidate.is_dir():  # a folder: the corpus inside it
-            candidate = candidate / CORPUS_FILE
-        if candidate.is_file():
-            return candidate
-        tried.append(f"{candidate} (from {source})")
-        break  # an explicit choice is final
-    else:
-        for candidate in (ROOT / "data" / CORPUS_FILE, ROOT.parent / "shared" / "data" / CORPUS_FILE):
-            if candidate.is_file():
-                return candidate
-            tried.append(str(candidate))
-    raise FileNotFoundError(
-        "the tiny Shakespeare corpus was not found; tried: " + ", ".join(tried) + f". Download it from {CORPUS_URL} "
-        f"into data/{CORPUS_FILE}, or point --data_path (or the environment variable NANOEBM_DATA) at a text file."
-    )
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,15 +325,6 @@ def build_data(data_args, tokenizer, block_size, seed):
                 f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
             )
     return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
-
-
-def fixed_blocks(ids, block_size, n_blocks):
-    """n evenly spaced blocks of block_size + 1 characters: the same validation set at every evaluation."""
-    last = ids.numel() - block_size - 1
-    if last < 0:
-        raise ValueError(f"validation text ({ids.numel()} chars) is shorter than one block ({block_size + 1})")
-    starts = torch.linspace(0, last, min(n_blocks, last + 1)).long()
-    return torch.stack([ids[s: s + block_size + 1].long() for s in starts.tolist()])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,19 +646,6 @@ class EBMTrainer(Trainer):
                 raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
                                         f"with the same number of processes")
             buffer.load_state_dict(torch.load(path, weights_only=False))
-
-
-_BPC = None
-
-
-def load_bpc_metric():
-    """The local `evaluate` module (the hub's perplexity metric would download a model)."""
-    global _BPC
-    if _BPC is None:
-        import evaluate
-
-        _BPC = evaluate.load(str(ROOT / "metrics" / "bits_per_char"), keep_in_memory=True)
-    return _BPC
 
 
 # ----------------------------------------------------------------------------------------------------------------

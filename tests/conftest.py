@@ -16,22 +16,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from configuration_nanoebm import NanoEBMConfig  # noqa: E402
 from modeling_nanoebm import NanoEBMForCausalLM  # noqa: E402
-
-
-def find_corpus():
-    for candidate in (os.environ.get("NANOEBM_DATA"), ROOT / "data" / "tinyshakespeare.txt",
-                      ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+from nanoebm.corpus import EMBEDDED_CORPUS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def corpus_text():
-    path = find_corpus()
-    if path is None:
-        pytest.skip("tiny Shakespeare not found (set NANOEBM_DATA or place it in data/ or ../shared/data/)")
-    return path.read_text(encoding="utf-8")
+    """tiny Shakespeare, as it ships inside nanoebm (no flag, no network)."""
+    return EMBEDDED_CORPUS.read_text(encoding="utf-8")
 
 
 def tiny_config(**overrides):

@@ -15,8 +15,8 @@ from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
 import run_train
-from run_generate import main, score_continuations, validation_text
-from run_train import fixed_blocks, resolve_data_path
+from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
+from run_generate import main, score_continuations
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -321,7 +321,7 @@ def test_compare_prints_only_the_table_on_stdout(model_dir):
 def test_compare_without_corpus_names_the_paths_tried(capsys, tmp_path, model_dir):
     missing = tmp_path / "nowhere.txt"
     code, _, err = run(capsys, "--compare", model_dir, "--data_path", missing)
-    assert code == 2 and str(missing) in err and "raw.githubusercontent.com" in err
+    assert code == 2 and str(missing) in err and "--data_path" in err and "Traceback" not in err
 
 
 def test_resolve_data_path(tmp_path, monkeypatch):
@@ -336,16 +336,8 @@ def test_resolve_data_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="gone.txt"):
         resolve_data_path()  # an explicit choice is never silently replaced by a default
     monkeypatch.delenv("NANOEBM_DATA")
-    monkeypatch.setattr(run_train, "ROOT", tmp_path / "repo")
-    with pytest.raises(FileNotFoundError) as error:
-        resolve_data_path()
-    message = str(error.value)
-    assert str(tmp_path / "repo" / "data" / "tinyshakespeare.txt") in message
-    assert str(tmp_path / "shared" / "data" / "tinyshakespeare.txt") in message
-    assert run_train.CORPUS_URL in message
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    (tmp_path / "shared" / "data" / "tinyshakespeare.txt").write_text("x")
-    assert resolve_data_path() == tmp_path / "shared" / "data" / "tinyshakespeare.txt"
+    assert resolve_data_path() == EMBEDDED_CORPUS  # no flag, no variable: the corpus that ships with nanoebm
+    assert EMBEDDED_CORPUS.stat().st_size == 1_115_394
 
 
 def test_help_explains_every_flag(capsys):

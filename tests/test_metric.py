@@ -13,7 +13,7 @@ import torch
 
 evaluate = pytest.importorskip("evaluate")
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "bits_per_char"
+METRIC_DIR = Path(__file__).resolve().parents[1] / "nanoebm" / "metrics" / "bits_per_char"
 
 
 @pytest.fixture(scope="module")

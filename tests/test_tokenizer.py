@@ -15,14 +15,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from conftest import find_corpus, run_without_nanoebm  # noqa: E402
+from conftest import run_without_nanoebm  # noqa: E402
+from nanoebm.corpus import EMBEDDED_CORPUS as CORPUS  # noqa: E402
 from tokenization_char import CharTokenizer  # noqa: E402
-
-
-CORPUS = find_corpus()
-needs_corpus = pytest.mark.skipif(
-    CORPUS is None, reason="tiny Shakespeare not found (set NANOEBM_DATA or place it in data/ or ../shared/data/)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,6 @@ def no_network(monkeypatch):
 # ---------------------------------------------------------------- vocabulary and round trip
 
 
-@needs_corpus
 def test_corpus_round_trip_and_nanogpt_vocab(corpus, tok):
     assert len(corpus) == 1_115_394
     chars = sorted(set(corpus))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, default_data_collator
 
 import run_train
+from nanoebm.cli import UsageError
 from conftest import ROOT, make_model, run_without_nanoebm
 
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -276,7 +277,7 @@ def test_presets():
     (["--random_think_steps", "3-1"], "LO <= HI"),
 ])
 def test_bad_arguments(argv, needle):
-    with pytest.raises((SystemExit, ValueError)) as err:
+    with pytest.raises((UsageError, ValueError)) as err:
         run_train.parse_args(argv)
     assert needle in str(err.value)
 
@@ -285,7 +286,7 @@ def test_bad_data_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOEBM_DATA", str(tmp_path / "nowhere.txt"))
     with pytest.raises(FileNotFoundError) as err:
         run_train.resolve_data_path()
-    assert "nowhere.txt" in str(err.value) and "https://" in str(err.value)
+    assert "nowhere.txt" in str(err.value) and "NANOEBM_DATA" in str(err.value)
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be")
     with pytest.raises(ValueError, match="fewer than one block"):

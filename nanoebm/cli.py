@@ -1,0 +1,69 @@
+"""What both command-line programs share: the research code's key=value syntax, and one way to report bad input.
+
+Bad input is one line on stderr and exit status 2, never a traceback; an unknown option comes with the closest
+known ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+
+KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-]*)=(.*)$", re.DOTALL)
+
+
+class UsageError(Exception):
+    """Bad input: reported on stderr as one message, exit status 2."""
+
+
+def closest(word: str, known, n: int = 3, quote: bool = False) -> str:
+    """'; did you mean --a or --b?' for the known names closest to `word` ('' when none is close)."""
+    close = difflib.get_close_matches(word, sorted(known), n=n, cutoff=0.6)
+    close = [repr(c) for c in close] if quote else close
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def translate_research_syntax(argv, parser, renames, sections=()):
+    """Rewrite the research code's `model.think_steps=4` words as `--think_steps 4`.
+
+    A word is a key=value only where it cannot be the value of the preceding flag (`--prompt a=b` stays a prompt).
+    Section prefixes in `sections` (`model.`, `train.`) are dropped and keys in `renames` mapped to their flag.
+    Unknown keys raise UsageError with the closest known keys.
+    """
+    known = {action.dest for action in parser._actions} | set(renames)
+    out, expects_value = [], False
+    for word in argv:
+        match = KEY_VALUE.match(word)
+        if match and not expects_value:
+            key, value = match.group(1).replace("-", "_"), match.group(2)
+            head, _, tail = key.partition(".")
+            if tail and head in sections:
+                key = tail
+            if key not in known:
+                raise UsageError(f"unknown option {key!r} (in {word!r}){closest(key, known, quote=True)} (see --help)")
+            out += [f"--{renames.get(key, key)}", value]
+            continue
+        out.append(word)
+        action = parser._option_string_actions.get(word) if word.startswith("--") else None
+        expects_value = action is not None and action.nargs is None  # an option that takes exactly one value
+    return out
+
+
+def reject_unknown(parser, remaining) -> None:
+    """UsageError for command-line words no option takes, with the closest flags."""
+    if not remaining:
+        return
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for word in remaining:
+        hint = closest(word.split("=")[0], options, n=2)
+        if hint:
+            hints.append(f"{word!r}{hint[1:]}")
+    detail = " (" + "; ".join(hints) + ")" if hints else ""
+    raise UsageError(f"unrecognized arguments: {' '.join(remaining)}{detail} (see --help)")
+
+
+def report(prog: str, error: BaseException, status: int = 2) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    return status
