@@ -1,47 +1,36 @@
 #!/usr/bin/env python
 """Train nanoebm on a character stream with the HF Trainer; `accelerate launch run_train.py` runs it distributed.
 
-    python run_train.py --preset cpu                       # nanoGPT's CPU config: minutes on a laptop
+    python run_train.py                                    # the embedded tiny Shakespeare; the preset follows the machine
     accelerate launch run_train.py --contrastive_type pcd  # the research defaults (GPU-sized), with PCD
 
 The research code's syntax is accepted as well: `run_train.py model.use_contrastive=true train.max_steps=100`.
-Losses (DESIGN.md section 4): CE of the refined logits (mean over thinking steps, or the last with
---truncate_refine), mixed with the System 1 CE by --aux_ce_weight, plus --contrastive_weight times a contrastive
-divergence term whose negatives come from Langevin chains on the logits (cd | pcd | fast_pcd). Contrastive training
-is on by default (cd; `--use_contrastive false` turns it off): it was the lever that made thinking pay in the
-ablation (BENCHMARKS.md).
+Losses (docs/DESIGN.md): CE of the refined logits (mean over thinking steps, or the last with --truncate_refine),
+mixed with the System 1 CE by --aux_ce_weight, plus --contrastive_weight times a contrastive divergence term whose
+negatives come from Langevin chains on the logits (cd | pcd | fast_pcd; on by default, `--use_contrastive false`
+turns it off). A finished run writes a complete model folder; it never overwrites another run's results.
 """
 
-import json
-import math
-import os
+import argparse
+import inspect
+import shutil
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import logging
+from nanoebm.card import RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, summary
+from nanoebm.cli import UsageError, reject_unknown, report, translate_research_syntax
 
-from configuration_nanoebm import NanoEBMConfig
-from modeling_nanoebm import NanoEBMForCausalLM
-from nanoebm.cli import translate_research_syntax
-from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
-from tokenization_char import CharTokenizer
-
-ROOT = Path(__file__).resolve().parent
+PROG = "run_train.py"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
-
+CHECKPOINTS = "checkpoints"  # checkpoints live in <output_dir>/checkpoints/, apart from the model's own files
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 
 PRESETS = {
-    # the research code's "common overrides" (DESIGN.md section 6): GPU-sized
+    # the research code's "common overrides" (docs/DESIGN.md): GPU-sized
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True, block_size=256,
                 per_device_train_batch_size=64, max_steps=5000, learning_rate=3e-4, warmup_steps=100,
                 eval_steps=500, save_steps=1000, logging_steps=50),
@@ -50,12 +39,22 @@ PRESETS = {
                 per_device_train_batch_size=12, max_steps=2000, learning_rate=1e-3, warmup_steps=100,
                 eval_steps=250, save_steps=1000, logging_steps=50),
 }
-
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
-                       "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
-THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
-                   "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
-                   "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
+ARCHITECTURE_PRESET = ("n_layer", "n_head", "n_embd", "dropout", "bias", "block_size")
+# TrainingArguments defaults nanoebm changes for every preset (nanoGPT's AdamW and schedule)
+TRAINING_DEFAULTS = dict(output_dir="out", weight_decay=0.1, adam_beta2=0.95, lr_scheduler_type="cosine_with_min_lr",
+                         per_device_eval_batch_size=32, report_to="none")
+# the standard TrainingArguments flags --help shows (every other one works too: --help_training lists them)
+SHOWN_TRAINING_FLAGS = {
+    "output_dir": "the model folder a finished run writes (checkpoints go to its checkpoints/ subfolder)",
+    "max_steps": "optimizer steps", "learning_rate": "peak AdamW learning rate (cosine decay to a tenth)",
+    "per_device_train_batch_size": "blocks per process per step", "gradient_accumulation_steps": "default: 1",
+    "warmup_steps": "linear warm-up steps", "logging_steps": "log every N steps", "eval_steps": "evaluate every N",
+    "save_steps": "checkpoint every N steps", "seed": "default: 42 (initialisation and data order)",
+    "resume_from_checkpoint": "a checkpoint folder (or 'last'): resumes that run exactly, with its own flags",
+    "bf16": "autocast the backbone to bfloat16 (thinking stays float32)", "torch_compile": "compile the model",
+    "use_cpu": "train on the CPU even if a GPU is present (picks the cpu preset)",
+    "report_to": "wandb, tensorboard, ... (or --wandb_project)", "run_name": "the run's name in the logger",
+}
 
 
 def opt(help_text, default=None, **kwargs):
@@ -64,16 +63,18 @@ def opt(help_text, default=None, **kwargs):
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = opt("continue from a saved nanoebm folder (weights, config, tokenizer)")
-    preset: str = opt("defaults to start from: 'gpu' (the research code's, 6x384, block 256, batch 64, 5000 steps) "
-                      "or 'cpu' (nanoGPT's CPU config, 4x128, block 64, batch 12, 2000 steps, lr 1e-3)", "gpu")
+    model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture, block size, "
+                                         "preset and batch are kept")
+    preset: str | None = opt("defaults to start from: 'gpu' (the research code's: 6x384, block 256, batch 64, "
+                             "5000 steps, lr 3e-4) or 'cpu' (nanoGPT's CPU config: 4x128, block 64, batch 12, 2000 "
+                             "steps, lr 1e-3). Default: gpu on a machine with a GPU, else cpu")
     n_layer: int | None = opt("transformer blocks")
     n_head: int | None = opt("attention heads")
     n_embd: int | None = opt("model width")
     dropout: float | None = opt("dropout probability")
     bias: bool | None = opt("biases in linear layers and LayerNorms")
     position_embedding: str | None = opt("'learned' (nanoGPT) or 'rope' (free sliding window past block_size)")
-    d_energy: int | None = opt("width of the energy space (default n_embd)")
+    d_energy: int | None = opt("width of the energy space")
     use_token_bias: bool | None = opt("per-token energy bias b_y")
     landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens")
     use_soft_tokens: bool | None = opt("the research code's switch for landscape=soft_tokens")
@@ -97,13 +98,13 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = opt("a local text file (default: tiny Shakespeare, resolved from $NANOEBM_DATA, "
-                                "data/, ../shared/data/)")
+    data_path: str | None = opt("a local text file (default: $NANOEBM_DATA, else the tiny Shakespeare that ships "
+                                "with nanoebm)")
     dataset_name: str | None = opt("a datasets data set (local path or one already in the HF cache)")
     dataset_config_name: str | None = opt("its configuration")
     text_column: str = opt("the column holding the text", "text")
     streaming: bool = opt("stream the data set instead of loading it (corpora larger than memory)", False)
-    block_size: int | None = opt("context length in characters")
+    block_size: int | None = opt("context length in characters (continuing: the saved model's)")
     train_fraction: float = opt("leading fraction of the text used for training; the rest validates", 0.9)
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
@@ -111,22 +112,9 @@ class DataArguments:
 
 
 @dataclass
-class EBMTrainingArguments(TrainingArguments):
-    output_dir: str | None = opt("where checkpoints and the final model folder go", "out")
-    do_train: bool = opt("train (on unless only --do_eval is given)", False)
-    do_eval: bool = opt("evaluate System 1 and System 2 on the validation blocks", False)
-    max_steps: int = opt("optimizer steps", 5000)
-    learning_rate: float = opt("peak AdamW learning rate", 3e-4)
-    weight_decay: float = opt("AdamW weight decay (not on biases, norms, embeddings, alpha)", 0.1)
-    adam_beta2: float = opt("AdamW beta2", 0.95)
-    lr_scheduler_type: str = opt("learning-rate schedule", "cosine_with_min_lr")
-    warmup_steps: float = opt("linear warm-up steps", 100)
-    per_device_train_batch_size: int = opt("blocks per device per step", 64)
-    per_device_eval_batch_size: int = opt("blocks per device per evaluation batch", 32)
-    logging_steps: float = opt("log every N steps", 50)
-    save_steps: float = opt("checkpoint every N steps", 1000)
-    eval_steps: float | None = opt("evaluate every N steps (with --do_eval)", None)
-    # losses (DESIGN.md section 4)
+class LossArguments:
+    """nanoebm's training objective beyond plain CE (docs/DESIGN.md, section "Training")."""
+
     aux_ce_weight: float = opt("lambda_aux: (1 - l) CE(refined) + l CE(System 1)", 0.1)
     warmup_steps_no_refine: int = opt("train System 1 only for the first N steps", 0)
     random_think_steps: str | None = opt("draw K per batch uniformly from 'LO-HI' (e.g. '2-3'); default fixed K")
@@ -136,8 +124,8 @@ class EBMTrainingArguments(TrainingArguments):
     think_replay_prob: float = opt("replay buffer (EBT): probability that a batch row is a replayed block whose "
                                    "descent resumes from the logits an earlier step refined it to; 0 disables", 0.0)
     think_replay_size: int = opt("replay buffer: blocks kept (with their refined logits)", 1000)
-    use_contrastive: bool | None = opt("the contrastive divergence term: on (cd) unless false; naming --contrastive_type "
-                                       "picks the sampler")
+    use_contrastive: bool | None = opt("the contrastive divergence term: on (cd) unless false; naming "
+                                       "--contrastive_type picks the sampler")
     contrastive_type: str | None = opt("cd (chains from System 1) | pcd (persistent buffer, Tieleman 2008) | "
                                        "fast_pcd (parallel persistent chains with restarts; no fast weights)")
     contrastive_k: int = opt("Langevin steps per negative", 1)
@@ -150,33 +138,38 @@ class EBMTrainingArguments(TrainingArguments):
     n_chains: int = opt("fast_pcd: parallel chains", 20)
     restart_prob: float = opt("fast_pcd: probability a chain restarts from System 1 logits", 0.01)
     buffer_init_std: float = opt("std of the N(0, s) initial particles", 1.0)
-    wandb_project: str | None = opt("log to this W&B project (implies --report_to wandb)")
 
     def __post_init__(self):
-        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
-            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
-        if self.wandb_project:
-            os.environ["WANDB_PROJECT"] = self.wandb_project
-            self.report_to = "wandb"
         if self.contrastive_type is not None:
             if self.contrastive_type not in CONTRASTIVE_TYPES:
-                raise ValueError(f"--contrastive_type {self.contrastive_type!r} is unknown: allowed {CONTRASTIVE_TYPES}")
+                raise UsageError(f"--contrastive_type {self.contrastive_type!r} is unknown: allowed {CONTRASTIVE_TYPES}")
             if self.use_contrastive is False:
-                raise ValueError("--contrastive_type was given with --use_contrastive false: drop one of them")
+                raise UsageError("--contrastive_type was given with --use_contrastive false: drop one of them")
             self.use_contrastive = True
         elif self.use_contrastive is not False:  # on by default: cd measured -1.1% bits/char (BENCHMARKS.md)
             self.contrastive_type, self.use_contrastive = "cd", True
         if not 0.0 <= self.think_replay_prob < 1.0:
-            raise ValueError(f"--think_replay_prob {self.think_replay_prob} is invalid: must be in [0, 1)")
+            raise UsageError(f"--think_replay_prob {self.think_replay_prob} is invalid: must be in [0, 1)")
         for name in ("contrastive_k", "n_persistent", "n_chains", "think_replay_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
+                raise UsageError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
         if not 0 <= self.restart_prob <= 1:
-            raise ValueError(f"--restart_prob {self.restart_prob} is invalid: must be in [0, 1]")
+            raise UsageError(f"--restart_prob {self.restart_prob} is invalid: must be in [0, 1]")
         if not 0 <= self.aux_ce_weight <= 1:
-            raise ValueError(f"--aux_ce_weight {self.aux_ce_weight} is invalid: must be in [0, 1]")
+            raise UsageError(f"--aux_ce_weight {self.aux_ce_weight} is invalid: must be in [0, 1]")
         self.think_steps_range = parse_range(self.random_think_steps)
-        super().__post_init__()
+
+
+@dataclass
+class RunArguments:
+    """What happens to the results."""
+
+    overwrite_output_dir: bool = opt("replace what --output_dir holds (a finished model, checkpoints of another "
+                                     "run); without it such a folder stops the run before anything is written", False)
+    keep_checkpoints: bool = opt("keep <output_dir>/checkpoints/ (optimizer, RNG and contrastive state, for "
+                                 "--resume_from_checkpoint) after a finished run; by default they are removed", False)
+    wandb_project: str | None = opt("log to this W&B project (implies --report_to wandb; offline with "
+                                    "WANDB_MODE=offline)")
 
 
 def parse_range(text):
@@ -185,11 +178,13 @@ def parse_range(text):
     try:
         lo, hi = (int(x) for x in str(text).replace(",", "-").split("-"))
     except ValueError:
-        raise ValueError(f"--random_think_steps {text!r} is invalid: write 'LO-HI', e.g. '2-3'") from None
+        raise UsageError(f"--random_think_steps {text!r} is invalid: write 'LO-HI', e.g. '2-3'") from None
     if not 0 <= lo <= hi:
-        raise ValueError(f"--random_think_steps {text!r} is invalid: need 0 <= LO <= HI")
+        raise UsageError(f"--random_think_steps {text!r} is invalid: need 0 <= LO <= HI")
     return lo, hi
 
+
+NANOEBM_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, RunArguments)
 
 # the research code's key=value syntax: section prefixes dropped, a few keys renamed
 RESEARCH_KEYS = {
@@ -203,575 +198,351 @@ RESEARCH_KEYS = {
 }
 
 
-def parse_args(argv=None):
+# ----------------------------------------------------------------------------------------------------------------
+# --help: nanoebm's options first, with their real defaults; no torch imported
+
+
+def default_text(name, value, config_defaults):
+    if name in PRESETS["gpu"]:
+        return f"gpu preset {PRESETS['gpu'][name]}, cpu preset {PRESETS['cpu'][name]}"
+    if name in config_defaults:
+        shown = config_defaults[name]
+        if shown is None:
+            return "n_embd" if name == "d_energy" else None
+        return repr(shown)
+    if name in TRAINING_DEFAULTS:
+        return repr(TRAINING_DEFAULTS[name])
+    return None if value is None else repr(value)
+
+
+def help_text() -> str:
+    from configuration_nanoebm import NanoEBMConfig  # the model's defaults, shown as they are
+
+    config_defaults = {k: p.default for k, p in inspect.signature(NanoEBMConfig.__init__).parameters.items()
+                       if p.default is not inspect.Parameter.empty}
+    parser = argparse.ArgumentParser(
+        prog=PROG, add_help=False,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=118),
+        usage=f"{PROG} [--preset gpu|cpu] [options]   (or: accelerate launch {PROG} ...)",
+        description=__doc__.split("\n\n", 1)[1],
+        epilog="Every other transformers TrainingArguments flag works as well (--bf16, --gradient_accumulation_steps, "
+               f"--fsdp, ...): `python {PROG} --help_training` lists them.\nResearch syntax: key=value words "
+               "(model.think_steps=4 train.max_steps=100 data.batch_size=64) map onto the flags.\nExit status: 0 "
+               "done, 2 bad input (one message, no traceback), 1 training diverged (NaN loss: the message names "
+               "the knobs).",
+    )
+    titles = {ModelArguments: "model (a new model; continuing or resuming keeps the saved architecture)",
+              DataArguments: "data", LossArguments: "losses", RunArguments: "results"}
+    for cls in NANOEBM_ARGUMENTS:
+        group = parser.add_argument_group(titles[cls])
+        for f in fields(cls):
+            shown = default_text(f.name, f.default, config_defaults)
+            tail = f" (default: {shown})" if shown is not None else ""
+            group.add_argument(f"--{f.name}", metavar="", help=f.metadata.get("help", "") + tail)
+    group = parser.add_argument_group("standard training options nanoebm sets (TrainingArguments)")
+    for name, text in SHOWN_TRAINING_FLAGS.items():
+        shown = default_text(name, None, {})
+        group.add_argument(f"--{name}", metavar="", help=text + (f" (default: {shown})" if shown else ""))
+    return parser.format_help()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing: the preset follows the machine; continuing or resuming starts from what it continues
+
+
+@dataclass
+class ParsedArguments:
+    model: "ModelArguments"
+    data: "DataArguments"
+    loss: "LossArguments"
+    run: "RunArguments"
+    training: object  # transformers.TrainingArguments
+    argv: list  # the command line as given (after the key=value translation)
+    preset: str
+    preset_reason: str
+    resume_from: Path | None = None
+
+
+def flag_value(argv, name):
+    """The last value given to --name in argv (either `--name v` or `--name=v`), or None."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(f"--{name}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def without_flag(argv, name):
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == f"--{name}":
+            skip = True
+        elif not word.startswith(f"--{name}="):
+            out.append(word)
+    return out
+
+
+def machine_preset(argv):
+    import torch
+
+    value = "true" if argv[-1:] == ["--use_cpu"] else str(flag_value(argv, "use_cpu")).lower()
+    if any(w == "--use_cpu" or w.startswith("--use_cpu=") for w in argv) and value not in ("false", "0", "no"):
+        return "cpu", "--use_cpu"
+    if torch.cuda.is_available():
+        return "gpu", f"a GPU is present ({torch.cuda.get_device_name(0)})"
+    return "cpu", "no GPU here; --preset gpu for the research config"
+
+
+def resolve_checkpoint(value, argv):
+    """--resume_from_checkpoint: a checkpoint folder, or 'last' / 'true' for the newest in --output_dir."""
+    if str(value).lower() in ("last", "true"):
+        run_dir = Path(flag_value(argv, "output_dir") or TRAINING_DEFAULTS["output_dir"])
+        found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                       if p.name.split("-")[-1].isdigit() else -1)
+        if not found:
+            raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint in {run_dir / CHECKPOINTS}")
+        return found[-1]
+    path = Path(value)
+    if not (path / "config.json").is_file() or not (path / "trainer_state.json").is_file():
+        raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder (it needs config.json and "
+                         f"trainer_state.json; checkpoints are in <output_dir>/{CHECKPOINTS}/checkpoint-N)")
+    return path
+
+
+def continuation_prefix(argv):
+    """Flags that put a continued or resumed run where its source left off; the command line overrides them.
+
+    Resuming a checkpoint repeats the interrupted run's own command (so its preset, batch, steps and schedule
+    hold) and writes into that run's folder; continuing a saved folder keeps its preset and batch."""
+    resume = flag_value(argv, "resume_from_checkpoint")
+    if resume is not None and str(resume).lower() not in ("false", "none"):
+        checkpoint = resolve_checkpoint(resume, argv)
+        record = read_record(checkpoint)
+        if record is not None:
+            run = record["runs"][-1]
+            original = without_flag(run.get("argv", []), "resume_from_checkpoint")
+            return ["--preset", run["preset"], *original, "--output_dir", run["output_dir"]], checkpoint
+        config = json_file(checkpoint / "config.json")
+        state = json_file(checkpoint / "trainer_state.json")
+        prefix = ["--block_size", str(config["block_size"])]
+        prefix += [f"--{k}={config[k]}" for k in ARCHITECTURE_PRESET if k in config and k != "block_size"]
+        if state.get("train_batch_size"):
+            prefix += ["--per_device_train_batch_size", str(state["train_batch_size"])]
+        return prefix, checkpoint
+    folder = flag_value(argv, "model_name_or_path")
+    if folder is not None:
+        record = read_record(folder)
+        if record is not None:
+            run = record["runs"][-1]
+            return ["--preset", run["preset"], "--per_device_train_batch_size", str(run["per_device_train_batch_size"]),
+                    "--gradient_accumulation_steps", str(run["gradient_accumulation_steps"])], None
+    return [], None
+
+
+def json_file(path):
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} is missing or not valid JSON ({error})") from None
+
+
+def parse_args(argv=None) -> ParsedArguments:
+    from transformers import HfArgumentParser, TrainingArguments
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, EBMTrainingArguments), description=__doc__)
+    parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG)
     argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
-    preset = "gpu"
-    for i, token in enumerate(argv):
-        if token == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif token.startswith("--preset="):
-            preset = token.split("=", 1)[1]
+    prefix, checkpoint = continuation_prefix(argv)
+    full = [*prefix, *argv]
+    preset = flag_value(full, "preset")
+    if preset is None:
+        preset, reason = machine_preset(full)
+    else:
+        reason = "from the folder it continues" if preset == flag_value(prefix, "preset") and \
+            flag_value(argv, "preset") is None else "--preset"
     if preset not in PRESETS:
-        raise SystemExit(f"error: --preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
-    defaults = dict(PRESETS[preset])
-    continuing = any(t == "--model_name_or_path" or t.startswith("--model_name_or_path=") for t in argv)
-    for key in ("n_layer", "n_head", "n_embd", "dropout", "bias", "block_size"):
-        value = defaults.pop(key)  # a saved model keeps its own architecture; otherwise the preset's
+        raise UsageError(f"--preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
+    defaults = {**TRAINING_DEFAULTS, **PRESETS[preset], "preset": preset}
+    continuing = flag_value(full, "model_name_or_path") is not None
+    for key in ARCHITECTURE_PRESET:  # a saved model keeps its own architecture; block_size is settled in main
+        value = defaults.pop(key)
         if not continuing and key != "block_size":
             defaults[key] = value
-    parser.set_defaults(report_to="none", **defaults)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser.set_defaults(**defaults)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True,
+                                                             look_for_args_file=False)
+    reject_unknown(parser, remaining)
+    model_args, data_args, loss_args, run_args, training_args = parsed
+    if training_args.lr_scheduler_type == "cosine_with_min_lr" and not training_args.lr_scheduler_kwargs:
+        training_args.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
+    if run_args.wandb_project:
+        import os
+
+        os.environ["WANDB_PROJECT"] = run_args.wandb_project
+        training_args.report_to = ["wandb"]
     if not training_args.do_train and not training_args.do_eval:
         training_args.do_train = training_args.do_eval = True
     if training_args.do_eval and training_args.eval_strategy == "no" and training_args.do_train:
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
-    return model_args, data_args, training_args, argv
+    if checkpoint is not None:
+        training_args.resume_from_checkpoint = str(checkpoint)
+    return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
+                           checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: a character stream from datasets, random-offset training blocks, fixed validation blocks
+# Nothing lost: a run writes only into a folder that holds nothing of another run
 
 
-class RandomOffsetBlocks(torch.utils.data.Dataset):
-    """Every offset of the training text is one example: a shuffled epoch visits each window once, in random
-    order (nanoGPT draws random offsets; fixed chunk boundaries would see block_size times fewer windows)."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int):
-        self.ids, self.block_size = ids, block_size
-
-    def __len__(self):
-        return self.ids.numel() - self.block_size
-
-    def __getitem__(self, i):
-        chunk = self.ids[i: i + self.block_size + 1].long()
-        return {"input_ids": chunk[:-1], "shift_labels": chunk[1:]}
-
-
-class StreamBlocks(torch.utils.data.IterableDataset):
-    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM)."""
-
-    def __init__(self, stream, tokenizer, block_size, column, seed=0, buffer=1000):
-        self.stream, self.tokenizer, self.block_size, self.column = stream, tokenizer, block_size, column
-        self.seed, self.buffer = seed, buffer
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        pending, pool = [], []
-        for row in self.stream:
-            pending.extend(self.tokenizer(row[self.column] + "\n")["input_ids"])
-            while len(pending) > self.block_size:
-                chunk = torch.tensor(pending[: self.block_size + 1])
-                del pending[: self.block_size]
-                pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
-                if len(pool) >= self.buffer:
-                    yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
-        while pool:
-            yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
+def check_output_dir(folder: Path, args: ParsedArguments):
+    """Raise UsageError if `folder` holds a finished model or checkpoints that this run would overwrite."""
+    if not folder.exists() or args.run.overwrite_output_dir:
+        return
+    finished = [name for name in ("config.json", "model.safetensors", RUN_RECORD) if (folder / name).exists()]
+    checkpoints = sorted(p.name for p in (folder / CHECKPOINTS).glob("checkpoint-*")) + \
+        sorted(p.name for p in folder.glob("checkpoint-*"))
+    own = args.resume_from is not None and (folder / CHECKPOINTS).resolve() == args.resume_from.resolve().parent
+    what = "a finished model" if finished else (f"checkpoints of another run ({', '.join(checkpoints[:3])})"
+                                                if checkpoints and not own else None)
+    if what is None:
+        return
+    raise UsageError(
+        f"--output_dir {folder} already holds {what}: nothing was written. Give a new --output_dir, "
+        + ("resume it with --resume_from_checkpoint " + str(folder / CHECKPOINTS / checkpoints[-1]) + ", "
+           if checkpoints and not finished else "")
+        + "or pass --overwrite_output_dir true to replace it"
+    )
 
 
-def load_text(data_args):
-    """The whole text of the source (non-streaming), read through `datasets`."""
-    from datasets import load_dataset
-
-    if data_args.dataset_name:
-        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
-        return "\n".join(dataset[data_args.text_column])
-    path = resolve_data_path(data_args.data_path)
-    dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
-    return "".join(dataset["text"])
-
-
-def build_data(data_args, tokenizer, block_size, seed):
-    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer)."""
-    if data_args.streaming:
-        from datasets import load_dataset
-
-        source = data_args.dataset_name or "text"
-        files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
-        open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
-                                           streaming=True)
-        if tokenizer is None:
-            seen, scanned = set(), 0
-            for row in open_stream():
-                seen.update(row[data_args.text_column] + "\n")
-                scanned += len(row[data_args.text_column]) + 1
-                if scanned >= data_args.vocab_scan_chars:
-                    break
-            tokenizer = CharTokenizer.from_chars(sorted(seen))
-        # validation: the first characters of the stream, held out by skipping them in training
-        val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
-        for row in open_stream():
-            val_text += row[data_args.text_column] + "\n"
-            rows_held += 1
-            if len(val_text) >= val_chars:
-                break
-        val_ids = torch.tensor(tokenizer(val_text)["input_ids"])
-        train = StreamBlocks(open_stream().skip(rows_held), tokenizer, block_size, data_args.text_column, seed)
-        return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
-
-    text = load_text(data_args)
-    if tokenizer is None:
-        tokenizer = CharTokenizer.from_corpus(text)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int32 if len(tokenizer) > 32767 else torch.int16)
-    split = int(len(ids) * data_args.train_fraction)
-    train_ids, val_ids = ids[:split], ids[split:]
-    for name, part in (("training", train_ids), ("validation", val_ids)):
-        if part.numel() < block_size + 2:
-            raise ValueError(
-                f"the {name} part of the corpus has {part.numel()} characters, fewer than one block "
-                f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
-            )
-    return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+def clear_output_dir(folder: Path, args: ParsedArguments):
+    """With --overwrite_output_dir: remove the earlier run's model files and checkpoints (never other files)."""
+    if not args.run.overwrite_output_dir or not folder.exists():
+        return
+    own = args.resume_from is not None and (folder / CHECKPOINTS).resolve() == args.resume_from.resolve().parent
+    if not own:
+        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+        for stale in folder.glob("checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    for name in ("config.json", "model.safetensors", RUN_RECORD, "all_results.json", "README.md"):
+        (folder / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Contrastive divergence on the logits
-
-
-class ContrastiveSampler:
-    """Negatives for contrastive divergence: Langevin chains on the logits over the batch's detached landscape.
-
-    cd starts chains at the System 1 logits of every position. pcd keeps `n_persistent` particles that move to a
-    random set of positions each step and persist (Tieleman 2008). fast_pcd keeps `n_chains` chains that restart
-    from the System 1 logits with probability `restart_prob` (persistent chains with restarts; not Tieleman &
-    Hinton's fast weights). The particles and the sampler's random generator are training state (`state_dict`).
-    """
-
-    def __init__(self, args: EBMTrainingArguments, vocab_size: int, temperature: float, seed: int):
-        self.args, self.temperature = args, temperature
-        self.generator = torch.Generator().manual_seed(seed)
-        self.particles = None
-        if args.contrastive_type in ("pcd", "fast_pcd"):
-            n = args.n_persistent if args.contrastive_type == "pcd" else args.n_chains
-            self.particles = args.buffer_init_std * torch.randn(n, vocab_size, generator=self.generator)
-
-    def state_dict(self):
-        return {"particles": self.particles, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.particles = state["particles"]
-        self.generator.set_state(state["generator"])
-
-    def randn(self, shape, device):
-        return torch.randn(shape, generator=self.generator).to(device)
-
-    @torch.no_grad()
-    def langevin(self, landscape, logits):
-        step, scale, tau = self.args.langevin_step_size, self.args.langevin_noise_scale, self.temperature
-        for _ in range(self.args.contrastive_k):
-            p = torch.softmax(logits / tau, dim=-1)
-            energy = landscape(p)
-            grad = p * (energy - (p * energy).sum(-1, keepdim=True)) / tau
-            logits = logits - step * grad + math.sqrt(2 * step * scale) * self.randn(logits.shape, logits.device)
-        return logits
-
-    def loss(self, landscape, system1_logits, labels):
-        """Returns (loss, E_pos, E_neg) averaged over the positions that carry a chain."""
-        B, T, V = system1_logits.shape
-        start = system1_logits.detach().float().clone()
-        valid = (labels != -100).flatten()
-        if self.particles is None:  # cd: every position
-            chosen = valid.nonzero().squeeze(1)
-        else:
-            candidates = valid.nonzero().squeeze(1)
-            n = min(self.particles.shape[0], candidates.numel())
-            chosen = candidates[torch.randperm(candidates.numel(), generator=self.generator)[:n]]
-            particles = self.particles[:n].to(start.device)
-            if self.args.contrastive_type == "fast_pcd":
-                restart = (torch.rand(n, generator=self.generator) < self.args.restart_prob).to(start.device)
-                particles = torch.where(restart[:, None], start.view(-1, V)[chosen], particles)
-            start.view(-1, V)[chosen] = particles
-        negatives = self.langevin(landscape, start)
-        if self.particles is not None:
-            n = chosen.numel()
-            self.particles[:n] = negatives.view(-1, V)[chosen].cpu()
-        # live landscape: gradients reach the model through the energies, never through the sampled beliefs
-        tau = self.temperature
-        p_data = torch.softmax(system1_logits.detach().float() / tau, -1)
-        e_pos = landscape(p_data).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).flatten()[chosen]
-        p_neg = torch.softmax(negatives / tau, -1)
-        e_neg = (p_neg * landscape(p_neg)).sum(-1).flatten()[chosen]
-        loss = (e_pos - e_neg).mean() + self.args.contrastive_reg_weight * (e_pos.pow(2) + e_neg.pow(2)).mean()
-        return loss, e_pos.mean().detach(), e_neg.mean().detach()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Replay buffer of refined logits (Energy-Based Transformers)
-
-
-class ThinkingReplay:
-    """Blocks seen earlier, kept with the logits thinking refined them to. A replayed row resumes its descent from
-    there, so training sees the landscape where a longer chain of steps would go (at the cost of fresh rows)."""
-
-    def __init__(self, size: int, prob: float, seed: int):
-        self.size, self.prob = size, prob
-        self.generator = torch.Generator().manual_seed(seed)
-        self.ids = self.labels = self.logits = None
-        self.count, self.cursor = 0, 0
-
-    def state_dict(self):
-        return {"ids": self.ids, "labels": self.labels, "logits": self.logits, "count": self.count,
-                "cursor": self.cursor, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.ids, self.labels, self.logits = state["ids"], state["labels"], state["logits"]
-        self.count, self.cursor = state["count"], state["cursor"]
-        self.generator.set_state(state["generator"])
-
-    def mix(self, input_ids, labels):
-        """Replace some rows by replayed blocks: (input_ids, labels, start logits or None, row mask or None)."""
-        B = input_ids.shape[0]
-        rows = torch.rand(B, generator=self.generator) < self.prob
-        if self.count == 0 or not rows.any():
-            return input_ids, labels, None, None
-        picks = torch.randint(self.count, (int(rows.sum()),), generator=self.generator)
-        device = input_ids.device
-        rows_d = rows.to(device)
-        input_ids, labels = input_ids.clone(), labels.clone()
-        input_ids[rows_d] = self.ids[picks].to(device)
-        labels[rows_d] = self.labels[picks].to(device)
-        start = torch.zeros(*input_ids.shape, self.logits.shape[-1], device=device)
-        start[rows_d] = self.logits[picks].to(device).float()
-        return input_ids, labels, start, rows_d[:, None].expand(input_ids.shape)
-
-    @torch.no_grad()
-    def push(self, input_ids, labels, refined):
-        if self.ids is None:
-            self.ids = torch.zeros(self.size, input_ids.shape[1], dtype=torch.long)
-            self.labels = torch.zeros_like(self.ids)
-            self.logits = torch.zeros(self.size, *refined.shape[1:])
-        slots = (self.cursor + torch.arange(input_ids.shape[0])) % self.size  # a ring: the oldest go first
-        self.ids[slots], self.labels[slots] = input_ids.cpu(), labels.cpu()
-        self.logits[slots] = refined.detach().float().cpu()
-        self.cursor = int(slots[-1] + 1) % self.size
-        self.count = min(self.count + input_ids.shape[0], self.size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The Trainer
-
-
-class EBMTrainer(Trainer):
-    """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
-
-    CONTRASTIVE_STATE = "contrastive_state_{}.pt"
-    REPLAY_STATE = "replay_state_{}.pt"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        model = self.model
-        self.contrastive = None
-        if self.args.use_contrastive:
-            self.contrastive = ContrastiveSampler(self.args, model.config.vocab_size, model.config.softmax_temperature,
-                                                  seed=self.args.seed + 1000 * self.args.process_index)
-        self.replay = None
-        if self.args.think_replay_prob > 0:
-            self.replay = ThinkingReplay(self.args.think_replay_size, self.args.think_replay_prob,
-                                         seed=self.args.seed + 1000 * self.args.process_index + 7)
-        self._sums, self._counts = defaultdict(float), defaultdict(int)
-        self._last_log = (time.perf_counter(), 0)
-
-    # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            model = self.model if model is None else model
-            decay, no_decay, alpha = [], [], []
-            for name, param in model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if name.endswith("think_lr_raw"):
-                    alpha.append(param)
-                elif param.dim() >= 2 and not name.endswith(("wte.weight", "wpe.weight")):
-                    decay.append(param)
-                else:
-                    no_decay.append(param)
-            groups = [{"params": decay, "weight_decay": self.args.weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-            if alpha:
-                groups.append({"params": alpha, "weight_decay": 0.0,
-                               "lr": self.args.learning_rate * self.args.think_lr_lr_multiplier})
-            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-    # -- loss ----------------------------------------------------------------------------------------------
-
-    def think_steps_now(self, config):
-        if not config.use_thinking or self.state.global_step < self.args.warmup_steps_no_refine:
-            return 0
-        if self.args.think_steps_range is None:
-            return config.think_steps
-        lo, hi = self.args.think_steps_range  # the same draw on every rank: seeded by the step
-        draw = torch.Generator().manual_seed(self.args.seed * 100003 + self.state.global_step)
-        return int(torch.randint(lo, hi + 1, (1,), generator=draw))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        config = self.accelerator.unwrap_model(model).config
-        labels = inputs["shift_labels"]
-        steps = self.think_steps_now(config)
-        # J after the last step costs one more landscape evaluation (a backbone pass for soft tokens): only for
-        # the steps whose numbers get logged
-        every = self.args.logging_steps if self.args.logging_steps >= 1 else self.args.logging_steps * self.args.max_steps
-        want_trace = not model.training or self.state.global_step % max(1, int(every)) == 0
-        input_ids, start, start_mask = inputs["input_ids"], None, None
-        replaying = self.replay is not None and model.training and steps > 0
-        if replaying:
-            input_ids, labels, start, start_mask = self.replay.mix(input_ids, labels)
-        outputs = model(
-            input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
-            detach_refine=self.args.detach_refine, return_landscape=self.contrastive is not None,
-            return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
-        )
-        if replaying:
-            self.replay.push(input_ids, labels, outputs.logits)
-        ce = NanoEBMForCausalLM.next_token_loss
-        loss_aux = ce(outputs.system1_logits, shift_labels=labels)
-        if steps > 0:
-            refined = outputs.step_logits[-1:] if self.args.truncate_refine else outputs.step_logits
-            loss_main = torch.stack([ce(v, shift_labels=labels) for v in refined]).mean()
-            loss = (1 - self.args.aux_ce_weight) * loss_main + self.args.aux_ce_weight * loss_aux
-        else:
-            loss_main = loss = loss_aux
-        logs = {"loss_main": loss_main, "loss_aux": loss_aux, "think_steps": steps}
-        if steps > 0 and want_trace:
-            trace = outputs.energy_trace
-            logs.update(energy_initial=trace[..., 0].mean(), energy_final=trace[..., -1].mean(),
-                        energy_gap=(trace[..., 0] - trace[..., -1]).mean())
-        if self.contrastive is not None:
-            cd_loss, e_pos, e_neg = self.contrastive.loss(outputs.landscape, outputs.system1_logits, labels)
-            loss = loss + self.args.contrastive_weight * cd_loss
-            logs.update(cd_loss=cd_loss, cd_energy_pos=e_pos, cd_energy_neg=e_neg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss became {loss.item()} at step {self.state.global_step}: lower --learning_rate "
-                f"(now {self.args.learning_rate}), --think_lr or --contrastive_weight, or raise --contrastive_reg_weight"
-            )
-        if model.training:
-            for key, value in logs.items():
-                self._sums[key] += float(value.detach() if torch.is_tensor(value) else value)
-                self._counts[key] += 1
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs, start_time=None):
-        if "loss" in logs and self._counts:
-            extras = torch.tensor([self._sums[k] / self._counts[k] for k in sorted(self._sums)],
-                                  device=self.args.device)
-            extras = self.accelerator.reduce(extras, reduction="mean")
-            logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
-            logs["perplexity"] = round(math.exp(min(logs["loss"], 50)), 4)
-            logs["bits_per_char"] = round(logs["loss"] / math.log(2), 5)
-            model = self.accelerator.unwrap_model(self.model)
-            logs["alpha"] = round(float(model.think_lr.detach()), 5)
-            now, step = time.perf_counter(), self.state.global_step
-            elapsed, steps = now - self._last_log[0], step - self._last_log[1]
-            if steps > 0 and elapsed > 0:
-                tokens = steps * self.args.train_batch_size * self.args.gradient_accumulation_steps \
-                    * model.config.block_size * self.args.world_size
-                logs["tokens_per_second"] = round(tokens / elapsed, 1)
-            self._last_log = (now, step)
-            self._sums, self._counts = defaultdict(float), defaultdict(int)
-        super().log(logs, start_time)
-
-    # -- evaluation: System 1 and System 2 on fixed validation blocks --------------------------------------
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        blocks = self.eval_dataset if eval_dataset is None else eval_dataset
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        steps = model.config.think_steps if model.config.use_thinking else 0
-        rank, world = self.args.process_index, self.args.world_size
-        mine = blocks[rank::world]
-        per_block = defaultdict(list)
-        with torch.no_grad(), self.autocast_smart_context_manager():
-            for batch in mine.split(self.args.per_device_eval_batch_size):
-                batch = batch.to(self.args.device)
-                x, y = batch[:, :-1], batch[:, 1:]
-                out = model(x, use_thinking=steps > 0, think_steps=2 * steps)
-                nll = lambda logits: F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)  # noqa: E731
-                per_block["system1"].append(nll(out.system1_logits))
-                if steps > 0:
-                    per_block["system2"].append(nll(out.step_logits[steps - 1]))
-                    per_block["system2_2x"].append(nll(out.logits))
-                    per_block["energy_gap"].append((out.energy_trace[..., 0] - out.energy_trace[..., steps]).mean(1))
-                    per_block["energy_gap_2x"].append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).mean(1))
-        metrics = {}
-        bpc = load_bpc_metric()
-        per_rank = math.ceil(len(blocks) / world)
-        for name, values in per_block.items():
-            values = torch.cat(values) if values else torch.empty(0, device=self.args.device)
-            padded = torch.full((per_rank,), float("nan"), device=self.args.device)
-            padded[: values.numel()] = values
-            gathered = self.accelerator.gather(padded)
-            gathered = gathered[~torch.isnan(gathered)].cpu()
-            if name.startswith("energy_gap"):
-                metrics[f"{metric_key_prefix}_{name}"] = round(float(gathered.mean()), 5)
-                continue
-            result = bpc.compute(nll=gathered.tolist())  # equal-length blocks: the mean of means is the mean
-            metrics[f"{metric_key_prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
-            metrics[f"{metric_key_prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
-            metrics[f"{metric_key_prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
-        metrics[f"{metric_key_prefix}_loss"] = metrics.get(f"{metric_key_prefix}_system2_loss",
-                                                           metrics[f"{metric_key_prefix}_system1_loss"])
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        model.train(was_training)
-        return metrics
-
-    # -- the contrastive particles and the replay buffer are training state ----------------------------------
-
-    def _buffers(self):
-        return [(name, buffer) for name, buffer in ((self.CONTRASTIVE_STATE, self.contrastive),
-                                                     (self.REPLAY_STATE, self.replay)) if buffer is not None]
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        for name, buffer in self._buffers():
-            os.makedirs(folder, exist_ok=True)
-            torch.save(buffer.state_dict(), os.path.join(folder, name.format(self.args.process_index)))
-
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        for name, buffer in self._buffers():
-            path = os.path.join(checkpoint, name.format(self.args.process_index))
-            if not os.path.isfile(path):
-                kind = "contrastive" if buffer is self.contrastive else "replay-buffer"
-                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
-                                        f"with the same number of processes")
-            buffer.load_state_dict(torch.load(path, weights_only=False))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model, card, main
-
-
-def check_model_folder(folder):
-    """A saved nanoebm folder, or a clear error (before anything is read or written)."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
-                                f"run_train.py or save_pretrained")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model_name_or_path {folder}: config.json is not valid JSON ({err})") from None
-    if model_type != "nanoebm":
-        raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
-    if not (folder / "vocab.json").is_file():
-        raise FileNotFoundError(f"--model_name_or_path {folder}: no vocab.json (the character tokenizer) there")
-    return json.loads(config_file.read_text())
-
-
-def build_model(model_args, data_args, tokenizer):
-    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
-                 if getattr(model_args, k) is not None}
-    if model_args.model_name_or_path:
-        model = NanoEBMForCausalLM.from_pretrained(model_args.model_name_or_path)
-        changed = [k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(model.config, k) != overrides[k]]
-        if changed:
-            raise ValueError(f"cannot change the architecture of a saved model: {', '.join(changed)}")
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
-        model.config.validate_nanoebm()
-        return model
-    block_size = data_args.block_size
-    config = NanoEBMConfig(vocab_size=len(tokenizer), block_size=block_size, **overrides)
-    return NanoEBMForCausalLM(config)
-
-
-def write_model_card(folder, argv, metrics, config):
-    def fmt(key):
-        return f"{metrics[key]:.4f}" if key in metrics else "n/a"
-
-    card = f"""---
-library_name: transformers
-tags: [nanoebm, energy-based-model, character-level]
----
-# nanoebm model
-
-An energy-based character transformer that thinks at decode time ({config.n_layer} layers, {config.n_embd} wide,
-block {config.block_size}, landscape `{config.landscape}`, {config.think_steps} thinking steps).
-
-Trained with:
-
-```bash
-python run_train.py {' '.join(argv)}
-```
-
-| validation | bits per char | nats per char |
-|---|---|---|
-| System 1 | {fmt('eval_system1_bpc')} | {fmt('eval_system1_loss')} |
-| System 2 ({config.think_steps} steps) | {fmt('eval_system2_bpc')} | {fmt('eval_system2_loss')} |
-| System 2 ({2 * config.think_steps} steps) | {fmt('eval_system2_2x_bpc')} | {fmt('eval_system2_2x_loss')} |
-
-Energy gap J0 - JK: {fmt('eval_energy_gap')}.
-
-```python
-from transformers import pipeline
-generator = pipeline("text-generation", model="PATH", trust_remote_code=True)
-generator("HAMLET:", think_steps={config.think_steps}, max_new_tokens=200, do_sample=True, top_k=64)
-```
-"""
-    (Path(folder) / "README.md").write_text(card)
+# main
 
 
 def main(argv=None, callbacks=None):
-    model_args, data_args, training_args, argv = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import json
+
+    from transformers import default_data_collator, set_seed
+    from transformers.utils import logging
+
+    from nanoebm import training
+    from tokenization_char import CharTokenizer
+
     logging.set_verbosity_warning()
+    T, data_args, model_args = args.training, args.data, args.model
+    final_dir = Path(T.output_dir)
+    if T.do_train:
+        check_output_dir(final_dir, args)
     tokenizer = None
     if model_args.model_name_or_path:
-        saved = check_model_folder(model_args.model_name_or_path)
+        saved = training.check_model_folder(model_args.model_name_or_path)
         if data_args.block_size not in (None, saved["block_size"]):
-            raise ValueError(f"--block_size {data_args.block_size} differs from the saved model's "
+            raise UsageError(f"--block_size {data_args.block_size} differs from the saved model's "
                              f"block_size={saved['block_size']}: drop the flag to continue that model")
         data_args.block_size = saved["block_size"]
         tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
     elif data_args.block_size is None:
-        data_args.block_size = PRESETS[model_args.preset]["block_size"]
-    set_seed(training_args.seed)
+        data_args.block_size = PRESETS[args.preset]["block_size"]
+    set_seed(T.seed)
+    if T.do_train:
+        with T.main_process_first(desc="clearing --output_dir"):
+            if T.process_index == 0:
+                clear_output_dir(final_dir, args)
+        T.output_dir = str(final_dir / CHECKPOINTS)
 
-    with training_args.main_process_first(desc="reading the corpus"):
-        train_data, eval_blocks, tokenizer = build_data(data_args, tokenizer, data_args.block_size, training_args.seed)
-    model = build_model(model_args, data_args, tokenizer)
-    if training_args.should_log:
-        print(f"nanoebm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
-              f"{len(tokenizer)}, landscape {model.config.landscape}, block {model.config.block_size}")
+    with T.main_process_first(desc="reading the corpus"):
+        train_data, eval_blocks, tokenizer = training.build_data(data_args, tokenizer, data_args.block_size, T.seed)
+    model = training.build_model(model_args, data_args, tokenizer)
+    world = T.world_size
+    started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
+                    {"model": model_args.model_name_or_path} if model_args.model_name_or_path else "random init")
+    runs = lineage_from(model_args.model_name_or_path if not args.resume_from else None, args.resume_from)
+    run = new_run(command=launch_command(args.argv, world), preset=args.preset, processes=world,
+                  per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
+                  block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=final_dir,
+                  started_from=started_from)
+    run["argv"] = args.argv
+    record = {"runs": [*runs, run]}
+    if T.should_log:
+        print(f"nanoebm: preset {args.preset} ({args.preset_reason}); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block "
+              f"{model.config.block_size}; {world} process(es) x batch {T.per_device_train_batch_size} x "
+              f"accumulation {T.gradient_accumulation_steps} = {run['global_batch']} blocks per step")
 
-    trainer = EBMTrainer(
-        model=model, args=training_args, train_dataset=train_data if training_args.do_train else None,
-        eval_dataset=eval_blocks, processing_class=tokenizer, data_collator=default_data_collator,
-        callbacks=callbacks,
+    trainer = training.EBMTrainer(
+        model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
+        processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks,
+        ebm_args=args.loss, run_record=record if T.do_train else None,
     )
-    metrics = {}
-    if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume == "last" or resume is True:
-            resume = get_last_checkpoint(training_args.output_dir)
-        result = trainer.train(resume_from_checkpoint=resume)
+    metrics, started = {}, time.perf_counter()
+    if T.do_train:
+        result = trainer.train(resume_from_checkpoint=T.resume_from_checkpoint)
         metrics.update(result.metrics)
-    if training_args.do_eval:
+    if T.do_eval:
         metrics.update(trainer.evaluate())
-    if training_args.do_train:
+    if T.do_train:
         # only a finished run writes the model folder: a crash leaves checkpoints, never a half-made model
-        trainer.save_model(training_args.output_dir)
+        trainer.save_model(str(final_dir))
         if trainer.is_world_process_zero():
-            write_model_card(training_args.output_dir, argv, metrics, trainer.model.config)
-            with open(Path(training_args.output_dir) / "all_results.json", "w") as handle:
-                json.dump(metrics, handle, indent=2)
+            run.update(steps_done=trainer.state.global_step, metrics={k: v for k, v in metrics.items()
+                                                                      if k.startswith("eval_")},
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
+            (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config))
+            (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+            (final_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
+            if args.run.keep_checkpoints:
+                kept = f"kept in {final_dir / CHECKPOINTS}/ (--resume_from_checkpoint DIR resumes one exactly)"
+            else:
+                shutil.rmtree(final_dir / CHECKPOINTS, ignore_errors=True)
+                kept = "removed (--keep_checkpoints true keeps them)"
+            print(summary(final_dir, run, metrics, trainer.model.config, time.perf_counter() - started, kept),
+                  flush=True)
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    if "--help_training" in argv:
+        from transformers import HfArgumentParser, TrainingArguments
+
+        HfArgumentParser(TrainingArguments, prog=PROG).print_help()
+        return 0
     try:
-        main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except (UsageError, FileNotFoundError, ValueError) as error:
+        return report(PROG, error, 2)
+    except FloatingPointError as error:  # a NaN loss: the message names the knobs to lower
+        return report(PROG, error, 1)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted (checkpoints, if any, are in <output_dir>/{CHECKPOINTS}/)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

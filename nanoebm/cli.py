@@ -54,12 +54,12 @@ def reject_unknown(parser, remaining) -> None:
     """UsageError for command-line words no option takes, with the closest flags."""
     if not remaining:
         return
-    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    options = [o for o in parser._option_string_actions if o.startswith("--") and "-" not in o[2:]]
     hints = []
     for word in remaining:
         hint = closest(word.split("=")[0], options, n=2)
         if hint:
-            hints.append(f"{word!r}{hint[1:]}")
+            hints.append(f"{word!r}:{hint[1:]}")
     detail = " (" + "; ".join(hints) + ")" if hints else ""
     raise UsageError(f"unrecognized arguments: {' '.join(remaining)}{detail} (see --help)")
 

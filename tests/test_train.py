@@ -2,7 +2,6 @@
 folder, the research-code syntax and bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, default_data_collator
 
 import run_train
+from nanoebm import training
 from nanoebm.cli import UsageError
+from nanoebm.corpus import resolve_data_path
 from conftest import ROOT, make_model, run_without_nanoebm
 
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -41,12 +42,12 @@ def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
     """A real EBMTrainer on a tiny model, for looking at compute_loss directly (contrastive only when named)."""
     if "--contrastive_type" not in extra:
         extra = (*extra, "--use_contrastive", "false")
-    model_args, data_args, args, _ = run_train.parse_args(
-        [*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
-    train_data, blocks, tokenizer = run_train.build_data(data_args, None, 32, 0)
+    parsed = run_train.parse_args([*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
+    train_data, blocks, tokenizer = training.build_data(parsed.data, None, 32, 0)
     model = make_model(landscape=landscape, n_layer=1, correction_scale=0.5, think_lr=1.0)
-    trainer = run_train.EBMTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=blocks,
-                                   processing_class=tokenizer, data_collator=default_data_collator)
+    trainer = training.EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
+                                  processing_class=tokenizer, data_collator=default_data_collator,
+                                  ebm_args=parsed.loss)
     batch = default_data_collator([train_data[i] for i in range(0, 800, 100)])
     return trainer, model, batch
 
@@ -66,7 +67,7 @@ def test_main_loss_mean_over_steps_or_last(tmp_path, small_corpus):
     out = model(batch["input_ids"], think_steps=2)
     ce = [model.next_token_loss(v, shift_labels=batch["shift_labels"]) for v in out.step_logits]
     assert torch.allclose(trainer.compute_loss(model, batch), (ce[0] + ce[1]) / 2, atol=1e-6)
-    trainer.args.truncate_refine = True
+    trainer.ebm.truncate_refine = True
     assert torch.allclose(trainer.compute_loss(model, batch), ce[1], atol=1e-6)
 
 
@@ -155,25 +156,30 @@ class StopAt(TrainerCallback):
 
 def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpus):
     common = ["--max_steps", "8", "--save_steps", "4", "--contrastive_type", "pcd", "--do_train", "true",
+              "--keep_checkpoints", "true",
               "--langevin_noise", "0.01", "--random_think_steps", "1-3", "--think_replay_prob", "0.5",
               "--think_replay_size", "16"]
     straight, _ = train(tmp_path / "a", small_corpus, *common)
     stopped, _ = train(tmp_path / "b", small_corpus, *common, callbacks=[StopAt(4)])
-    shutil.rmtree(stopped / "checkpoint-8", ignore_errors=True)
-    resumed, _ = train(tmp_path / "b", small_corpus, *common, "--resume_from_checkpoint", str(stopped / "checkpoint-4"))
+    for name in ("model.safetensors", "config.json", "nanoebm_run.json"):  # as a crash would have left it
+        (stopped / name).unlink()
+    # the checkpoint's run record repeats the interrupted command: no flag but the checkpoint is needed
+    resumed, _ = train(tmp_path / "b", small_corpus, "--resume_from_checkpoint",
+                       str(stopped / "checkpoints" / "checkpoint-4"))
+    assert resumed == stopped
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    buffers = [torch.load(folder / "checkpoint-8" / "contrastive_state_0.pt", weights_only=False)["particles"]
-               for folder in (straight, resumed)]
+    buffers = [torch.load(folder / "checkpoints" / "checkpoint-8" / "contrastive_state_0.pt",
+                          weights_only=False)["particles"] for folder in (straight, resumed)]
     assert torch.equal(*buffers)
-    replays = [torch.load(folder / "checkpoint-8" / "replay_state_0.pt", weights_only=False)
+    replays = [torch.load(folder / "checkpoints" / "checkpoint-8" / "replay_state_0.pt", weights_only=False)
                for folder in (straight, resumed)]
     assert replays[0]["count"] == 16 and all(torch.equal(replays[0][k], replays[1][k]) for k in ("ids", "logits"))
 
 
 def test_replay_resumes_the_descent_from_stored_logits():
     """A replayed row is a stored block whose descent starts from its stored refined logits; the rest are fresh."""
-    replay = run_train.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
     ids, labels = torch.arange(12).view(3, 4), torch.arange(12).view(3, 4) + 1
     assert replay.mix(ids, labels)[2] is None  # nothing stored yet
     replay.push(ids, labels, torch.randn(3, 4, 7))
@@ -192,14 +198,19 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests" / "ddp_probe.py"), *TINY, "--data_path", str(small_corpus), "--output_dir", str(out),
-               "--max_steps", "6", "--use_cpu", "--contrastive_type", "pcd", "--do_train", "true"]
+               "--max_steps", "6", "--use_cpu", "--contrastive_type", "pcd", "--do_train", "true",
+               "--keep_checkpoints", "true"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((out / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out / "checkpoints" / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [6, 6]
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process sees its own data
     assert ranks[0]["weights"] == ranks[1]["weights"]  # and they end with the same model
-    assert {"contrastive_state_0.pt", "contrastive_state_1.pt"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
+    checkpoint = out / "checkpoints" / "checkpoint-6"
+    assert {"contrastive_state_0.pt", "contrastive_state_1.pt"} <= {p.name for p in checkpoint.iterdir()}
+    run = json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]  # the card knows how it was launched
+    assert (run["processes"], run["global_batch"]) == (2, 16) and run["command"].startswith("accelerate launch")
+    assert "--num_processes 2" in (out / "README.md").read_text()
 
 
 def test_saved_folder_is_a_complete_model_that_a_pipeline_loads(tmp_path, small_corpus):
@@ -230,7 +241,7 @@ def test_continue_from_a_saved_folder(tmp_path, small_corpus):
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["block_size"], config["think_steps"]) == (1, 32, 32, 3)
     assert metrics["eval_system2_bpc"] > 0
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(UsageError, match="block_size"):
         run_train.main(["--model_name_or_path", str(first), "--data_path", str(small_corpus), "--block_size", "64",
                         "--output_dir", str(tmp_path / "third")])
 
@@ -242,33 +253,38 @@ def test_research_syntax_maps_onto_the_flags():
                                      "data.batch_size=64", "model.refine_steps=6", "train.compile=false"])
     flags = run_train.parse_args(["--use_contrastive", "true", "--contrastive_type", "pcd", "--max_steps", "100",
                                   "--per_device_train_batch_size", "64", "--think_steps", "6", "--torch_compile", "false"])
-    assert asdict(research[0]) == asdict(flags[0]) and asdict(research[1]) == asdict(flags[1])
-    ta, tb = research[2], flags[2]
-    for name in ("use_contrastive", "contrastive_type", "max_steps", "per_device_train_batch_size", "torch_compile"):
+    for part in ("model", "data", "loss"):
+        assert asdict(getattr(research, part)) == asdict(getattr(flags, part))
+    ta, tb = research.training, flags.training
+    for name in ("max_steps", "per_device_train_batch_size", "torch_compile"):
         assert getattr(ta, name) == getattr(tb, name)
-    assert (ta.contrastive_type, ta.max_steps, research[0].think_steps) == ("pcd", 100, 6)
+    assert (research.loss.contrastive_type, ta.max_steps, research.model.think_steps) == ("pcd", 100, 6)
 
 
 def test_a_flag_value_with_an_equals_sign_stays_a_value():
-    args = run_train.parse_args(["--run_name", "lr=3e-4", "train.max_steps=7"])[2]
+    args = run_train.parse_args(["--run_name", "lr=3e-4", "train.max_steps=7"]).training
     assert (args.run_name, args.max_steps) == ("lr=3e-4", 7)
 
 
 def test_naming_a_contrastive_type_turns_contrastive_on():
-    args = run_train.parse_args(["--contrastive_type", "pcd"])[2]
+    args = run_train.parse_args(["--contrastive_type", "pcd"]).loss
     assert args.use_contrastive and args.contrastive_type == "pcd"
-    assert run_train.parse_args(["--use_contrastive", "true"])[2].contrastive_type == "cd"
-    default = run_train.parse_args([])[2]  # on by default: the measured best recipe trains with cd
+    assert run_train.parse_args(["--use_contrastive", "true"]).loss.contrastive_type == "cd"
+    default = run_train.parse_args([]).loss  # on by default: the measured best recipe trains with cd
     assert default.use_contrastive and default.contrastive_type == "cd"
-    off = run_train.parse_args(["--use_contrastive", "false"])[2]
+    off = run_train.parse_args(["--use_contrastive", "false"]).loss
     assert not off.use_contrastive and off.contrastive_type is None
 
 
 def test_presets():
-    gpu = run_train.parse_args([])
+    gpu = run_train.parse_args(["--preset", "gpu"])
     cpu = run_train.parse_args(["--preset", "cpu", "--max_steps", "7"])
-    assert (gpu[0].n_layer, gpu[0].n_embd, gpu[2].per_device_train_batch_size, gpu[2].max_steps) == (6, 384, 64, 5000)
-    assert (cpu[0].n_layer, cpu[0].n_embd, cpu[2].learning_rate, cpu[2].max_steps) == (4, 128, 1e-3, 7)
+    assert (gpu.model.n_layer, gpu.model.n_embd, gpu.training.per_device_train_batch_size, gpu.training.max_steps) \
+        == (6, 384, 64, 5000)
+    assert (cpu.model.n_layer, cpu.model.n_embd, cpu.training.learning_rate, cpu.training.max_steps) == (4, 128, 1e-3, 7)
+    machine = run_train.parse_args([])  # no flag: the preset follows the machine, and says why
+    assert (machine.preset, machine.preset_reason) == (("gpu", machine.preset_reason) if torch.cuda.is_available()
+                                                       else ("cpu", "no GPU here; --preset gpu for the research config"))
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -285,7 +301,7 @@ def test_bad_arguments(argv, needle):
 def test_bad_data_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOEBM_DATA", str(tmp_path / "nowhere.txt"))
     with pytest.raises(FileNotFoundError) as err:
-        run_train.resolve_data_path()
+        resolve_data_path()
     assert "nowhere.txt" in str(err.value) and "NANOEBM_DATA" in str(err.value)
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be")

@@ -1,0 +1,153 @@
+"""What a training run was, kept with what it made: the run record (nanoebm_run.json), the model card, the summary.
+
+A model folder and every checkpoint carry `nanoebm_run.json`: the run's command as launched (accelerate included),
+processes, batch, steps and seed, and the runs it continued (its lineage). Continuing or resuming reads it, so a
+continued run keeps the batch it continues and the card shows every run that made the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_RECORD = "nanoebm_run.json"
+
+
+def read_record(folder) -> dict | None:
+    """The run record in a model or checkpoint folder, or None when it has none (saved by an older nanoebm)."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("runs"), list) and record["runs"] else None
+
+
+def launch_command(argv, world_size: int) -> str:
+    """The command a person would type to repeat this run: `accelerate launch` (with its process count) when the
+    process was started by accelerate, else `python`."""
+    script = "run_train.py"
+    launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in os.environ) or world_size > 1
+    if launched_by_accelerate:
+        launcher = "accelerate launch" + (f" --num_processes {world_size}" if world_size > 1 else "")
+    else:
+        launcher = "python"
+    return " ".join([launcher, script, *(shlex.quote(str(a)) for a in argv)])
+
+
+def new_run(*, command, preset, processes, per_device_batch, accumulation, block_size, max_steps, seed, output_dir,
+            started_from) -> dict:
+    return dict(
+        command=command, preset=preset, processes=processes, per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=accumulation, global_batch=per_device_batch * accumulation * processes,
+        block_size=block_size, max_steps=max_steps, steps_done=0, seed=seed, output_dir=str(output_dir),
+        started_from=started_from, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        python=sys.version.split()[0], versions=_versions(),
+    )
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "accelerate", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def lineage_from(model_folder=None, checkpoint=None) -> list[dict]:
+    """The runs that made the starting weights: the saved folder's lineage, or the interrupted run of a checkpoint."""
+    if checkpoint is not None:
+        record = read_record(checkpoint)
+        if record is None:
+            return [dict(command="unknown (checkpoint written before nanoebm kept run records)",
+                         output_dir=str(checkpoint), status="interrupted")]
+        runs = [dict(run) for run in record["runs"]]
+        runs[-1]["status"] = f"interrupted at step {runs[-1].get('steps_done', '?')}: resumed from {checkpoint}"
+        return runs
+    if model_folder is not None:
+        record = read_record(model_folder)
+        if record is None:
+            return [dict(command="unknown (folder saved before nanoebm kept run records)",
+                         output_dir=str(model_folder))]
+        return [dict(run) for run in record["runs"]]
+    return []
+
+
+def _fmt(metrics, key):
+    return f"{metrics[key]:.4f}" if isinstance(metrics, dict) and key in metrics else "n/a"
+
+
+def model_card(folder, runs: list[dict], metrics: dict, config) -> str:
+    """README.md of a trained model folder: what it is, its numbers, how to use it, every run that made it."""
+    folder = str(folder)
+    steps = config.think_steps
+    rows = []
+    for i, run in enumerate(runs, 1):
+        batch = (f"{run['processes']} x {run['per_device_train_batch_size']} x {run['gradient_accumulation_steps']} = "
+                 f"{run['global_batch']}" if "global_batch" in run else "n/a")
+        rows.append(f"| {i} | `{run.get('command', 'n/a')}` | {batch} | {run.get('steps_done', 'n/a')} | "
+                    f"{run.get('seed', 'n/a')} | {_fmt(run.get('metrics'), 'eval_system1_bpc')} | "
+                    f"{_fmt(run.get('metrics'), 'eval_system2_bpc')} | {run.get('status', 'finished')} |")
+    return f"""---
+library_name: transformers
+tags: [nanoebm, energy-based-model, character-level]
+---
+# nanoebm model
+
+An energy-based character transformer that thinks at decode time ({config.n_layer} layers, {config.n_embd} wide,
+block {config.block_size}, landscape `{config.landscape}`, {steps} thinking steps).
+
+| validation | bits per char | nats per char |
+|---|---|---|
+| System 1 | {_fmt(metrics, 'eval_system1_bpc')} | {_fmt(metrics, 'eval_system1_loss')} |
+| System 2 ({steps} steps) | {_fmt(metrics, 'eval_system2_bpc')} | {_fmt(metrics, 'eval_system2_loss')} |
+| System 2 ({2 * steps} steps) | {_fmt(metrics, 'eval_system2_2x_bpc')} | {_fmt(metrics, 'eval_system2_2x_loss')} |
+
+Energy gap J0 - JK: {_fmt(metrics, 'eval_energy_gap')}.
+
+## Use it
+
+```bash
+python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt "HAMLET:" --max_new_tokens 200
+```
+
+```python
+from transformers import pipeline
+generator = pipeline("text-generation", model={folder!r}, trust_remote_code=True)
+generator("HAMLET:", think_steps={steps}, max_new_tokens=200, do_sample=True, top_k=64)
+```
+
+## How it was trained
+
+Every run that made these weights, oldest first (batch: processes x per-device batch x accumulation = blocks per
+optimizer step; details in `nanoebm_run.json`):
+
+| run | command | batch | steps | seed | System 1 bits/char | System 2 bits/char | |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def summary(folder, run: dict, metrics: dict, config, seconds: float, checkpoints: str) -> str:
+    """The lines a finished run ends on: where the model is, its numbers, the command that generates from it."""
+    folder = str(folder)
+    s1, s2 = _fmt(metrics, "eval_system1_bpc"), _fmt(metrics, "eval_system2_bpc")
+    minutes, secs = divmod(int(seconds), 60)
+    return "\n".join([
+        f"nanoebm: trained {run['steps_done']} steps in {minutes}m{secs:02d}s "
+        f"({run['processes']} process(es), {run['global_batch']} blocks of {config.block_size} characters per step)",
+        f"  model:       {folder}/ (weights, config, tokenizer, model card README.md, {RUN_RECORD})",
+        f"  validation:  System 1 {s1} bits/char, System 2 {s2} bits/char ({config.think_steps} thinking steps)",
+        f"  checkpoints: {checkpoints}",
+        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt \"HAMLET:\"",
+    ])

@@ -1,0 +1,509 @@
+"""How nanoebm trains: the character stream, contrastive divergence, the replay buffer and the Trainer.
+
+`run_train.py` is the command line; this module is what it runs. The losses (refined CE, auxiliary System 1 CE,
+contrastive divergence) are documented in docs/DESIGN.md.
+"""
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from configuration_nanoebm import NanoEBMConfig
+from modeling_nanoebm import NanoEBMForCausalLM
+from nanoebm.card import RUN_RECORD
+from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from tokenization_char import CharTokenizer
+
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
+                       "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
+THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
+                   "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
+                   "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: a character stream from datasets, random-offset training blocks, fixed validation blocks
+
+
+class RandomOffsetBlocks(torch.utils.data.Dataset):
+    """Every offset of the training text is one example: a shuffled epoch visits each window once, in random
+    order (nanoGPT draws random offsets; fixed chunk boundaries would see block_size times fewer windows)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int):
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self):
+        return self.ids.numel() - self.block_size
+
+    def __getitem__(self, i):
+        chunk = self.ids[i: i + self.block_size + 1].long()
+        return {"input_ids": chunk[:-1], "shift_labels": chunk[1:]}
+
+
+class StreamBlocks(torch.utils.data.IterableDataset):
+    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM)."""
+
+    def __init__(self, stream, tokenizer, block_size, column, seed=0, buffer=1000):
+        self.stream, self.tokenizer, self.block_size, self.column = stream, tokenizer, block_size, column
+        self.seed, self.buffer = seed, buffer
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        pending, pool = [], []
+        for row in self.stream:
+            pending.extend(self.tokenizer(row[self.column] + "\n")["input_ids"])
+            while len(pending) > self.block_size:
+                chunk = torch.tensor(pending[: self.block_size + 1])
+                del pending[: self.block_size]
+                pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
+                if len(pool) >= self.buffer:
+                    yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
+        while pool:
+            yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
+
+
+def load_text(data_args):
+    """The whole text of the source (non-streaming), read through `datasets`."""
+    from datasets import load_dataset
+
+    if data_args.dataset_name:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
+        return "\n".join(dataset[data_args.text_column])
+    path = resolve_data_path(data_args.data_path)
+    dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
+    return "".join(dataset["text"])
+
+
+def build_data(data_args, tokenizer, block_size, seed):
+    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer)."""
+    if data_args.streaming:
+        from datasets import load_dataset
+
+        source = data_args.dataset_name or "text"
+        files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
+        open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
+                                           streaming=True)
+        if tokenizer is None:
+            seen, scanned = set(), 0
+            for row in open_stream():
+                seen.update(row[data_args.text_column] + "\n")
+                scanned += len(row[data_args.text_column]) + 1
+                if scanned >= data_args.vocab_scan_chars:
+                    break
+            tokenizer = CharTokenizer.from_chars(sorted(seen))
+        # validation: the first characters of the stream, held out by skipping them in training
+        val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
+        for row in open_stream():
+            val_text += row[data_args.text_column] + "\n"
+            rows_held += 1
+            if len(val_text) >= val_chars:
+                break
+        val_ids = torch.tensor(tokenizer(val_text)["input_ids"])
+        train = StreamBlocks(open_stream().skip(rows_held), tokenizer, block_size, data_args.text_column, seed)
+        return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+    text = load_text(data_args)
+    if tokenizer is None:
+        tokenizer = CharTokenizer.from_corpus(text)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int32 if tokenizer.vocab_size > 32767 else torch.int16)
+    split = int(len(ids) * data_args.train_fraction)
+    train_ids, val_ids = ids[:split], ids[split:]
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if part.numel() < block_size + 2:
+            raise ValueError(
+                f"the {name} part of the corpus has {part.numel()} characters, fewer than one block "
+                f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
+            )
+    return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contrastive divergence on the logits
+
+
+class ContrastiveSampler:
+    """Negatives for contrastive divergence: Langevin chains on the logits over the batch's detached landscape.
+
+    cd starts chains at the System 1 logits of every position. pcd keeps `n_persistent` particles that move to a
+    random set of positions each step and persist (Tieleman 2008). fast_pcd keeps `n_chains` chains that restart
+    from the System 1 logits with probability `restart_prob` (persistent chains with restarts; not Tieleman &
+    Hinton's fast weights). The particles and the sampler's random generator are training state (`state_dict`).
+    """
+
+    def __init__(self, args, vocab_size: int, temperature: float, seed: int):
+        self.args, self.temperature = args, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.particles = None
+        if args.contrastive_type in ("pcd", "fast_pcd"):
+            n = args.n_persistent if args.contrastive_type == "pcd" else args.n_chains
+            self.particles = args.buffer_init_std * torch.randn(n, vocab_size, generator=self.generator)
+
+    def state_dict(self):
+        return {"particles": self.particles, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.particles = state["particles"]
+        self.generator.set_state(state["generator"])
+
+    def randn(self, shape, device):
+        return torch.randn(shape, generator=self.generator).to(device)
+
+    @torch.no_grad()
+    def langevin(self, landscape, logits):
+        step, scale, tau = self.args.langevin_step_size, self.args.langevin_noise_scale, self.temperature
+        for _ in range(self.args.contrastive_k):
+            p = torch.softmax(logits / tau, dim=-1)
+            energy = landscape(p)
+            grad = p * (energy - (p * energy).sum(-1, keepdim=True)) / tau
+            logits = logits - step * grad + math.sqrt(2 * step * scale) * self.randn(logits.shape, logits.device)
+        return logits
+
+    def loss(self, landscape, system1_logits, labels):
+        """Returns (loss, E_pos, E_neg) averaged over the positions that carry a chain."""
+        B, T, V = system1_logits.shape
+        start = system1_logits.detach().float().clone()
+        valid = (labels != -100).flatten()
+        if self.particles is None:  # cd: every position
+            chosen = valid.nonzero().squeeze(1)
+        else:
+            candidates = valid.nonzero().squeeze(1)
+            n = min(self.particles.shape[0], candidates.numel())
+            chosen = candidates[torch.randperm(candidates.numel(), generator=self.generator)[:n]]
+            particles = self.particles[:n].to(start.device)
+            if self.args.contrastive_type == "fast_pcd":
+                restart = (torch.rand(n, generator=self.generator) < self.args.restart_prob).to(start.device)
+                particles = torch.where(restart[:, None], start.view(-1, V)[chosen], particles)
+            start.view(-1, V)[chosen] = particles
+        negatives = self.langevin(landscape, start)
+        if self.particles is not None:
+            n = chosen.numel()
+            self.particles[:n] = negatives.view(-1, V)[chosen].cpu()
+        # live landscape: gradients reach the model through the energies, never through the sampled beliefs
+        tau = self.temperature
+        p_data = torch.softmax(system1_logits.detach().float() / tau, -1)
+        e_pos = landscape(p_data).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).flatten()[chosen]
+        p_neg = torch.softmax(negatives / tau, -1)
+        e_neg = (p_neg * landscape(p_neg)).sum(-1).flatten()[chosen]
+        loss = (e_pos - e_neg).mean() + self.args.contrastive_reg_weight * (e_pos.pow(2) + e_neg.pow(2)).mean()
+        return loss, e_pos.mean().detach(), e_neg.mean().detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replay buffer of refined logits (Energy-Based Transformers)
+
+
+class ThinkingReplay:
+    """Blocks seen earlier, kept with the logits thinking refined them to. A replayed row resumes its descent from
+    there, so training sees the landscape where a longer chain of steps would go (at the cost of fresh rows)."""
+
+    def __init__(self, size: int, prob: float, seed: int):
+        self.size, self.prob = size, prob
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ids = self.labels = self.logits = None
+        self.count, self.cursor = 0, 0
+
+    def state_dict(self):
+        return {"ids": self.ids, "labels": self.labels, "logits": self.logits, "count": self.count,
+                "cursor": self.cursor, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.ids, self.labels, self.logits = state["ids"], state["labels"], state["logits"]
+        self.count, self.cursor = state["count"], state["cursor"]
+        self.generator.set_state(state["generator"])
+
+    def mix(self, input_ids, labels):
+        """Replace some rows by replayed blocks: (input_ids, labels, start logits or None, row mask or None)."""
+        B = input_ids.shape[0]
+        rows = torch.rand(B, generator=self.generator) < self.prob
+        if self.count == 0 or not rows.any():
+            return input_ids, labels, None, None
+        picks = torch.randint(self.count, (int(rows.sum()),), generator=self.generator)
+        device = input_ids.device
+        rows_d = rows.to(device)
+        input_ids, labels = input_ids.clone(), labels.clone()
+        input_ids[rows_d] = self.ids[picks].to(device)
+        labels[rows_d] = self.labels[picks].to(device)
+        start = torch.zeros(*input_ids.shape, self.logits.shape[-1], device=device)
+        start[rows_d] = self.logits[picks].to(device).float()
+        return input_ids, labels, start, rows_d[:, None].expand(input_ids.shape)
+
+    @torch.no_grad()
+    def push(self, input_ids, labels, refined):
+        if self.ids is None:
+            self.ids = torch.zeros(self.size, input_ids.shape[1], dtype=torch.long)
+            self.labels = torch.zeros_like(self.ids)
+            self.logits = torch.zeros(self.size, *refined.shape[1:])
+        slots = (self.cursor + torch.arange(input_ids.shape[0])) % self.size  # a ring: the oldest go first
+        self.ids[slots], self.labels[slots] = input_ids.cpu(), labels.cpu()
+        self.logits[slots] = refined.detach().float().cpu()
+        self.cursor = int(slots[-1] + 1) % self.size
+        self.count = min(self.count + input_ids.shape[0], self.size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Trainer
+
+
+class EBMTrainer(Trainer):
+    """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
+
+    CONTRASTIVE_STATE = "contrastive_state_{}.pt"
+    REPLAY_STATE = "replay_state_{}.pt"
+
+    def __init__(self, *args, ebm_args, run_record: dict | None = None, **kwargs):
+        """`ebm_args` are nanoebm's loss options (run_train.LossArguments); `run_record` ({"runs": [...]}, the
+        current run last) is written into every checkpoint (nanoebm_run.json), so a resume knows what it continues."""
+        self.ebm, self.run_record = ebm_args, run_record
+        super().__init__(*args, **kwargs)
+        model = self.model
+        self.contrastive = None
+        if self.ebm.use_contrastive:
+            self.contrastive = ContrastiveSampler(self.ebm, model.config.vocab_size, model.config.softmax_temperature,
+                                                  seed=self.args.seed + 1000 * self.args.process_index)
+        self.replay = None
+        if self.ebm.think_replay_prob > 0:
+            self.replay = ThinkingReplay(self.ebm.think_replay_size, self.ebm.think_replay_prob,
+                                         seed=self.args.seed + 1000 * self.args.process_index + 7)
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
+        self._last_log = (time.perf_counter(), 0)
+
+    # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay, no_decay, alpha = [], [], []
+            for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if name.endswith("think_lr_raw"):
+                    alpha.append(param)
+                elif param.dim() >= 2 and not name.endswith(("wte.weight", "wpe.weight")):
+                    decay.append(param)
+                else:
+                    no_decay.append(param)
+            groups = [{"params": decay, "weight_decay": self.args.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            if alpha:
+                groups.append({"params": alpha, "weight_decay": 0.0,
+                               "lr": self.args.learning_rate * self.ebm.think_lr_lr_multiplier})
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- loss ----------------------------------------------------------------------------------------------
+
+    def think_steps_now(self, config):
+        if not config.use_thinking or self.state.global_step < self.ebm.warmup_steps_no_refine:
+            return 0
+        if self.ebm.think_steps_range is None:
+            return config.think_steps
+        lo, hi = self.ebm.think_steps_range  # the same draw on every rank: seeded by the step
+        draw = torch.Generator().manual_seed(self.args.seed * 100003 + self.state.global_step)
+        return int(torch.randint(lo, hi + 1, (1,), generator=draw))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.accelerator.unwrap_model(model).config
+        labels = inputs["shift_labels"]
+        steps = self.think_steps_now(config)
+        # J after the last step costs one more landscape evaluation (a backbone pass for soft tokens): only for
+        # the steps whose numbers get logged
+        every = self.args.logging_steps if self.args.logging_steps >= 1 else self.args.logging_steps * self.args.max_steps
+        want_trace = not model.training or self.state.global_step % max(1, int(every)) == 0
+        input_ids, start, start_mask = inputs["input_ids"], None, None
+        replaying = self.replay is not None and model.training and steps > 0
+        if replaying:
+            input_ids, labels, start, start_mask = self.replay.mix(input_ids, labels)
+        outputs = model(
+            input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
+            detach_refine=self.ebm.detach_refine, return_landscape=self.contrastive is not None,
+            return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
+        )
+        if replaying:
+            self.replay.push(input_ids, labels, outputs.logits)
+        ce = NanoEBMForCausalLM.next_token_loss
+        loss_aux = ce(outputs.system1_logits, shift_labels=labels)
+        if steps > 0:
+            refined = outputs.step_logits[-1:] if self.ebm.truncate_refine else outputs.step_logits
+            loss_main = torch.stack([ce(v, shift_labels=labels) for v in refined]).mean()
+            loss = (1 - self.ebm.aux_ce_weight) * loss_main + self.ebm.aux_ce_weight * loss_aux
+        else:
+            loss_main = loss = loss_aux
+        logs = {"loss_main": loss_main, "loss_aux": loss_aux, "think_steps": steps}
+        if steps > 0 and want_trace:
+            trace = outputs.energy_trace
+            logs.update(energy_initial=trace[..., 0].mean(), energy_final=trace[..., -1].mean(),
+                        energy_gap=(trace[..., 0] - trace[..., -1]).mean())
+        if self.contrastive is not None:
+            cd_loss, e_pos, e_neg = self.contrastive.loss(outputs.landscape, outputs.system1_logits, labels)
+            loss = loss + self.ebm.contrastive_weight * cd_loss
+            logs.update(cd_loss=cd_loss, cd_energy_pos=e_pos, cd_energy_neg=e_neg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss.item()} at step {self.state.global_step}: lower --learning_rate "
+                f"(now {self.args.learning_rate}), --think_lr or --contrastive_weight, or raise --contrastive_reg_weight"
+            )
+        if model.training:
+            for key, value in logs.items():
+                self._sums[key] += float(value.detach() if torch.is_tensor(value) else value)
+                self._counts[key] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._counts:
+            extras = torch.tensor([self._sums[k] / self._counts[k] for k in sorted(self._sums)],
+                                  device=self.args.device)
+            extras = self.accelerator.reduce(extras, reduction="mean")
+            logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
+            logs["perplexity"] = round(math.exp(min(logs["loss"], 50)), 4)
+            logs["bits_per_char"] = round(logs["loss"] / math.log(2), 5)
+            model = self.accelerator.unwrap_model(self.model)
+            logs["alpha"] = round(float(model.think_lr.detach()), 5)
+            now, step = time.perf_counter(), self.state.global_step
+            elapsed, steps = now - self._last_log[0], step - self._last_log[1]
+            if steps > 0 and elapsed > 0:
+                tokens = steps * self.args.train_batch_size * self.args.gradient_accumulation_steps \
+                    * model.config.block_size * self.args.world_size
+                logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            self._last_log = (now, step)
+            self._sums, self._counts = defaultdict(float), defaultdict(int)
+        super().log(logs, start_time)
+
+    # -- evaluation: System 1 and System 2 on fixed validation blocks --------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        blocks = self.eval_dataset if eval_dataset is None else eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        steps = model.config.think_steps if model.config.use_thinking else 0
+        rank, world = self.args.process_index, self.args.world_size
+        mine = blocks[rank::world]
+        per_block = defaultdict(list)
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            for batch in mine.split(self.args.per_device_eval_batch_size):
+                batch = batch.to(self.args.device)
+                x, y = batch[:, :-1], batch[:, 1:]
+                out = model(x, use_thinking=steps > 0, think_steps=2 * steps)
+                nll = lambda logits: F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)  # noqa: E731
+                per_block["system1"].append(nll(out.system1_logits))
+                if steps > 0:
+                    per_block["system2"].append(nll(out.step_logits[steps - 1]))
+                    per_block["system2_2x"].append(nll(out.logits))
+                    per_block["energy_gap"].append((out.energy_trace[..., 0] - out.energy_trace[..., steps]).mean(1))
+                    per_block["energy_gap_2x"].append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).mean(1))
+        metrics = {}
+        bpc = load_bpc_metric()
+        per_rank = math.ceil(len(blocks) / world)
+        for name, values in per_block.items():
+            values = torch.cat(values) if values else torch.empty(0, device=self.args.device)
+            padded = torch.full((per_rank,), float("nan"), device=self.args.device)
+            padded[: values.numel()] = values
+            gathered = self.accelerator.gather(padded)
+            gathered = gathered[~torch.isnan(gathered)].cpu()
+            if name.startswith("energy_gap"):
+                metrics[f"{metric_key_prefix}_{name}"] = round(float(gathered.mean()), 5)
+                continue
+            result = bpc.compute(nll=gathered.tolist())  # equal-length blocks: the mean of means is the mean
+            metrics[f"{metric_key_prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
+            metrics[f"{metric_key_prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
+            metrics[f"{metric_key_prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
+        metrics[f"{metric_key_prefix}_loss"] = metrics.get(f"{metric_key_prefix}_system2_loss",
+                                                           metrics[f"{metric_key_prefix}_system1_loss"])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        model.train(was_training)
+        return metrics
+
+    # -- the contrastive particles and the replay buffer are training state ----------------------------------
+
+    def _buffers(self):
+        return [(name, buffer) for name, buffer in ((self.CONTRASTIVE_STATE, self.contrastive),
+                                                     (self.REPLAY_STATE, self.replay)) if buffer is not None]
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        for name, buffer in self._buffers():
+            torch.save(buffer.state_dict(), os.path.join(folder, name.format(self.args.process_index)))
+        if self.run_record is not None and self.is_world_process_zero():
+            self.run_record["runs"][-1]["steps_done"] = self.state.global_step
+            with open(os.path.join(folder, RUN_RECORD), "w") as handle:
+                json.dump(self.run_record, handle, indent=1)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        for name, buffer in self._buffers():
+            path = os.path.join(checkpoint, name.format(self.args.process_index))
+            if not os.path.isfile(path):
+                kind = "contrastive" if buffer is self.contrastive else "replay-buffer"
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
+                                        f"with the same number of processes")
+            buffer.load_state_dict(torch.load(path, weights_only=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, card, main
+
+
+def load_weights(folder):
+    """NanoEBMForCausalLM from a saved folder; a missing, truncated or corrupt weights file is a ValueError that
+    names it (no traceback reaches the user)."""
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {folder}: no model.safetensors there (the weights); give a "
+                                f"folder saved by run_train.py or save_pretrained")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+        return NanoEBMForCausalLM.from_pretrained(folder)
+    except Exception as error:  # safetensors' own error type, OSError, RuntimeError: the file is damaged
+        raise ValueError(f"{weights} is damaged or incomplete ({type(error).__name__}: {str(error)[:200]}); "
+                         f"retrain, or copy the folder again") from None
+
+
+def check_model_folder(folder):
+    """A saved nanoebm folder, or a clear error (before anything is read or written)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
+                                f"run_train.py or save_pretrained")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model_name_or_path {folder}: config.json is not valid JSON ({err})") from None
+    if model_type != "nanoebm":
+        raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
+    if not (folder / "vocab.json").is_file():
+        raise FileNotFoundError(f"--model_name_or_path {folder}: no vocab.json (the character tokenizer) there")
+    return json.loads(config_file.read_text())
+
+
+def build_model(model_args, data_args, tokenizer):
+    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
+                 if getattr(model_args, k) is not None}
+    if model_args.model_name_or_path:
+        model = load_weights(model_args.model_name_or_path)
+        changed = [k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(model.config, k) != overrides[k]]
+        if changed:
+            raise ValueError(f"cannot change the architecture of a saved model: {', '.join(changed)}")
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        model.config.validate_nanoebm()
+        return model
+    block_size = data_args.block_size
+    config = NanoEBMConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, **overrides)
+    return NanoEBMForCausalLM(config)
