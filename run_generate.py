@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -30,11 +29,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+# The pictures live in nanoebm.plots, the comparison in nanoebm.compare, what both share with generation (the
+# teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
+# imports torch, transformers or matplotlib before a function needs it (--help stays fast).
+from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
 from nanoebm.cli import UsageError, reject_unknown, translate_research_syntax
-from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path, validation_text
+from nanoebm.compare import comparison_table, evaluate_model
+from nanoebm.corpus import resolve_data_path, validation_text
+from nanoebm.plots import plot_comparison, write_plots
 
 ROOT = Path(__file__).resolve().parent
-PROG = "run_generate.py"
+# What save_pretrained may have written the weights as; nanoebm writes model.safetensors (sharded when large).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,10 +235,6 @@ def parse_arguments(argv: list[str]) -> GenerateArguments:
     return args
 
 
-def note(message: str) -> None:
-    print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
-
-
 def validate(args: GenerateArguments) -> None:
     if not args.compare and not args.model_name_or_path:
         raise UsageError("give a model: --model_name_or_path DIR (or checkpoint=DIR), or --compare DIR_A DIR_B ...")
@@ -290,7 +293,16 @@ def resolve_device(name: str):
 
 
 def load_model(path: str, device, unk_token: str | None = None):
-    """(model, tokenizer) from a saved folder, through the Auto classes; UsageError with the reason otherwise."""
+    """(model, tokenizer) from a saved folder, through the Auto classes; UsageError with the reason otherwise.
+
+    Missing or damaged weights (an empty, truncated or overwritten model.safetensors) are one message naming the
+    file and what to do, never a traceback: safetensors reports a damaged file as SafetensorError, transformers a
+    missing one as OSError, torch a damaged pytorch_model.bin as UnpicklingError or RuntimeError (which transformers
+    also raises for tensors whose shapes disagree with config.json).
+    """
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path).expanduser()
@@ -311,15 +323,34 @@ def load_model(path: str, device, unk_token: str | None = None):
     if model_type != "nanoebm":
         raise UsageError(f"{str(path)!r} holds a {model_type!r} model, not a nanoebm one (energies and thinking are "
                          "nanoebm's)")
+    weights = next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        raise UsageError(f"{folder / 'model.safetensors'} is missing: {str(path)!r} has a config.json but no weights. "
+                         f"Save the model again with save_pretrained (run_train.py writes model.safetensors when it "
+                         f"finishes), or retrain it")
+    redo = "save the model again with save_pretrained, or retrain it (run_train.py)"
+    damaged = f"a shard listed in {weights}" if weights.name.endswith(".index.json") else str(weights)
+    loading_failed = (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=True, **({"unk_token": unk_token} if unk_token is not None else {})
         )
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    except (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError) as error:
+    except loading_failed as error:
         raise UsageError(f"could not load the model in {str(path)!r}: {error}") from error
-    if len(tokenizer) > model.config.vocab_size:
-        raise UsageError(f"{str(path)!r}: the tokenizer has {len(tokenizer)} characters but the model only "
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    except SafetensorError as error:  # empty, truncated, random bytes, a bad header
+        raise UsageError(f"{damaged} is damaged and cannot be read ({error}): the file is truncated or not a "
+                         f"safetensors file; {redo}") from error
+    except pickle.UnpicklingError as error:  # a damaged pytorch_model.bin (torch.load with weights_only)
+        raise UsageError(f"{damaged} is damaged and cannot be read ({error}); {redo}") from error
+    except RuntimeError as error:  # a damaged .bin zip archive, or tensors of other shapes than config.json says
+        raise UsageError(f"could not load the weights in {damaged}: {error}; check that they belong to its "
+                         f"config.json, or {redo}") from error
+    except loading_failed as error:
+        raise UsageError(f"could not load the model in {str(path)!r}: {error}") from error
+    if tokenizer.vocab_size > model.config.vocab_size:  # characters only: the pad id lies outside the vocabulary
+        raise UsageError(f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} characters but the model only "
                          f"{model.config.vocab_size} ids")
     return model.to(device).eval(), tokenizer
 
@@ -335,345 +366,8 @@ def read_prompt(args: GenerateArguments) -> str:
     return args.prompt or ""
 
 
-def encode(tokenizer, text: str, what: str = "the prompt") -> list[int]:
-    try:
-        return tokenizer(text)["input_ids"]
-    except ValueError as error:
-        raise UsageError(f"{what} cannot be encoded: {error} On the command line: --unk_token ' '.") from error
-
-
-def thinking_module(model):
-    """The modeling module the model was loaded from (the saved folder's copy), for `expected_energy`."""
-    return sys.modules[type(model).__module__]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Teacher-forced analysis
-
-
-def score_continuations(model, ids, start: int, think_steps: int | None = None, think_lr: float | None = None):
-    """Per-position data for the targets ids[:, start:] of a batch of equally long sequences (B, L).
-
-    One teacher-forced forward with thinking on (think_steps, think_lr as given, else the model's) when the text
-    fits in block_size; otherwise windows of block_size characters that overlap by half, so that each target
-    reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
-    targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
-    energy (B, n) E_base of the target, trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
-    window_start (n,) where each target's window began.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    B, L = ids.shape
-    if not 1 <= start < L:
-        raise ValueError(f"start={start} must be in [1, {L})")
-    block = model.config.block_size
-    stride = max(1, block // 2)
-    parts = {k: [] for k in ("targets", "logp1", "logp2", "energy", "trace", "window_start")}
-    j = start
-    with torch.no_grad():
-        while j < L:
-            a = max(0, min(j - max(1, block - stride), L - 1 - block))
-            b = min(L - 1, a + block)
-            out = model(ids[:, a:b], use_cache=False, use_thinking=True, think_steps=think_steps, think_lr=think_lr,
-                        return_energy_trace=True)
-            sl = slice(j - 1 - a, b - a)
-            targets = ids[:, j:b + 1]
-            parts["targets"].append(targets.cpu())
-            parts["logp1"].append(F.log_softmax(out.system1_logits[:, sl].float(), dim=-1).cpu())
-            parts["logp2"].append(F.log_softmax(out.logits[:, sl].float(), dim=-1).cpu())
-            parts["energy"].append(out.energies[:, sl].float().gather(-1, targets[..., None])[..., 0].cpu())
-            if out.energy_trace is not None:
-                parts["trace"].append(out.energy_trace[:, sl].float().cpu())
-            parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))
-            j = b + 1
-    result = {k: torch.cat(v, dim=1 if k != "window_start" else 0) for k, v in parts.items() if v}
-    result.setdefault("trace", None)
-    return result
-
-
-def position_stats(scores, row: int = 0) -> dict:
-    """Per-character numbers of one sequence of `score_continuations`."""
-    logp1, logp2, targets = scores["logp1"][row], scores["logp2"][row], scores["targets"][row]
-    chosen1 = logp1.gather(-1, targets[:, None])[:, 0]
-    chosen2 = logp2.gather(-1, targets[:, None])[:, 0]
-    kl = (logp2.exp() * (logp2 - logp1)).sum(-1).clamp(min=0)
-    trace = scores["trace"]
-    gap = (trace[row, :, 0] - trace[row, :, -1]) if trace is not None else None
-    return dict(p1=chosen1.exp(), p2=chosen2.exp(), nll1=-chosen1, nll2=-chosen2, kl=kl,
-                energy=scores["energy"][row], gap=gap)
-
-
-def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, think_lr=None, n_points=61):
-    """J along the straight line v(t) = v0 + t (vK - v0) from the System 1 logits v0 (t = 0) to the refined logits
-    vK (t = 1), for the target ids[0, target], extended on both sides: to t = -0.5 below and, above, to 1.75 or
-    past the bottom of J along the line when that lies further out (at most t = 40).
-
-    Returns ts and J(v(t)); the thinking iterates projected on the line (t_k) with their energies J_k (the model's
-    own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. v0 is recomputed with
-    the model's `initial_logits` (exact for think_init='base_energy' without init noise, the default).
-    """
-    import torch
-
-    module = thinking_module(model)
-    cfg = model.config
-    with torch.no_grad():
-        out = model(ids[:, window_start:target], use_cache=False, use_thinking=True, think_steps=think_steps,
-                    think_lr=think_lr, return_energy_trace=True, return_landscape=True)
-        landscape = out.landscape
-        v0 = model.initial_logits(landscape.base)
-        d = out.logits.float() - v0
-
-        def J_at(t):
-            J = module.expected_energy(landscape, v0 + t * d, cfg.softmax_temperature, cfg.entropy_weight)[0]
-            return float(J[0, -1])
-
-        coarse = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
-        values = [J_at(t) for t in coarse]
-        J0, floor = J_at(0.0), min(values)
-        # the first t where J is within 2% of its lowest value along the line: the bottom of the bowl (or of the
-        # slide, when J keeps falling as p sharpens towards one character)
-        t_min = next(t for t, J in zip(coarse, values) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
-        upper = min(40.0, max(1.75, 1.25 * t_min))
-        ts = torch.linspace(-0.5, upper, n_points)
-        bowl = [J_at(t) for t in ts.tolist()]
-        last = d[0, -1]
-        norm = float((last * last).sum())
-        iterates = [v0, *out.step_logits]
-        t_k = [float(((v[0, -1].float() - v0[0, -1]) * last).sum()) / norm if norm > 0 else 0.0 for v in iterates]
-        J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
-        biggest = float(last.abs().max())
-        trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
-    return dict(ts=ts.tolist(), J=bowl, t_k=t_k[:len(J_k)], J_k=J_k, move=math.sqrt(norm), trust_t=trust)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pictures
-
-
-def show_char(c: str) -> str:
-    return {"\n": "↵", " ": "␣", "\t": "⇥"}.get(c, c)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plain_text(draw):
-    """Run a drawing function with mathtext off: generated text is full of '$'."""
-    import functools
-
-    @functools.wraps(draw)
-    def wrapper(*args, **kwargs):
-        import matplotlib
-
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return draw(*args, **kwargs)
-
-    return wrapper
-
-
-@_plain_text
-def plot_energy_trace(trace, chars: str, path: Path, n_examples: int = 6) -> Path:
-    """J_k - J_0 across thinking steps for every generated position: the mean (with 10-90% band) and a few
-    individual positions; and the gap J_0 - J_K along the text."""
-    import torch
-
-    plt = _pyplot()
-    n, K1 = trace.shape
-    steps = list(range(K1))
-    rel = trace - trace[:, :1]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
-    picks = sorted(set(torch.linspace(0, n - 1, min(n_examples, n)).round().long().tolist()))
-    for i in picks:
-        ax.plot(steps, rel[i].tolist(), lw=1, alpha=0.7, marker=".", label=f"#{i} {show_char(chars[i])!r}")
-    lo, hi = torch.quantile(rel, 0.1, dim=0), torch.quantile(rel, 0.9, dim=0)
-    ax.fill_between(steps, lo.tolist(), hi.tolist(), color="k", alpha=0.1, label="10-90% of positions")
-    ax.plot(steps, rel.mean(0).tolist(), color="k", lw=2.5, marker="o", label=f"mean over {n} positions")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xticks(steps)
-    ax.set_xlabel("thinking step k")
-    ax.set_ylabel("J_k - J_0 (expected energy)")
-    ax.set_title("energy descent per position")
-    ax.legend(fontsize=7, loc="lower left")
-    gap = (trace[:, 0] - trace[:, -1]).tolist()
-    ax2.plot(range(n), gap, lw=0.8, color="tab:blue")
-    ax2.fill_between(range(n), 0, gap, alpha=0.3, color="tab:blue")
-    ax2.axhline(sum(gap) / n, color="k", ls="--", lw=1, label=f"mean gap {sum(gap) / n:.4g}")
-    ax2.set_xlabel("generated character")
-    ax2.set_ylabel("gap J_0 - J_K")
-    ax2.set_title("energy gap thinking bought, along the text")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int = 8):
-    import torch
-
-    p1, p2 = logp1.exp(), logp2.exp()
-    ids = list(dict.fromkeys(torch.topk(p2, min(top, p2.numel())).indices.tolist()
-                             + torch.topk(p1, min(top, p1.numel())).indices.tolist()))
-    ids.sort(key=lambda i: -float(p2[i]))
-    ids = ids[:12]
-    x = torch.arange(len(ids)).float()
-    ax.bar((x - 0.2).tolist(), [float(p1[i]) for i in ids], width=0.4, label="System 1 (before)", color="tab:grey")
-    ax.bar((x + 0.2).tolist(), [float(p2[i]) for i in ids], width=0.4, label="System 2 (after)", color="tab:orange")
-    ax.set_xticks(x.tolist())
-    labels = ax.set_xticklabels([show_char(vocab[i]) for i in ids], fontsize=11)
-    for label, i in zip(labels, ids):
-        if i == chosen:
-            label.set_color("tab:red")
-            label.set_fontweight("bold")
-    ax.set_ylabel("probability")
-    ax.legend(fontsize=8)
-
-
-def _plot_bowl(ax, bowl: dict):
-    ax.plot(bowl["ts"], bowl["J"], color="tab:blue", lw=2, label="J(v0 + t (vK - v0))")
-    if bowl["J_k"]:
-        ax.scatter(bowl["t_k"], bowl["J_k"], color="tab:red", zorder=3, s=25, label="thinking iterates (projected)")
-        K = len(bowl["J_k"]) - 1
-        crowded = (bowl["ts"][-1] - bowl["ts"][0]) > 8  # iterates too close together to label each
-        for k, (t, J) in enumerate(zip(bowl["t_k"], bowl["J_k"])):
-            if not crowded or k in (0, K):
-                ax.annotate(f"v{k}" if k < K or K == 0 else f"vK=v{k}", (t, J), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-    if bowl.get("trust_t") is not None and bowl["trust_t"] < bowl["ts"][-1]:
-        ax.axvspan(bowl["trust_t"], bowl["ts"][-1], color="grey", alpha=0.12, lw=0,
-                   label="outside the trust region |v - v0| <= think_max_move")
-    ax.axvline(0, color="grey", lw=0.5, ls=":")
-    ax.axvline(1, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("t  (0 = System 1 logits v0, 1 = refined logits vK)")
-    ax.set_ylabel("expected energy J")
-    ax.legend(fontsize=7, loc="upper right")
-
-
-@_plain_text
-def plot_thinking_at_position(chars: str, index: int, logp1, logp2, vocab, chosen: int, bowl: dict,
-                              path: Path) -> Path:
-    plt = _pyplot()
-    context = "".join(show_char(c) for c in chars[max(0, index - 24):index])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    _plot_distribution(ax, logp1, logp2, vocab, chosen)
-    ax.set_title(f"next character after ...{context!s} (chose {show_char(vocab[chosen])!r})", fontsize=9)
-    _plot_bowl(ax2, bowl)
-    ax2.set_title(f"energy bowl at generated character #{index} (|vK - v0| = {bowl['move']:.3g})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-@_plain_text
-def plot_kl_strip(chars: str, kl, path: Path, width: int = 64, max_chars: int = 1024) -> Path:
-    """A heat strip: each generated character on a cell coloured by KL(S2 || S1) at that position."""
-    import numpy as np
-
-    plt = _pyplot()
-    values = np.asarray(kl, dtype=float)
-    offset = max(0, len(chars) - max_chars)
-    chars, values = chars[offset:], values[offset:]
-    rows = math.ceil(len(chars) / width)
-    grid = np.full((rows, width), np.nan)
-    grid.flat[:len(values)] = values
-    fig, ax = plt.subplots(figsize=(width * 0.17 + 1.5, rows * 0.3 + 1.2))
-    vmax = max(float(np.nanmax(values)) if len(values) else 0.0, 1e-9)
-    image = ax.imshow(grid, cmap="YlOrRd", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
-    for i, c in enumerate(chars):
-        r, col = divmod(i, width)
-        dark = values[i] > 0.6 * vmax
-        ax.text(col, r, show_char(c), ha="center", va="center", fontsize=7, color="white" if dark else "black",
-                family="DejaVu Sans Mono")
-    ax.set_xticks([])
-    ax.set_yticks(range(rows))
-    ax.set_yticklabels([str(offset + r * width) for r in range(rows)], fontsize=7)
-    ax.set_title("how much thinking changed each choice: KL(System 2 || System 1) in nats"
-                 + (f" (last {max_chars} characters)" if offset else ""), fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-@_plain_text
-def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | None = None) -> Path:
-    """The README picture: J_k - J_0 over thinking steps (mean and band over positions) and the bowl at one."""
-    import torch
-
-    plt = _pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.5))
-    steps = list(range(trace.shape[1]))
-    rel = trace - trace[:, :1]
-    lo, hi = torch.quantile(rel, 0.1, dim=0), torch.quantile(rel, 0.9, dim=0)
-    ax.fill_between(steps, lo.tolist(), hi.tolist(), alpha=0.2, color="tab:blue", label="10-90% of positions")
-    ax.plot(steps, rel.mean(0).tolist(), marker="o", lw=2, color="tab:blue",
-            label=f"mean over {trace.shape[0]} positions")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xticks(steps)
-    ax.set_xlabel("thinking step k")
-    ax.set_ylabel("J_k - J_0")
-    ax.set_title(f"expected energy across thinking steps (mean gap J0 - JK = {float(-rel[:, -1].mean()):.3g})",
-                 fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
-    _plot_bowl(ax2, bowl)
-    ax2.set_title(f"J along the line v0 -> vK at one position (#{index})", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-@_plain_text
-def plot_comparison(rows: list[dict], path: Path) -> Path:
-    plt = _pyplot()
-    names = [r["model"] for r in rows]
-    x = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(rows), 3.8))
-    ax = axes[0]
-    for offset, key, name, color in ((-0.2, "bpc_system1", "System 1", "tab:grey"),
-                                     (0.2, "bpc_system2", "System 2", "tab:orange")):
-        bars = ax.bar([i + offset for i in x], [r[key] for r in rows], 0.4, label=name, color=color)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    low = min(min(r["bpc_system1"], r["bpc_system2"]) for r in rows)
-    ax.set_ylim(bottom=max(0.0, low - 0.25))
-    ax.set_title("validation bits per character (lower is better)", fontsize=9)
-    ax.legend(fontsize=8)
-    axes[1].bar(x, [r["energy_gap"] or 0.0 for r in rows], 0.5, color="tab:blue")
-    axes[1].set_title("energy gap J0 - JK (thinking)", fontsize=9)
-    ax = axes[2]
-    ax.bar([i - 0.2 for i in x], [r["tokens_per_s_system1"] for r in rows], 0.4, label="System 1", color="tab:grey")
-    ax.bar([i + 0.2 for i in x], [r["tokens_per_s_system2"] for r in rows], 0.4, label="System 2",
-           color="tab:orange")
-    ax.set_title("decode tokens/s (greedy)", fontsize=9)
-    ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Generate mode
-
-
-def resolved_thinking(model, args: GenerateArguments) -> dict:
-    steps = args.think_steps if args.think_steps is not None else int(model.config.think_steps)
-    alpha = args.think_lr if args.think_lr is not None else float(model.think_lr.detach())
-    return dict(use_thinking=args.use_thinking and not args.no_thinking, think_steps=steps, think_lr=alpha)
 
 
 def generation_kwargs(args: GenerateArguments, thinking: dict, n: int) -> dict:
@@ -804,102 +498,8 @@ def write_json(record: dict, path: Path) -> None:
     note(f"wrote {path}")
 
 
-def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args, folder: Path) -> list[Path]:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --plot folder {folder}: {error}") from error
-    s = position_stats(scores, row)
-    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    n = len(text)
-    if args.plot_position is not None:
-        if not -n <= args.plot_position < n:
-            raise UsageError(f"--plot_position {args.plot_position} is outside the {n} generated characters")
-        index = args.plot_position % n
-    else:
-        index = int(s["kl"].argmax())
-    written = [plot_kl_strip(text, s["kl"].tolist(), folder / "kl_strip.png")]
-    trace = scores["trace"][row] if scores["trace"] is not None else None
-    if trace is None:
-        steps = resolved_thinking(model, args)["think_steps"]
-        note(f"think_steps={steps}: nothing to draw but kl_strip.png (no thinking, no energy trace)")
-    else:
-        bowl = energy_bowl(model, ids, P + index, int(scores["window_start"][index]), args.think_steps,
-                           args.think_lr)
-        written.append(plot_thinking_at_position(
-            text, index, scores["logp1"][row, index], scores["logp2"][row, index], vocab,
-            int(scores["targets"][row, index]), bowl, folder / "thinking_at_position.png"))
-        written.append(plot_energy_trace(trace, text, folder / "energy_trace.png"))
-        written.append(plot_energy_descent(trace, bowl, index, folder / "energy_descent.png"))
-    note("wrote " + ", ".join(str(p) for p in written))
-    return written
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Compare mode
-
-
-
-def evaluate_model(model, tokenizer, val: str, args: GenerateArguments, device, label: str) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
-    block = model.config.block_size
-    try:
-        batch = fixed_blocks(ids, block, args.eval_blocks).to(device)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    nll1, nll2, gaps = [], [], []
-    with torch.no_grad():
-        for chunk in batch.split(8):
-            out = model(chunk[:, :-1], use_cache=False, use_thinking=True, think_steps=args.think_steps,
-                        think_lr=args.think_lr, return_energy_trace=True)
-            y = chunk[:, 1:].flatten()
-            nll1.append(F.cross_entropy(out.system1_logits.float().flatten(0, 1), y, reduction="none").cpu())
-            nll2.append(F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="none").cpu())
-            if out.energy_trace is not None:
-                gaps.append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).float().flatten().cpu())
-    metric = load_bpc_metric()
-    s1 = metric.compute(nll=torch.cat(nll1).numpy())
-    s2 = metric.compute(nll=torch.cat(nll2).numpy())
-
-    prompt = read_prompt(args) or "\n"
-    prompt_ids = torch.tensor([encode(tokenizer, prompt)], device=device)
-    speed = {}
-    for name, use_thinking in (("system1", False), ("system2", True)):
-        kw = dict(do_sample=False, use_thinking=use_thinking, think_steps=args.think_steps, think_lr=args.think_lr)
-        kw = {k: v for k, v in kw.items() if v is not None}
-        with torch.no_grad():
-            model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=2, **kw)  # warm-up
-            started = time.perf_counter()
-            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                 max_new_tokens=args.max_new_tokens, **kw)
-            out.cpu()
-        speed[name] = args.max_new_tokens / max(time.perf_counter() - started, 1e-9)
-    thinking = resolved_thinking(model, args)
-    return dict(
-        model=label, path=None, landscape=model.config.landscape, block_size=block,
-        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
-        parameters=sum(p.numel() for p in model.parameters()),
-        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
-        energy_gap=float(torch.cat(gaps).mean()) if gaps else None,
-        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
-    )
-
-
-def comparison_table(rows: list[dict]) -> str:
-    header = ("| model | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 | energy gap J0-JK "
-              "| tok/s System 1 | tok/s System 2 |")
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        gap = f"{r['energy_gap']:.4g}" if r["energy_gap"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['landscape']} | {r['think_steps']} | {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} "
-            f"| {r['bpc_system2'] - r['bpc_system1']:+.4f} | {gap} | {r['tokens_per_s_system1']:.1f} "
-            f"| {r['tokens_per_s_system2']:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def run_compare(args: GenerateArguments) -> int:
@@ -909,6 +509,7 @@ def run_compare(args: GenerateArguments) -> int:
     except FileNotFoundError as error:
         raise UsageError(str(error)) from error
     val = validation_text(corpus.read_text(encoding="utf-8"))
+    prompt = read_prompt(args) or "\n"  # read once: a --prompt_file - (stdin) serves every model
     names = [Path(p).name or str(p) for p in args.compare]
     labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare)]
     note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
@@ -916,7 +517,7 @@ def run_compare(args: GenerateArguments) -> int:
     rows = []
     for path, label in zip(args.compare, labels):
         model, tokenizer = load_model(path, device, args.unk_token)
-        row = evaluate_model(model, tokenizer, val, args, device, label)
+        row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
         row["path"] = str(path)
         rows.append(row)
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")

@@ -4,8 +4,11 @@ and, where the process boundary matters (streaming, exit status, no traceback), 
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +18,9 @@ from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
 import run_train
+from nanoebm.analysis import score_continuations
 from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
-from run_generate import main, score_continuations
+from run_generate import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -278,6 +282,8 @@ def test_compare_mode(capsys, tmp_path, model_dir, linear_dir, loaded, corpus_te
     (["sampel=true"], "did you mean 'sample'"),
     (["--use_thinking", "maybe"], "Truthy value expected"),
     (["--tmperature", "2"], "did you mean --temperature"),
+    (["--max_new_tokns", "5"], "did you mean --max_new_tokens"),
+    (["--tmperature=2"], "did you mean --temperature"),
 ])
 def test_bad_arguments(capsys, model_dir, argv, message):
     code, _, err = run(capsys, "--model_name_or_path", model_dir, *argv)
@@ -306,6 +312,77 @@ def test_bad_input_in_a_subprocess_has_no_traceback(model_dir, tmp_path):
     done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "naïve")
     assert done.returncode == 2 and "'ï'" in done.stderr and "--unk_token" in done.stderr
     assert "Traceback" not in done.stderr
+    # a mistyped flag is bad input (2), never the status of diverged thinking (1)
+    done = subprocess_run("--model_name_or_path", model_dir, "--tmperature", "2")
+    assert done.returncode == 2 and "did you mean --temperature" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess_run(f"checkpoint={model_dir}", "sampel=true")
+    assert done.returncode == 2 and "did you mean 'sample'" in done.stderr and "Traceback" not in done.stderr
+
+
+def damage_weights(folder, how):
+    """Spoil the model.safetensors of a saved model folder (a copy: the module's model_dir stays intact)."""
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if how == "missing":
+        weights.unlink()
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "truncated":  # an interrupted copy or save: the header promises more bytes than there are
+        weights.write_bytes(data[:len(data) // 2])
+    elif how == "random":  # overwritten: the size is right, nothing else
+        weights.write_bytes(random.Random(0).randbytes(len(data)))
+    else:
+        raise ValueError(how)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "random", "missing"])
+def test_damaged_weights_are_one_message(capsys, tmp_path, model_dir, how):
+    folder = damage_weights(Path(shutil.copytree(model_dir, tmp_path / "model")), how)
+    code, out, err = run(capsys, "--model_name_or_path", folder, "--prompt", "ROMEO:", "--max_new_tokens", 5)
+    assert code == 2, err
+    assert out == "" and "Traceback" not in err
+    assert err.count("error:") == 1 and len(err.strip().splitlines()) == 1, err  # one message, one line
+    assert str(folder / "model.safetensors") in err
+    assert "save_pretrained" in err and "retrain" in err  # what to do about it
+    code, _, err = run(capsys, "--compare", folder, "--eval_blocks", 1, "--max_new_tokens", 2)  # compare mode too
+    assert code == 2 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_damaged_weights_in_a_subprocess_print_one_line(model_dir, tmp_path):
+    """The whole stderr of the process (transformers' own logging included) is the one message."""
+    folder = damage_weights(Path(shutil.copytree(model_dir, tmp_path / "model")), "truncated")
+    done = subprocess_run("--model_name_or_path", folder, "--prompt", "x")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("run_generate.py: error: ") and len(done.stderr.strip().splitlines()) == 1, (
+        done.stderr)
+    assert "model.safetensors" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_tokenizer_with_more_characters_than_the_model(capsys, tmp_path, tokenizer):
+    """Characters are counted (tokenizer.vocab_size), not the pad token, whose id lies outside the vocabulary."""
+    folder = save(make_model(vocab_size=tokenizer.vocab_size - 5), tokenizer, tmp_path / "small")
+    code, _, err = run(capsys, "--model_name_or_path", folder, "--prompt", "x")
+    assert code == 2 and f"the tokenizer has {tokenizer.vocab_size} characters but the model only" in err
+
+
+def test_help_and_imports_stay_light():
+    """--help needs no torch, and the helper modules import neither torch nor run_generate (no import cycle)."""
+    script = (
+        "import sys\n"
+        "import nanoebm.analysis, nanoebm.compare, nanoebm.plots\n"
+        "assert 'run_generate' not in sys.modules\n"
+        "heavy = {'torch', 'transformers', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from run_generate import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--model_name_or_path" in done.stdout
 
 
 def test_compare_prints_only_the_table_on_stdout(model_dir):

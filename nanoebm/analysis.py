@@ -1,0 +1,139 @@
+"""What run_generate.py computes from a loaded nanoebm model, shared with its pictures (nanoebm.plots) and its model
+comparison (nanoebm.compare): the thinking settings in force, teacher-forced per-position scores, the energy bowl
+along the thinking direction, encoding text with a clear error, and the CLI's progress lines on stderr.
+
+Importing it costs no torch or transformers (they are imported where they are used).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from nanoebm.cli import UsageError
+
+PROG = "run_generate.py"
+
+
+def note(message: str) -> None:
+    print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
+
+
+def encode(tokenizer, text: str, what: str = "the prompt") -> list[int]:
+    try:
+        return tokenizer(text)["input_ids"]
+    except ValueError as error:
+        raise UsageError(f"{what} cannot be encoded: {error} On the command line: --unk_token ' '.") from error
+
+
+def thinking_module(model):
+    """The modeling module the model was loaded from (the saved folder's copy), for `expected_energy`."""
+    return sys.modules[type(model).__module__]
+
+
+def resolved_thinking(model, args) -> dict:
+    """use_thinking, think_steps and think_lr as a run uses them: the flags where given, else the model's own."""
+    steps = args.think_steps if args.think_steps is not None else int(model.config.think_steps)
+    alpha = args.think_lr if args.think_lr is not None else float(model.think_lr.detach())
+    return dict(use_thinking=args.use_thinking and not args.no_thinking, think_steps=steps, think_lr=alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher-forced analysis
+
+
+def score_continuations(model, ids, start: int, think_steps: int | None = None, think_lr: float | None = None):
+    """Per-position data for the targets ids[:, start:] of a batch of equally long sequences (B, L).
+
+    One teacher-forced forward with thinking on (think_steps, think_lr as given, else the model's) when the text
+    fits in block_size; otherwise windows of block_size characters that overlap by half, so that each target
+    reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
+    targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
+    energy (B, n) E_base of the target, trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
+    window_start (n,) where each target's window began.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    B, L = ids.shape
+    if not 1 <= start < L:
+        raise ValueError(f"start={start} must be in [1, {L})")
+    block = model.config.block_size
+    stride = max(1, block // 2)
+    parts = {k: [] for k in ("targets", "logp1", "logp2", "energy", "trace", "window_start")}
+    j = start
+    with torch.no_grad():
+        while j < L:
+            a = max(0, min(j - max(1, block - stride), L - 1 - block))
+            b = min(L - 1, a + block)
+            out = model(ids[:, a:b], use_cache=False, use_thinking=True, think_steps=think_steps, think_lr=think_lr,
+                        return_energy_trace=True)
+            sl = slice(j - 1 - a, b - a)
+            targets = ids[:, j:b + 1]
+            parts["targets"].append(targets.cpu())
+            parts["logp1"].append(F.log_softmax(out.system1_logits[:, sl].float(), dim=-1).cpu())
+            parts["logp2"].append(F.log_softmax(out.logits[:, sl].float(), dim=-1).cpu())
+            parts["energy"].append(out.energies[:, sl].float().gather(-1, targets[..., None])[..., 0].cpu())
+            if out.energy_trace is not None:
+                parts["trace"].append(out.energy_trace[:, sl].float().cpu())
+            parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))
+            j = b + 1
+    result = {k: torch.cat(v, dim=1 if k != "window_start" else 0) for k, v in parts.items() if v}
+    result.setdefault("trace", None)
+    return result
+
+
+def position_stats(scores, row: int = 0) -> dict:
+    """Per-character numbers of one sequence of `score_continuations`."""
+    logp1, logp2, targets = scores["logp1"][row], scores["logp2"][row], scores["targets"][row]
+    chosen1 = logp1.gather(-1, targets[:, None])[:, 0]
+    chosen2 = logp2.gather(-1, targets[:, None])[:, 0]
+    kl = (logp2.exp() * (logp2 - logp1)).sum(-1).clamp(min=0)
+    trace = scores["trace"]
+    gap = (trace[row, :, 0] - trace[row, :, -1]) if trace is not None else None
+    return dict(p1=chosen1.exp(), p2=chosen2.exp(), nll1=-chosen1, nll2=-chosen2, kl=kl,
+                energy=scores["energy"][row], gap=gap)
+
+
+def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, think_lr=None, n_points=61):
+    """J along the straight line v(t) = v0 + t (vK - v0) from the System 1 logits v0 (t = 0) to the refined logits
+    vK (t = 1), for the target ids[0, target], extended on both sides: to t = -0.5 below and, above, to 1.75 or
+    past the bottom of J along the line when that lies further out (at most t = 40).
+
+    Returns ts and J(v(t)); the thinking iterates projected on the line (t_k) with their energies J_k (the model's
+    own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. v0 is recomputed with
+    the model's `initial_logits` (exact for think_init='base_energy' without init noise, the default).
+    """
+    import torch
+
+    module = thinking_module(model)
+    cfg = model.config
+    with torch.no_grad():
+        out = model(ids[:, window_start:target], use_cache=False, use_thinking=True, think_steps=think_steps,
+                    think_lr=think_lr, return_energy_trace=True, return_landscape=True)
+        landscape = out.landscape
+        v0 = model.initial_logits(landscape.base)
+        d = out.logits.float() - v0
+
+        def J_at(t):
+            J = module.expected_energy(landscape, v0 + t * d, cfg.softmax_temperature, cfg.entropy_weight)[0]
+            return float(J[0, -1])
+
+        coarse = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
+        values = [J_at(t) for t in coarse]
+        J0, floor = J_at(0.0), min(values)
+        # the first t where J is within 2% of its lowest value along the line: the bottom of the bowl (or of the
+        # slide, when J keeps falling as p sharpens towards one character)
+        t_min = next(t for t, J in zip(coarse, values) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
+        upper = min(40.0, max(1.75, 1.25 * t_min))
+        ts = torch.linspace(-0.5, upper, n_points)
+        bowl = [J_at(t) for t in ts.tolist()]
+        last = d[0, -1]
+        norm = float((last * last).sum())
+        iterates = [v0, *out.step_logits]
+        t_k = [float(((v[0, -1].float() - v0[0, -1]) * last).sum()) / norm if norm > 0 else 0.0 for v in iterates]
+        J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
+        biggest = float(last.abs().max())
+        trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
+    return dict(ts=ts.tolist(), J=bowl, t_k=t_k[:len(J_k)], J_k=J_k, move=math.sqrt(norm), trust_t=trust)
+

@@ -1,0 +1,77 @@
+"""run_generate.py --compare: validation bits per character of System 1 and System 2, the energy gap thinking buys
+and decode speed for one loaded model, and the Markdown table of several. torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nanoebm.analysis import encode, resolved_thinking
+from nanoebm.cli import UsageError
+from nanoebm.corpus import fixed_blocks, load_bpc_metric
+
+
+def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
+    """One row of the comparison: bits per character of System 1 and System 2 on args.eval_blocks fixed blocks of
+    the validation text `val`, the mean energy gap J0 - JK, and greedy decode tokens/s of both systems continuing
+    `prompt` for args.max_new_tokens characters (think_steps / think_lr from args where given)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
+    block = model.config.block_size
+    try:
+        batch = fixed_blocks(ids, block, args.eval_blocks).to(device)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    nll1, nll2, gaps = [], [], []
+    with torch.no_grad():
+        for chunk in batch.split(8):
+            out = model(chunk[:, :-1], use_cache=False, use_thinking=True, think_steps=args.think_steps,
+                        think_lr=args.think_lr, return_energy_trace=True)
+            y = chunk[:, 1:].flatten()
+            nll1.append(F.cross_entropy(out.system1_logits.float().flatten(0, 1), y, reduction="none").cpu())
+            nll2.append(F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="none").cpu())
+            if out.energy_trace is not None:
+                gaps.append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).float().flatten().cpu())
+    metric = load_bpc_metric()
+    s1 = metric.compute(nll=torch.cat(nll1).numpy())
+    s2 = metric.compute(nll=torch.cat(nll2).numpy())
+
+    prompt_ids = torch.tensor([encode(tokenizer, prompt)], device=device)
+    speed = {}
+    for name, use_thinking in (("system1", False), ("system2", True)):
+        kw = dict(do_sample=False, use_thinking=use_thinking, think_steps=args.think_steps, think_lr=args.think_lr)
+        kw = {k: v for k, v in kw.items() if v is not None}
+        with torch.no_grad():
+            model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=2, **kw)  # warm-up
+            started = time.perf_counter()
+            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                 max_new_tokens=args.max_new_tokens, **kw)
+            out.cpu()
+        speed[name] = args.max_new_tokens / max(time.perf_counter() - started, 1e-9)
+    thinking = resolved_thinking(model, args)
+    return dict(
+        model=label, path=None, landscape=model.config.landscape, block_size=block,
+        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
+        parameters=sum(p.numel() for p in model.parameters()),
+        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
+        energy_gap=float(torch.cat(gaps).mean()) if gaps else None,
+        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
+    )
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """The rows of evaluate_model as a Markdown table."""
+    header = ("| model | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 | energy gap J0-JK "
+              "| tok/s System 1 | tok/s System 2 |")
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        gap = f"{r['energy_gap']:.4g}" if r["energy_gap"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {r['landscape']} | {r['think_steps']} | {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} "
+            f"| {r['bpc_system2'] - r['bpc_system1']:+.4f} | {gap} | {r['tokens_per_s_system1']:.1f} "
+            f"| {r['tokens_per_s_system2']:.1f} |"
+        )
+    return "\n".join(lines)
+

@@ -1,0 +1,260 @@
+"""run_generate.py's pictures: what thinking did along a generated text (--plot) and the model comparison (--compare
+--plot). matplotlib and torch are imported inside the functions, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from nanoebm.analysis import energy_bowl, note, position_stats, resolved_thinking
+from nanoebm.cli import UsageError
+
+
+def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args, folder: Path) -> list[Path]:
+    """The --plot pictures of sequence `row` of `scores` (score_continuations over ids, targets from P on) in folder:
+    kl_strip.png always; thinking_at_position.png, energy_trace.png and energy_descent.png when thinking ran."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --plot folder {folder}: {error}") from error
+    s = position_stats(scores, row)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    n = len(text)
+    if args.plot_position is not None:
+        if not -n <= args.plot_position < n:
+            raise UsageError(f"--plot_position {args.plot_position} is outside the {n} generated characters")
+        index = args.plot_position % n
+    else:
+        index = int(s["kl"].argmax())
+    written = [plot_kl_strip(text, s["kl"].tolist(), folder / "kl_strip.png")]
+    trace = scores["trace"][row] if scores["trace"] is not None else None
+    if trace is None:
+        steps = resolved_thinking(model, args)["think_steps"]
+        note(f"think_steps={steps}: nothing to draw but kl_strip.png (no thinking, no energy trace)")
+    else:
+        bowl = energy_bowl(model, ids, P + index, int(scores["window_start"][index]), args.think_steps,
+                           args.think_lr)
+        written.append(plot_thinking_at_position(
+            text, index, scores["logp1"][row, index], scores["logp2"][row, index], vocab,
+            int(scores["targets"][row, index]), bowl, folder / "thinking_at_position.png"))
+        written.append(plot_energy_trace(trace, text, folder / "energy_trace.png"))
+        written.append(plot_energy_descent(trace, bowl, index, folder / "energy_descent.png"))
+    note("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+def show_char(c: str) -> str:
+    return {"\n": "↵", " ": "␣", "\t": "⇥"}.get(c, c)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_text(draw):
+    """Run a drawing function with mathtext off: generated text is full of '$'."""
+    import functools
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+@_plain_text
+def plot_energy_trace(trace, chars: str, path: Path, n_examples: int = 6) -> Path:
+    """J_k - J_0 across thinking steps for every generated position: the mean (with 10-90% band) and a few
+    individual positions; and the gap J_0 - J_K along the text."""
+    import torch
+
+    plt = _pyplot()
+    n, K1 = trace.shape
+    steps = list(range(K1))
+    rel = trace - trace[:, :1]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
+    picks = sorted(set(torch.linspace(0, n - 1, min(n_examples, n)).round().long().tolist()))
+    for i in picks:
+        ax.plot(steps, rel[i].tolist(), lw=1, alpha=0.7, marker=".", label=f"#{i} {show_char(chars[i])!r}")
+    lo, hi = torch.quantile(rel, 0.1, dim=0), torch.quantile(rel, 0.9, dim=0)
+    ax.fill_between(steps, lo.tolist(), hi.tolist(), color="k", alpha=0.1, label="10-90% of positions")
+    ax.plot(steps, rel.mean(0).tolist(), color="k", lw=2.5, marker="o", label=f"mean over {n} positions")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(steps)
+    ax.set_xlabel("thinking step k")
+    ax.set_ylabel("J_k - J_0 (expected energy)")
+    ax.set_title("energy descent per position")
+    ax.legend(fontsize=7, loc="lower left")
+    gap = (trace[:, 0] - trace[:, -1]).tolist()
+    ax2.plot(range(n), gap, lw=0.8, color="tab:blue")
+    ax2.fill_between(range(n), 0, gap, alpha=0.3, color="tab:blue")
+    ax2.axhline(sum(gap) / n, color="k", ls="--", lw=1, label=f"mean gap {sum(gap) / n:.4g}")
+    ax2.set_xlabel("generated character")
+    ax2.set_ylabel("gap J_0 - J_K")
+    ax2.set_title("energy gap thinking bought, along the text")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int = 8):
+    import torch
+
+    p1, p2 = logp1.exp(), logp2.exp()
+    ids = list(dict.fromkeys(torch.topk(p2, min(top, p2.numel())).indices.tolist()
+                             + torch.topk(p1, min(top, p1.numel())).indices.tolist()))
+    ids.sort(key=lambda i: -float(p2[i]))
+    ids = ids[:12]
+    x = torch.arange(len(ids)).float()
+    ax.bar((x - 0.2).tolist(), [float(p1[i]) for i in ids], width=0.4, label="System 1 (before)", color="tab:grey")
+    ax.bar((x + 0.2).tolist(), [float(p2[i]) for i in ids], width=0.4, label="System 2 (after)", color="tab:orange")
+    ax.set_xticks(x.tolist())
+    labels = ax.set_xticklabels([show_char(vocab[i]) for i in ids], fontsize=11)
+    for label, i in zip(labels, ids):
+        if i == chosen:
+            label.set_color("tab:red")
+            label.set_fontweight("bold")
+    ax.set_ylabel("probability")
+    ax.legend(fontsize=8)
+
+
+def _plot_bowl(ax, bowl: dict):
+    ax.plot(bowl["ts"], bowl["J"], color="tab:blue", lw=2, label="J(v0 + t (vK - v0))")
+    if bowl["J_k"]:
+        ax.scatter(bowl["t_k"], bowl["J_k"], color="tab:red", zorder=3, s=25, label="thinking iterates (projected)")
+        K = len(bowl["J_k"]) - 1
+        crowded = (bowl["ts"][-1] - bowl["ts"][0]) > 8  # iterates too close together to label each
+        for k, (t, J) in enumerate(zip(bowl["t_k"], bowl["J_k"])):
+            if not crowded or k in (0, K):
+                ax.annotate(f"v{k}" if k < K or K == 0 else f"vK=v{k}", (t, J), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+    if bowl.get("trust_t") is not None and bowl["trust_t"] < bowl["ts"][-1]:
+        ax.axvspan(bowl["trust_t"], bowl["ts"][-1], color="grey", alpha=0.12, lw=0,
+                   label="outside the trust region |v - v0| <= think_max_move")
+    ax.axvline(0, color="grey", lw=0.5, ls=":")
+    ax.axvline(1, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("t  (0 = System 1 logits v0, 1 = refined logits vK)")
+    ax.set_ylabel("expected energy J")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+@_plain_text
+def plot_thinking_at_position(chars: str, index: int, logp1, logp2, vocab, chosen: int, bowl: dict,
+                              path: Path) -> Path:
+    plt = _pyplot()
+    context = "".join(show_char(c) for c in chars[max(0, index - 24):index])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    _plot_distribution(ax, logp1, logp2, vocab, chosen)
+    ax.set_title(f"next character after ...{context!s} (chose {show_char(vocab[chosen])!r})", fontsize=9)
+    _plot_bowl(ax2, bowl)
+    ax2.set_title(f"energy bowl at generated character #{index} (|vK - v0| = {bowl['move']:.3g})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+@_plain_text
+def plot_kl_strip(chars: str, kl, path: Path, width: int = 64, max_chars: int = 1024) -> Path:
+    """A heat strip: each generated character on a cell coloured by KL(S2 || S1) at that position."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.asarray(kl, dtype=float)
+    offset = max(0, len(chars) - max_chars)
+    chars, values = chars[offset:], values[offset:]
+    rows = math.ceil(len(chars) / width)
+    grid = np.full((rows, width), np.nan)
+    grid.flat[:len(values)] = values
+    fig, ax = plt.subplots(figsize=(width * 0.17 + 1.5, rows * 0.3 + 1.2))
+    vmax = max(float(np.nanmax(values)) if len(values) else 0.0, 1e-9)
+    image = ax.imshow(grid, cmap="YlOrRd", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+    for i, c in enumerate(chars):
+        r, col = divmod(i, width)
+        dark = values[i] > 0.6 * vmax
+        ax.text(col, r, show_char(c), ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                family="DejaVu Sans Mono")
+    ax.set_xticks([])
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels([str(offset + r * width) for r in range(rows)], fontsize=7)
+    ax.set_title("how much thinking changed each choice: KL(System 2 || System 1) in nats"
+                 + (f" (last {max_chars} characters)" if offset else ""), fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+@_plain_text
+def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | None = None) -> Path:
+    """The README picture: J_k - J_0 over thinking steps (mean and band over positions) and the bowl at one."""
+    import torch
+
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.5))
+    steps = list(range(trace.shape[1]))
+    rel = trace - trace[:, :1]
+    lo, hi = torch.quantile(rel, 0.1, dim=0), torch.quantile(rel, 0.9, dim=0)
+    ax.fill_between(steps, lo.tolist(), hi.tolist(), alpha=0.2, color="tab:blue", label="10-90% of positions")
+    ax.plot(steps, rel.mean(0).tolist(), marker="o", lw=2, color="tab:blue",
+            label=f"mean over {trace.shape[0]} positions")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(steps)
+    ax.set_xlabel("thinking step k")
+    ax.set_ylabel("J_k - J_0")
+    ax.set_title(f"expected energy across thinking steps (mean gap J0 - JK = {float(-rel[:, -1].mean()):.3g})",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    _plot_bowl(ax2, bowl)
+    ax2.set_title(f"J along the line v0 -> vK at one position (#{index})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@_plain_text
+def plot_comparison(rows: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    names = [r["model"] for r in rows]
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(rows), 3.8))
+    ax = axes[0]
+    for offset, key, name, color in ((-0.2, "bpc_system1", "System 1", "tab:grey"),
+                                     (0.2, "bpc_system2", "System 2", "tab:orange")):
+        bars = ax.bar([i + offset for i in x], [r[key] for r in rows], 0.4, label=name, color=color)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    low = min(min(r["bpc_system1"], r["bpc_system2"]) for r in rows)
+    ax.set_ylim(bottom=max(0.0, low - 0.25))
+    ax.set_title("validation bits per character (lower is better)", fontsize=9)
+    ax.legend(fontsize=8)
+    axes[1].bar(x, [r["energy_gap"] or 0.0 for r in rows], 0.5, color="tab:blue")
+    axes[1].set_title("energy gap J0 - JK (thinking)", fontsize=9)
+    ax = axes[2]
+    ax.bar([i - 0.2 for i in x], [r["tokens_per_s_system1"] for r in rows], 0.4, label="System 1", color="tab:grey")
+    ax.bar([i + 0.2 for i in x], [r["tokens_per_s_system2"] for r in rows], 0.4, label="System 2",
+           color="tab:orange")
+    ax.set_title("decode tokens/s (greedy)", fontsize=9)
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
