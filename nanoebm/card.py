@@ -72,7 +72,7 @@ def lineage_from(model_folder=None, checkpoint=None) -> list[dict]:
             return [dict(command="unknown (checkpoint written before nanoebm kept run records)",
                          output_dir=str(checkpoint), status="interrupted")]
         runs = [dict(run) for run in record["runs"]]
-        runs[-1]["status"] = f"interrupted at step {runs[-1].get('steps_done', '?')}: resumed from {checkpoint}"
+        runs[-1]["status"] = f"up to its checkpoint of step {runs[-1].get('steps_done', '?')}, which the next run resumes"
         return runs
     if model_folder is not None:
         record = read_record(model_folder)

@@ -1,0 +1,40 @@
+# nanoebm in two commands: `make train` and `make test`. Each sets up what it needs on first use: a virtual
+# environment in .venv with torch and the exact versions CI passed (constraints.txt), nanoebm installed editable.
+#
+#   make train                       # train on the embedded tiny Shakespeare (cpu preset without a GPU) into out/
+#   make train ARGS="--max_steps 500 --output_dir out-short"
+#   make test                        # the test suite, offline
+#
+# TORCH picks the torch build (`pip install torch==2.13.0` is the CPU build on this project's CI machines and the
+# CUDA build from PyPI on Linux). CONSTRAINTS= (empty) resolves the newest releases instead of the locked set.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+EXTRA ?=
+ARGS ?=
+
+BIN := $(VENV)/bin
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+.PHONY: train test setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -c 'import sys; sys.exit("nanoebm needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIN) "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIN) -e ".[dev]" $(EXTRA)
+	$(BIN)/python -c 'import torch, transformers, accelerate, datasets; print("nanoebm set up: torch", torch.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__, "datasets", datasets.__version__)'
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/python run_train.py $(ARGS)
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest tests -q $(ARGS)
+
+clean:
+	rm -rf $(VENV)
