@@ -438,6 +438,12 @@ def clear_output_dir(folder: Path, args: ParsedArguments):
 # main
 
 
+def always_thinks(config, loss_args):
+    """True when every step runs the descent, so every parameter (alpha and the correction too) gets a gradient."""
+    lowest = loss_args.think_steps_range[0] if loss_args.think_steps_range else config.think_steps
+    return config.use_thinking and lowest > 0 and loss_args.warmup_steps_no_refine == 0
+
+
 def main(argv=None, callbacks=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -474,6 +480,8 @@ def main(argv=None, callbacks=None):
     with T.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = training.build_data(data_args, tokenizer, data_args.block_size, T.seed)
     model = training.build_model(model_args, data_args, tokenizer)
+    if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
+        T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
     world = T.world_size
     started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
                     {"model": model_args.model_name_or_path} if model_args.model_name_or_path else "random init")
