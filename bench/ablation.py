@@ -119,7 +119,7 @@ def run_one(name, seed, args):
                "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
                "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
                "--logging_steps", str(max(1, args.max_steps // 10)), "--disable_tqdm", "true",
-               *flags(name), *args.extra]
+               *flags(name), *(["--overwrite_output_dir", "true"] if args.force else []), *args.extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.time()
     if not (out / "all_results.json").is_file() or args.force:  # a finished training run is only re-measured
@@ -146,11 +146,13 @@ def load_trained(folder, args):
 
     import run_train
     from modeling_nanoebm import NanoEBMForCausalLM
+    from nanoebm.training import build_data
+    from tokenization_char import CharTokenizer
 
     torch.set_num_threads(args.threads)
     model = NanoEBMForCausalLM.from_pretrained(folder).eval()
-    train, blocks, _ = run_train.build_data(run_train.DataArguments(eval_blocks=args.eval_blocks),
-                                            run_train.CharTokenizer.from_pretrained(folder), model.config.block_size, 0)
+    train, blocks, _ = build_data(run_train.DataArguments(eval_blocks=args.eval_blocks),
+                                  CharTokenizer.from_pretrained(folder), model.config.block_size, 0)
     return model, train.ids, blocks
 
 
@@ -182,9 +184,9 @@ def training_text_bpc(model, train_ids, steps, n_blocks=400):
     import torch
     import torch.nn.functional as F
 
-    import run_train
+    from nanoebm.corpus import fixed_blocks
 
-    blocks = run_train.fixed_blocks(train_ids, model.config.block_size, n_blocks)
+    blocks = fixed_blocks(train_ids, model.config.block_size, n_blocks)
     result = {}
     for name, k in (("s1", 0), ("s2", steps)):
         total = 0.0
