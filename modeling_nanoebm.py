@@ -676,7 +676,11 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         """
         cache = cache if cache is not None else past_key_values
         block = self.config.block_size
-        for key in ("position_ids", "cache_position", "is_first_iteration"):
+        cache_position = kwargs.pop("cache_position", None)
+        if next_sequence_length is None and cache_position is not None and cache is not None \
+                and cache.get_seq_length() > 0:  # transformers < 5.3 passes only the new tokens' positions
+            next_sequence_length = cache_position.shape[-1]
+        for key in ("position_ids", "is_first_iteration"):
             kwargs.pop(key, None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
             attention_mask = (input_ids < self.config.vocab_size).long()
@@ -706,8 +710,12 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         if cache is not None and cached == 0 and cache.get_seq_length():
             cache.crop(-cache.get_seq_length())  # empty it
         kwargs.setdefault("return_energy_trace", False)
+        # a row that hit eos_token_id is extended with the pad id under attention_mask 1; generate discards what it
+        # produces, so those ids read as 0 (left padding, under attention_mask 0, is handled by the backbone)
+        fed = input_ids[:, -new:]
+        fed = fed.masked_fill((fed >= self.config.vocab_size) & window[:, -new:].bool(), 0)
         return {
-            "input_ids": input_ids[:, -new:].contiguous(),
+            "input_ids": fed.contiguous(),
             "attention_mask": window,
             "position_ids": position_ids,
             CACHE_NAME: cache if use_cache else None,

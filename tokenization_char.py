@@ -5,7 +5,8 @@ For tiny Shakespeare that gives 65 ids with ``"\\n" -> 0`` and ``" " -> 1``.
 
 Encoding is a bijection between strings over the vocabulary and id sequences, so
 ``tok.decode(tok(text)["input_ids"]) == text`` holds exactly: nothing is normalised, stripped,
-cleaned up or inserted.
+cleaned up or inserted. Padding uses a dedicated ``"<pad>"`` token whose id is the number of characters,
+just outside the character ids, so it can never be confused with text.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import json
 import os
 from collections.abc import Iterable
 
-from transformers.tokenization_python import PythonBackend
+from transformers.tokenization_python import AddedToken, PythonBackend
+from transformers.utils import PaddingStrategy, logging
+
+logger = logging.get_logger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
+
+# The dedicated padding token: its id is the number of characters, outside the model's vocabulary.
+PAD_TOKEN = "<pad>"
 
 # How many offending characters / positions an unknown-character error spells out.
 _MAX_REPORTED = 10
@@ -26,37 +33,47 @@ class CharTokenizer(PythonBackend):
     """One token per character; ids are indices into the sorted character set of a corpus.
 
     Build it with ``CharTokenizer.from_corpus(text)``, ``CharTokenizer.from_chars(chars)`` or
-    ``CharTokenizer(vocab_file="vocab.json")`` (a JSON ``{char: id}`` map with ids ``0..n-1``);
-    ``save_pretrained`` / ``from_pretrained`` round-trip through ``vocab.json`` + ``tokenizer_config.json``.
+    ``CharTokenizer(vocab_file="vocab.json")`` (a JSON ``{char: id}`` map with ids ``0..n-1``; a ``get_vocab()``,
+    which also lists ``"<pad>": n``, is accepted too); ``save_pretrained`` / ``from_pretrained`` round-trip through
+    ``vocab.json`` (the characters) + ``tokenizer_config.json`` (the pad token and the other settings).
 
     Design choices (and why):
 
-    * **No special tokens are ever added.** The model is trained on raw character streams
-      (nanoGPT style), so BOS/EOS would shift every id sequence; ``add_special_tokens`` is a no-op.
+    * **No special tokens are ever inserted.** The model is trained on raw character streams
+      (nanoGPT style), so BOS/EOS would shift every id sequence; ``add_special_tokens`` is a no-op
+      (the pad token below only ever appears as padding).
     * **Unknown characters raise** ``ValueError`` listing them and their positions. Silently mapping
       them to some id would corrupt training data and bits-per-char numbers. To opt in to lossy
       encoding pass ``unk_token=<a vocabulary character>`` (e.g. ``unk_token=" "``); unknown
       characters then encode to that character's id (and decode as it).
-    * **No pad token by default.** A character vocabulary has no spare id, and inventing one would
-      change the vocabulary size the model was built with. For batched (e.g. left-padded generation)
-      inputs pass ``pad_token=<a vocabulary character>`` and ``padding_side="left"``; padded
-      positions are identified by ``attention_mask``, not by the id.
-    * Every special token (``unk_token``, ``pad_token``, ...) must therefore be an existing vocabulary
-      character; anything else raises instead of growing the vocabulary. Caveat: such a character is
-      then "special", so ``decode(..., skip_special_tokens=True)`` drops *every* occurrence of it --
-      keep the default ``skip_special_tokens=False`` and strip padding with the attention mask.
+    * **A dedicated pad token, always present.** ``"<pad>"`` gets the id ``vocab_size`` (the number of
+      characters), one past the last character, so ``len(tok) == tok.vocab_size + 1`` while
+      ``tok.vocab_size`` (and the model's ``config.vocab_size``) counts characters only. The model
+      accepts that id wherever ``attention_mask == 0``. Padding is on the left by default, as
+      decoder-only generation needs (``padding_side="right"`` still works per call or at construction).
+      The pad token is never matched in text: the five characters ``"<pad>"`` inside a string encode
+      as five characters (it exists only as an id, made by padding). ``decode`` shows it as ``"<pad>"``,
+      and ``decode(..., skip_special_tokens=True)`` (what ``pipeline("text-generation")`` uses) drops
+      only ids outside the character vocabulary -- the padding -- and never a character.
+      ``pad_token`` can only be ``"<pad>"`` (or None, which means it): the old advice
+      ``pad_token=<a vocabulary character>`` (e.g. ``" "``, still found in saved folders) made that character
+      special, so skipping special tokens deleted every occurrence of it; such a value now logs a warning and
+      ``"<pad>"`` is used.
+    * Every other special token (``unk_token``, ...) must be an existing vocabulary character; anything
+      else raises instead of growing the vocabulary.
     * ``clean_up_tokenization`` is a no-op so spaces before punctuation survive decoding whatever
       ``clean_up_tokenization_spaces`` says.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
 
     def __init__(
         self,
         vocab_file: str | os.PathLike | None = None,
         unk_token: str | None = None,
-        pad_token: str | None = None,
+        pad_token: str | None = PAD_TOKEN,
         *,
         vocab: dict[str, int] | None = None,
         **kwargs,
@@ -72,8 +89,10 @@ class CharTokenizer(PythonBackend):
         self._vocab = self._validate_vocab(vocab)
         self._id_to_char = {i: c for c, i in self._vocab.items()}
 
+        self._check_pad_token(pad_token)
         kwargs["unk_token"] = unk_token
-        kwargs["pad_token"] = pad_token
+        kwargs["pad_token"] = PAD_TOKEN
+        kwargs["added_tokens_decoder"] = self._with_pad_token(kwargs.get("added_tokens_decoder"))
         self._check_special_tokens_in_vocab(kwargs)
         # Character streams get no BOS/EOS/CLS/SEP, and decoding must never rewrite spaces.
         kwargs["special_tokens_pattern"] = "none"
@@ -104,6 +123,12 @@ class CharTokenizer(PythonBackend):
     def _validate_vocab(vocab: dict[str, int]) -> dict[str, int]:
         if not isinstance(vocab, dict) or not vocab:
             raise ValueError("vocab must be a non-empty {char: id} mapping.")
+        if PAD_TOKEN in vocab:  # e.g. another tokenizer's get_vocab(): the pad token is not a character
+            vocab = dict(vocab)
+            if vocab.pop(PAD_TOKEN) != len(vocab):
+                raise ValueError(
+                    f"vocab: the pad token {PAD_TOKEN!r} can only have id {len(vocab)} (the number of characters)."
+                )
         bad = [c for c in vocab if not (isinstance(c, str) and len(c) == 1)]
         if bad:
             raise ValueError(f"vocab keys must be single characters; got {bad[:_MAX_REPORTED]!r}.")
@@ -112,11 +137,42 @@ class CharTokenizer(PythonBackend):
             raise ValueError(f"vocab ids must be exactly 0..{len(vocab) - 1} with no gaps or duplicates.")
         return {c: int(i) for c, i in sorted(vocab.items(), key=lambda kv: kv[1])}
 
+    def _check_pad_token(self, pad_token) -> None:
+        if pad_token is None or str(pad_token) == PAD_TOKEN:
+            return  # None: a folder saved before the pad token existed ("pad_token": null) gets it too
+        if str(pad_token) in self._vocab:
+            logger.warning(
+                f"{type(self).__name__}: pad_token={str(pad_token)!r} is a vocabulary character; padding now uses the "
+                f"dedicated {PAD_TOKEN!r} token (id {self.vocab_size}, outside the character ids) instead, so "
+                f"{str(pad_token)!r} stays ordinary text (skip_special_tokens=True would otherwise delete it)."
+            )
+            return
+        raise ValueError(
+            f"pad_token={str(pad_token)!r}: {type(self).__name__} always pads with its dedicated {PAD_TOKEN!r} token "
+            f"(id = vocab_size = {self.vocab_size}); leave pad_token out."
+        )
+
+    def _with_pad_token(self, added_tokens_decoder: dict | None) -> dict:
+        """`added_tokens_decoder` with the pad token in it, at id `vocab_size` unless a saved one says otherwise.
+
+        Entries that are plain characters are dropped: they change nothing for a character tokenizer, and the
+        special ones among them (unk) are re-added from the named attributes. What stays is the pad token and
+        multi-character tokens added with add_tokens(); the characters keep their vocab.json ids regardless.
+        """
+        added = {
+            int(i): t for i, t in (added_tokens_decoder or {}).items() if str(t) not in self._vocab
+        }
+        if PAD_TOKEN not in {str(t) for t in added.values()}:
+            pad_id = self.vocab_size if self.vocab_size not in added else max(added) + 1
+            added[pad_id] = AddedToken(PAD_TOKEN, lstrip=False, rstrip=False, normalized=False, special=True)
+        return added
+
     def _check_special_tokens_in_vocab(self, kwargs: dict) -> None:
         # Tokens explicitly added earlier with add_tokens()/add_special_tokens() come back from
         # from_pretrained() in `added_tokens_decoder`; those are legitimate too.
         known = set(self._vocab) | {str(t) for t in (kwargs.get("added_tokens_decoder") or {}).values()}
-        names = list(self.SPECIAL_TOKENS_ATTRIBUTES)
+        known.discard(PAD_TOKEN)  # the pad token is reserved for padding
+        names = [n for n in self.SPECIAL_TOKENS_ATTRIBUTES if n != "pad_token"]
         candidates = [(n, kwargs.get(n)) for n in names]
         extra = kwargs.get("extra_special_tokens") or kwargs.get("additional_special_tokens") or []
         if isinstance(extra, dict):
@@ -158,22 +214,36 @@ class CharTokenizer(PythonBackend):
         )
 
     def _simple_added_tokens(self) -> bool:
-        # True when every added token is just a (special) vocabulary character, the normal case:
-        # then splitting on added tokens is a no-op and plain list(text) is the tokenization.
-        return all(tok in self._vocab for tok in self._added_tokens_encoder)
+        # True when every added token is just a (special) vocabulary character or the pad token, the
+        # normal case: then splitting on added tokens is a no-op and plain list(text) is the tokenization.
+        return all(tok in self._vocab or tok == PAD_TOKEN for tok in self._added_tokens_encoder)
+
+    def _update_trie(self, unique_no_split_tokens: list[str] | None = None):
+        # The base class splits text on every added token; the pad token must never be matched in text.
+        contents = [t.content for t in self._added_tokens_decoder.values()] + list(unique_no_split_tokens or [])
+        for token in contents:
+            if token != PAD_TOKEN and token not in self.tokens_trie._tokens:
+                self.tokens_trie.add(token)
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Split ``text`` into characters; raise on (or map, with ``unk_token``) unknown characters."""
+        """Split ``text`` into characters; raise on (or map, with ``unk_token``) unknown characters.
+
+        The pad token is never produced: ``"<pad>"`` in a text is five characters.
+        """
         if not self._simple_added_tokens():
-            # Multi-character tokens were added with add_tokens(): let the base class split on them.
-            tokens = super().tokenize(text, **kwargs)
+            # Multi-character tokens were added with add_tokens(): let the base class split on them. It keeps a
+            # piece that equals a special token whole, and "<pad>" can be such a piece (between two added
+            # tokens), so spell the pad token out again.
+            tokens = [
+                c for t in super().tokenize(text, **kwargs) for c in (list(t) if t == PAD_TOKEN else (t,))
+            ]
         else:
             kwargs.pop("split_special_tokens", None)
             text, _ = self.prepare_for_tokenization(text, **kwargs)
             if set(text).issubset(self._vocab):  # fast path (the whole corpus takes ~50 ms)
                 return list(text)
             tokens = list(text)
-        known = self._vocab.keys() | self._added_tokens_encoder.keys()
+        known = (self._vocab.keys() | self._added_tokens_encoder.keys()) - {PAD_TOKEN}
         unknown, pos = [], 0
         for t in tokens:
             if t not in known:
@@ -209,17 +279,24 @@ class CharTokenizer(PythonBackend):
         return [self._convert_token_to_id_with_added_voc(t) for t in tokens]
 
     def _get_padding_truncation_strategies(self, *args, **kwargs):
-        try:
+        if self.pad_token == PAD_TOKEN:
             return super()._get_padding_truncation_strategies(*args, **kwargs)
+        # The pad token was unset or replaced after construction (e.g. tok.pad_token = " ", the old advice).
+        problem = (
+            f"{type(self).__name__} pads with its dedicated {PAD_TOKEN!r} token (id {self.vocab_size}, outside the "
+            f"character ids), but pad_token is now {self.pad_token!r}. Set tok.pad_token = {PAD_TOKEN!r}: a "
+            "character used as padding is indistinguishable from text, and decode(..., skip_special_tokens=True) "
+            "or pipeline('text-generation') would delete every occurrence of it."
+        )
+        try:
+            strategies = super()._get_padding_truncation_strategies(*args, **kwargs)
         except ValueError as e:
-            if self.pad_token is None and "padding token" in str(e):
-                raise ValueError(
-                    f"{type(self).__name__} has no pad token by default (a character vocabulary has no spare "
-                    "id). To pad, choose an existing character, e.g. "
-                    f"{type(self).__name__}.from_pretrained(path, pad_token=' ', padding_side='left'); "
-                    "padded positions are then marked by attention_mask == 0."
-                ) from e
+            if "padding token" in str(e):
+                raise ValueError(problem) from e
             raise
+        if strategies[0] != PaddingStrategy.DO_NOT_PAD:
+            raise ValueError(problem)
+        return strategies
 
     # ------------------------------------------------------------------ decoding
 
@@ -229,16 +306,21 @@ class CharTokenizer(PythonBackend):
             raise ValueError(f"id {index} is outside the vocabulary [0, {len(self)}).")
         return char
 
+    def _skipped_ids(self) -> set[int]:
+        # skip_special_tokens drops the padding (and any other special token outside the characters), never a
+        # character: an unk_token such as " " is text too.
+        return {i for i in self.all_special_ids if i not in self._id_to_char}
+
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
-        if isinstance(ids, int) or not self._simple_added_tokens():
-            return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
-        # Fast path (added tokens are vocabulary characters, so the base table suffices).
-        skip = set(self.all_special_ids) if skip_special_tokens else ()
-        table = self._id_to_char
+        if isinstance(ids, int):
+            return super().convert_ids_to_tokens(ids)
+        skip = self._skipped_ids() if skip_special_tokens else ()
+        chars = self._id_to_char
+        table = {**chars, **{i: t.content for i, t in self._added_tokens_decoder.items() if i not in chars}}
         try:
             return [table[i] for i in ids if i not in skip]
-        except (KeyError, TypeError):  # out-of-range or unhashable ids: the slow path says which
-            return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+        except (KeyError, TypeError):  # out-of-range or unhashable ids: convert one by one, which says which
+            return [self.convert_ids_to_tokens(int(i)) for i in ids if int(i) not in skip]
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return "".join(tokens)

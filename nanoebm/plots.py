@@ -19,7 +19,7 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
     except OSError as error:
         raise UsageError(f"cannot create --plot folder {folder}: {error}") from error
     s = position_stats(scores, row)
-    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    vocab = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
     n = len(text)
     if args.plot_position is not None:
         if not -n <= args.plot_position < n:
