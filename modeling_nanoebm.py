@@ -61,6 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.init_std = residual_std(config)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -95,6 +96,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.init_std = residual_std(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -138,26 +140,36 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """nanoGPT's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        super()._init_weights(module)
-        if isinstance(module, (CausalSelfAttention, MLP)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, EnergyHead):
-            # std 1/sqrt(d_energy) makes W_c^T W_e ~ I, so <W_c h, W_e e_y> starts like a tied GPT head (h . e_y);
-            # two 0.02-scaled factors would start the energies, and their gradients, near zero
-            for proj in (module.context_proj, module.token_proj):
-                init.normal_(proj.weight, mean=0.0, std=self.config.d_energy ** -0.5)
-            if hasattr(module, "correction_scale"):  # either way a fresh model thinks on the base landscape:
-                gate = self.config.correction_scale_init
-                init.constant_(module.correction_scale, math.atanh(gate))  # tanh(s) = gate
-                if gate > 0:  # open gate, zero output (with the output at zero a shut gate would leave both without gradient)
-                    init.zeros_(module.mixture[-1].weight)
-                    if module.mixture[-1].bias is not None:
-                        init.zeros_(module.mixture[-1].bias)
+        """nanoGPT's init: N(0, 0.02), with the std a Linear was built with where it differs (`init_std`: the
+        residual projections' 0.02 / sqrt(2 n_layer), the energy head's 1 / sqrt(d_energy)). The std lives on the
+        Linear itself because transformers initialises children before their parent and never twice (from 5.24 a
+        parent's re-initialisation of a child is silently skipped)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            own = getattr(module, "init_std", std)
+            if own > 0:
+                init.normal_(module.weight, mean=0.0, std=own)
+            else:
+                init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, EnergyHead):
+            if hasattr(module, "correction_scale"):  # tanh(s) = correction_scale_init (0: the gate is shut)
+                init.constant_(module.correction_scale, math.atanh(self.config.correction_scale_init))
             if module.token_bias is not None:
                 init.zeros_(module.token_bias)
-        if isinstance(module, NanoEBMForCausalLM):
+        elif isinstance(module, NanoEBMForCausalLM):
             init.constant_(module.think_lr_raw, inverse_softplus(self.config.think_lr))
+
+
+def residual_std(config):
+    return config.initializer_range / math.sqrt(2 * config.n_layer)
 
 
 def inverse_softplus(x: float) -> float:
@@ -324,6 +336,9 @@ class EnergyHead(nn.Module):
         super().__init__()
         self.context_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_c
         self.token_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_e
+        # std 1/sqrt(d_energy) makes W_c^T W_e ~ I, so <W_c h, W_e e_y> starts like a tied GPT head (h . e_y); two
+        # 0.02-scaled factors would start the energies, and their gradients, near zero
+        self.context_proj.init_std = self.token_proj.init_std = config.d_energy ** -0.5
         self.token_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.use_token_bias else None
         if config.landscape == "mixture":
             self.mixture = nn.Sequential(
@@ -331,6 +346,8 @@ class EnergyHead(nn.Module):
                 nn.GELU(),
                 nn.Linear(config.n_embd, config.d_energy, bias=config.bias),
             )
+            if config.correction_scale_init > 0:  # an open gate starts with a zero output: thinks on the base landscape
+                self.mixture[-1].init_std = 0.0
         if config.landscape != "linear":
             self.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
 
@@ -698,10 +715,16 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             window = attention_mask[:, -(cached + new):]
             position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
         else:
-            context = decode_window(lengths, block) if use_cache else lengths.clamp(max=block)
+            if use_cache and cache is not None:
+                if not hasattr(cache, "_nanoebm_prompt_width"):  # the first step of this generate call
+                    cache._nanoebm_prompt_width = input_ids.shape[1]
+                generated = input_ids.shape[1] - cache._nanoebm_prompt_width
+                context = decode_window(lengths, block, generated)
+                grown = (cached > 0 and new is not None and cached + new == int(context.max()) and bool(
+                    (context == decode_window(lengths - new, block, generated - new) + new).all()))
+            else:  # no cache: every step re-reads the last block_size tokens
+                context, grown = lengths.clamp(max=block), False
             width = int(context.max())
-            grown = (cached > 0 and new is not None and cached + new == width
-                     and bool((context == decode_window(lengths - new, block) + new).all()))
             if not grown:  # first step, or some row's window restarts: re-read every row's window
                 new, cached = width, 0
             columns = torch.arange(width, device=input_ids.device)
@@ -724,13 +747,15 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         }
 
 
-def decode_window(lengths, block_size):
-    """How many of its last tokens a row of `lengths` real tokens reads when decoding with learned positions:
-    all of them up to `block_size`, then a window that restarts at `block_size // 2` and grows back to
-    `block_size` (a pure function of the length, so batching and padding never change a row's context)."""
+def decode_window(lengths, block_size, generated=0):
+    """How many of its last tokens a row reads when decoding with learned positions, given its `lengths` real
+    tokens of which the last `generated` were generated: the prompt's last `block_size` tokens at most, then one
+    more per new token up to `block_size`, where the window restarts at `block_size // 2` and grows back. A
+    function of the row's own prompt and length only, so batching and padding never change a row's context."""
     half = max(1, block_size // 2)
     period = block_size - half + 1
-    return torch.where(lengths <= block_size, lengths, half + (lengths - block_size - 1) % period)
+    read = (lengths - generated).clamp(max=block_size) + generated
+    return torch.where(read <= block_size, read, half + (read - block_size - 1) % period)
 
 
 NanoEBMModel.register_for_auto_class("AutoModel")

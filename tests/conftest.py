@@ -77,3 +77,13 @@ def run_without_nanoebm(script, cwd, modules_cache, timeout=300):
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(modules_cache), TRANSFORMERS_VERBOSITY="error")
     return subprocess.run([sys.executable, "-c", HIDE_NANOEBM + script], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def free_port():
+    """A port no one listens on, for `accelerate launch --main_process_port` (two launches in a row may otherwise
+    race for the default 29500 while the first one's socket closes)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])

@@ -376,7 +376,12 @@ def test_help_and_imports_stay_light():
         "assert not heavy, heavy\n"
         "from run_generate import main\n"
         "assert main(['--help']) == 0\n"
-        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        # transformers' argument parser imports torch in some releases (5.0 does): torch only if it does
+        "import subprocess\n"
+        "parser_alone = subprocess.run([sys.executable, '-c', 'import sys; from transformers import HfArgumentParser; "
+        "print(\"torch\" in sys.modules)'], capture_output=True, text=True).stdout.strip() == 'True'\n"
+        "assert 'torch' not in sys.modules or parser_alone\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -318,3 +318,17 @@ def test_no_stale_state_between_optimizer_steps_and_evaluation():
         fresh = model.energy_head.base_energy(model.transformer(ids).last_hidden_state,
                                               model.energy_head.token_proj(model.transformer.wte.weight))
     assert torch.allclose(after, fresh)
+
+
+def test_initialisation_is_nanogpts_on_every_transformers_version():
+    """transformers initialises children before parents and, from 5.24, never twice: the scaled stds must still land
+    (residual projections 0.02 / sqrt(2 n_layer), energy projections 1 / sqrt(d_energy), an open gate's zero output)."""
+    model = make_model(n_layer=4, n_embd=128, n_head=4, correction_scale_init=0.5)
+    for block in model.transformer.h:
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            assert abs(float(proj.weight.std()) - 0.02 / (2 * 4) ** 0.5) < 1e-3
+    head = model.energy_head
+    for proj in (head.context_proj, head.token_proj):
+        assert abs(float(proj.weight.std()) - 128 ** -0.5) < 5e-3
+    assert float(head.mixture[0].weight.std()) == pytest.approx(0.02, abs=1e-3)
+    assert not head.mixture[-1].weight.any() and abs(float(torch.tanh(head.correction_scale)) - 0.5) < 1e-6

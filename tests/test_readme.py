@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 SHORT_TRAINING = ["--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "3",
                   "--eval_blocks", "4", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
@@ -46,7 +46,7 @@ def as_run(line):
     if words[0] == "accelerate":
         assert words[1] == "launch", line
         words = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", *words[2:]]
+                 "--dynamo_backend", "no", "--main_process_port", free_port(), *words[2:]]
     elif words[0] == "python":
         words[0] = sys.executable
     else:

@@ -16,7 +16,7 @@ import run_train
 from nanoebm import training
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
-from conftest import ROOT, make_model, run_without_nanoebm
+from conftest import ROOT, free_port, make_model, run_without_nanoebm
 
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
         "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
@@ -196,7 +196,7 @@ def test_replay_resumes_the_descent_from_stored_logits():
 def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests" / "ddp_probe.py"), *TINY, "--data_path", str(small_corpus), "--output_dir", str(out),
                "--max_steps", "6", "--use_cpu", "--contrastive_type", "pcd", "--do_train", "true",
                "--keep_checkpoints", "true"]
