@@ -387,11 +387,14 @@ class Landscape:
                          {k: clone(v) for k, v in self.inputs.items()})
 
 
-def expected_energy(landscape: Landscape, logits, temperature, entropy_weight):
-    """J(v) = sum_y p(y) E(y | p) - lambda H(p), with p = softmax(v / tau), per position."""
+def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, with_objective=True):
+    """J(v) = sum_y p(y) E(y | p) - lambda H(p), with p = softmax(v / tau), per position (None unless
+    `with_objective`: the descent's closed-form step needs only p, log p and E)."""
     log_p = F.log_softmax(logits / temperature, dim=-1)
     p = log_p.exp()
     energy = landscape(p)
+    if not with_objective:
+        return None, p, log_p, energy
     return (p * energy).sum(-1) + entropy_weight * (p * log_p).sum(-1), p, log_p, energy
 
 
@@ -449,44 +452,53 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     # -- landscape -------------------------------------------------------------------------------------------
 
-    def token_features(self):
-        """W_e e_y for the whole vocabulary (V x d_energy)."""
-        frozen = getattr(self, "_frozen_token_features", None)
+    def vocabulary_products(self):
+        """What every position shares: W_e e_y (V x d_energy) and, for `mixture`, the token half of the correction
+        MLP's first layer applied to every embedding (V x n_embd). Computed once per `generate` call (the weights
+        cannot change while decoding), else once per forward."""
+        frozen = getattr(self, "_frozen_vocabulary", None)
         if frozen is not None:
             return frozen
-        return self.energy_head.token_proj(self.transformer.wte.weight)
+        embeddings = self.transformer.wte.weight
+        features = self.energy_head.token_proj(embeddings)
+        if self.config.landscape != "mixture":
+            return features, None
+        first = self.energy_head.mixture[0]
+        return features, embeddings @ first.weight[:, self.config.n_embd:].T
 
     def generate(self, *args, **kwargs):
-        """GenerationMixin.generate, with W_e e_y computed once per call: the weights cannot change while decoding,
-        and the (V x d) x (d x d_energy) product would otherwise be redone for every token."""
+        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token."""
         with torch.no_grad():
-            self._frozen_token_features = self.energy_head.token_proj(self.transformer.wte.weight)
+            self._frozen_vocabulary = self.vocabulary_products()
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._frozen_token_features = None
+            self._frozen_vocabulary = None
 
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""
         token_embeddings = self.transformer.wte.weight
-        features = self.token_features()
+        features, token_half = self.vocabulary_products()
         base = self.energy_head.base_energy(hidden, features)
         landscape = self.config.landscape
         if landscape == "linear":
             return Landscape(base)
 
-        def expected_embedding(p):
-            return p.to(token_embeddings.dtype) @ token_embeddings
-
         if landscape == "mixture":
-            def correction(p, hidden):
-                return self.energy_head.mixture(torch.cat((hidden, expected_embedding(p).to(hidden.dtype)), dim=-1))
+            # MLP([h ; E_p[e_y]]) with its first layer split: W [h ; p E] = W_h h + p (E W_e^T). The context half is
+            # computed once per position and each thinking step costs one (V x n_embd) product, not a (2d x d) layer
+            first, act, second = self.energy_head.mixture
+            context_half = F.linear(hidden, first.weight[:, :self.config.n_embd], first.bias)
 
-            inputs = dict(hidden=hidden)
+            def correction(p, context_half, token_half):
+                return second(act(context_half + p.to(token_half.dtype) @ token_half))
+
+            inputs = dict(context_half=context_half, token_half=token_half)
         else:  # soft tokens: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
             def correction(p, hidden, context_kv, key_valid, query_index, position_ids):
                 soft = self.transformer.provisional_hidden(
-                    expected_embedding(p).to(hidden.dtype), position_ids + 1, context_kv, key_valid, query_index
+                    (p.to(token_embeddings.dtype) @ token_embeddings).to(hidden.dtype), position_ids + 1, context_kv,
+                    key_valid, query_index,
                 )
                 return self.energy_head.context_proj(soft)
 
@@ -510,7 +522,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
               detach_refine=False, start=None, start_mask=None):
-        """Energy descent on the logits (DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
+        """Energy descent on the logits (docs/DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
+
+        The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
+        decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
 
         Every position descends its own J (the objective is summed, never averaged, over positions).
         `detach_refine` cuts the gradient between steps: each step learns only from its own update.
@@ -526,6 +541,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             start = start.to(v0.dtype)
             v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
         v, steps_taken, trace, previous = v0, [], [], None
+        track = record_final or cfg.energy_convergence_threshold > 0
         differentiable = landscape
         if not cfg.mixture_stopgrad and landscape.correction is not None and torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
@@ -546,17 +562,18 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                         J = expected_energy(differentiable, v, tau, lam)[0]
                         (grad,) = torch.autograd.grad(J.sum(), v, create_graph=create_graph)
             else:
-                J, p, log_p, energy = expected_energy(landscape, v, tau, lam)
+                J, p, log_p, energy = expected_energy(landscape, v, tau, lam, with_objective=track)
                 if not last:  # closed form with p held fixed inside E: (1/tau) p (d - <d>_p)
                     d = energy + lam * (log_p + 1.0)
                     centred = d - (p * d).sum(-1, keepdim=True)
                     # natural: the same step preconditioned by the inverse Fisher of softmax(v / tau)
                     grad = centred / tau if cfg.think_gradient == "natural" else p * centred / tau
-            trace.append(J.detach())
-            if cfg.energy_convergence_threshold > 0 and previous is not None:
-                if (J.detach() - previous).abs().max() < cfg.energy_convergence_threshold:
-                    break
-            previous = J.detach()
+            if track:
+                trace.append(J.detach())
+                if cfg.energy_convergence_threshold > 0 and previous is not None:
+                    if (J.detach() - previous).abs().max() < cfg.energy_convergence_threshold:
+                        break
+                previous = J.detach()
             if last:
                 break
             v = v - alpha * grad
@@ -576,7 +593,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 f"(now {float(alpha):.4g}), raise softmax_temperature (now {tau}) or bound the moves with "
                 f"think_max_move / absolute_clamp"
             )
-        return v, tuple(steps_taken), torch.stack(trace, dim=-1)
+        return v, tuple(steps_taken), torch.stack(trace, dim=-1) if trace else None
 
     # -- forward ---------------------------------------------------------------------------------------------
 

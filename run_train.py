@@ -527,6 +527,12 @@ def main(argv=None, callbacks=None):
                 kept = "removed (--keep_checkpoints true keeps them)"
             print(summary(final_dir, run, metrics, trainer.model.config, time.perf_counter() - started, kept),
                   flush=True)
+    if T.world_size > 1:  # every rank leaves together, with its process group closed (a rank that exits while
+        import torch.distributed as dist  # another still writes the model folder can abort in gloo's threads)
+
+        trainer.accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return metrics
 
 
