@@ -361,16 +361,14 @@ class Landscape:
     """The energy of every candidate token as a function of the belief p, for one batch of positions."""
 
     base: torch.Tensor  # E_base (..., V), float32
-    token_features: torch.Tensor | None = None  # W_e e_y (V, d_energy)
-    correction: Callable[..., torch.Tensor] | None = None  # (p, **inputs) -> r (..., d_energy)
+    correction: Callable[..., torch.Tensor] | None = None  # (p, **inputs) -> <r(p), W_e e_y> for every y (..., V)
     scale: torch.Tensor | None = None  # tanh(s)
-    inputs: dict = field(default_factory=dict)  # the batch tensors the correction reads (hidden states, context)
+    inputs: dict = field(default_factory=dict)  # the tensors the correction reads (hidden states, context, weights)
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if self.correction is None:
             return self.base
-        r = self.correction(p, **self.inputs).float()
-        return self.base - self.scale * (r @ self.token_features.float().T)
+        return self.base - self.scale * self.correction(p, **self.inputs).float()
 
     def cloned(self) -> "Landscape":
         """A copy whose tensors autograd may save: tensors made under torch.inference_mode (pipelines decode
@@ -383,7 +381,7 @@ class Landscape:
                 return type(x)(clone(item) for item in x)
             return x
 
-        return Landscape(clone(self.base), clone(self.token_features), self.correction, clone(self.scale),
+        return Landscape(clone(self.base), self.correction, clone(self.scale),
                          {k: clone(v) for k, v in self.inputs.items()})
 
 
@@ -453,18 +451,23 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- landscape -------------------------------------------------------------------------------------------
 
     def vocabulary_products(self):
-        """What every position shares: W_e e_y (V x d_energy) and, for `mixture`, the token half of the correction
-        MLP's first layer applied to every embedding (V x n_embd). Computed once per `generate` call (the weights
-        cannot change while decoding), else once per forward."""
+        """What every position shares: W_e e_y (V x d_energy) and, for `mixture`, the correction MLP's weights
+        folded with the vocabulary: its first layer's token half applied to every embedding (V x n_embd), and its
+        output layer read out against every W_e e_y (n_embd x V, and the bias's (V,)). Computed once per `generate`
+        call (the weights cannot change while decoding), else once per forward."""
         frozen = getattr(self, "_frozen_vocabulary", None)
         if frozen is not None:
             return frozen
         embeddings = self.transformer.wte.weight
         features = self.energy_head.token_proj(embeddings)
         if self.config.landscape != "mixture":
-            return features, None
-        first = self.energy_head.mixture[0]
-        return features, embeddings @ first.weight[:, self.config.n_embd:].T
+            return dict(features=features)
+        first, _, second = self.energy_head.mixture
+        return dict(
+            features=features, token_half=embeddings @ first.weight[:, self.config.n_embd:].T,
+            readout=second.weight.T @ features.T,
+            readout_bias=second.bias @ features.T if second.bias is not None else None,
+        )
 
     def generate(self, *args, **kwargs):
         """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token."""
@@ -478,34 +481,38 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""
         token_embeddings = self.transformer.wte.weight
-        features, token_half = self.vocabulary_products()
+        vocabulary = self.vocabulary_products()
+        features = vocabulary["features"]
         base = self.energy_head.base_energy(hidden, features)
         landscape = self.config.landscape
         if landscape == "linear":
             return Landscape(base)
 
         if landscape == "mixture":
-            # MLP([h ; E_p[e_y]]) with its first layer split: W [h ; p E] = W_h h + p (E W_e^T). The context half is
-            # computed once per position and each thinking step costs one (V x n_embd) product, not a (2d x d) layer
-            first, act, second = self.energy_head.mixture
+            # <MLP([h ; E_p[e_y]]), W_e e_y> folded: the first layer's context half W_h h once per position, its token
+            # half as p (E W_e^T), and the output layer read out against the vocabulary, a (W_2^T F^T) + b_2 F^T: a
+            # thinking step costs two (n_embd x V) products instead of a (2d x d) and a (d x d_energy) layer
+            first, act, _ = self.energy_head.mixture
             context_half = F.linear(hidden, first.weight[:, :self.config.n_embd], first.bias)
 
-            def correction(p, context_half, token_half):
-                return second(act(context_half + p.to(token_half.dtype) @ token_half))
+            def correction(p, context_half, token_half, readout, readout_bias):
+                scores = act(context_half + p.to(token_half.dtype) @ token_half) @ readout
+                return scores + readout_bias if readout_bias is not None else scores
 
-            inputs = dict(context_half=context_half, token_half=token_half)
+            inputs = dict(context_half=context_half, token_half=vocabulary["token_half"],
+                          readout=vocabulary["readout"], readout_bias=vocabulary["readout_bias"])
         else:  # soft tokens: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
-            def correction(p, hidden, context_kv, key_valid, query_index, position_ids):
+            def correction(p, hidden, features, context_kv, key_valid, query_index, position_ids):
                 soft = self.transformer.provisional_hidden(
                     (p.to(token_embeddings.dtype) @ token_embeddings).to(hidden.dtype), position_ids + 1, context_kv,
                     key_valid, query_index,
                 )
-                return self.energy_head.context_proj(soft)
+                return self.energy_head.context_proj(soft) @ features.T
 
-            inputs = dict(hidden=hidden, context_kv=context_kv, key_valid=key_valid, query_index=query_index,
-                          position_ids=position_ids)
+            inputs = dict(hidden=hidden, features=features, context_kv=context_kv, key_valid=key_valid,
+                          query_index=query_index, position_ids=position_ids)
         scale = torch.tanh(self.energy_head.correction_scale).float()
-        return Landscape(base, features, correction, scale, inputs)
+        return Landscape(base, correction, scale, inputs)
 
     # -- thinking --------------------------------------------------------------------------------------------
 
@@ -542,6 +549,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
         v, steps_taken, trace, previous = v0, [], [], None
         track = record_final or cfg.energy_convergence_threshold > 0
+        if max_move > 0:
+            low, high = v0 - max_move, v0 + max_move
         differentiable = landscape
         if not cfg.mixture_stopgrad and landscape.correction is not None and torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
@@ -578,7 +587,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 break
             v = v - alpha * grad
             if max_move > 0:
-                v = torch.maximum(torch.minimum(v, v0 + max_move), v0 - max_move)
+                v = v.clamp(min=low, max=high)
             if clamp > 0:
                 v = v.clamp(-clamp, clamp)
             if self.training and cfg.langevin_noise > 0:

@@ -94,11 +94,9 @@ LABELS = {
 
 
 def find_corpus(explicit):
-    for candidate in (explicit, os.environ.get("NANOEBM_DATA"), ROOT / "data" / "tinyshakespeare.txt",
-                      ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    from nanoebm.corpus import resolve_data_path
+
+    return resolve_data_path(explicit)  # --data, $NANOEBM_DATA, else the embedded tiny Shakespeare
 
 
 def make_prompt(args, vocab_size):

@@ -156,11 +156,13 @@ class ContrastiveSampler:
         return torch.randn(shape, generator=self.generator).to(device)
 
     @torch.no_grad()
-    def langevin(self, landscape, logits):
+    def langevin(self, landscape, logits, first_energy=None):
+        """`first_energy`: the landscape at the start, when the caller has it already (cd starts every chain at the
+        System 1 belief, where the positive energy is evaluated anyway)."""
         step, scale, tau = self.args.langevin_step_size, self.args.langevin_noise_scale, self.temperature
-        for _ in range(self.args.contrastive_k):
+        for k in range(self.args.contrastive_k):
             p = torch.softmax(logits / tau, dim=-1)
-            energy = landscape(p)
+            energy = first_energy if k == 0 and first_energy is not None else landscape(p)
             grad = p * (energy - (p * energy).sum(-1, keepdim=True)) / tau
             logits = logits - step * grad + math.sqrt(2 * step * scale) * self.randn(logits.shape, logits.device)
         return logits
@@ -181,14 +183,16 @@ class ContrastiveSampler:
                 restart = (torch.rand(n, generator=self.generator) < self.args.restart_prob).to(start.device)
                 particles = torch.where(restart[:, None], start.view(-1, V)[chosen], particles)
             start.view(-1, V)[chosen] = particles
-        negatives = self.langevin(landscape, start)
-        if self.particles is not None:
-            n = chosen.numel()
-            self.particles[:n] = negatives.view(-1, V)[chosen].cpu()
         # live landscape: gradients reach the model through the energies, never through the sampled beliefs
         tau = self.temperature
         p_data = torch.softmax(system1_logits.detach().float() / tau, -1)
-        e_pos = landscape(p_data).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).flatten()[chosen]
+        energy_data = landscape(p_data)
+        # cd's chains start at p_data itself: their first Langevin step reads the same energies
+        negatives = self.langevin(landscape, start, energy_data.detach() if self.particles is None else None)
+        if self.particles is not None:
+            n = chosen.numel()
+            self.particles[:n] = negatives.view(-1, V)[chosen].cpu()
+        e_pos = energy_data.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).flatten()[chosen]
         p_neg = torch.softmax(negatives / tau, -1)
         e_neg = (p_neg * landscape(p_neg)).sum(-1).flatten()[chosen]
         loss = (e_pos - e_neg).mean() + self.args.contrastive_reg_weight * (e_pos.pow(2) + e_neg.pow(2)).mean()
