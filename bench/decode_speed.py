@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from configuration_nanoebm import NanoEBMConfig  # noqa: E402
 from modeling_nanoebm import NanoEBMForCausalLM  # noqa: E402
 
-TARGET_THINKING_VS_SYSTEM1 = 0.8  # thinking (mixture, cached) / System 1 (cached)
+TARGET_THINKING_VS_SYSTEM1 = 0.9  # thinking (mixture, K = 4, cached) / System 1 (cached): issue 11
 TARGET_CACHED_VS_UNCACHED = 5.0  # System 1 cached / System 1 uncached
 
 
