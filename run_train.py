@@ -261,6 +261,7 @@ class ParsedArguments:
     preset: str
     preset_reason: str
     resume_from: Path | None = None
+    effective_argv: list | None = None  # what the run really parsed: a continuation's flags, then argv
 
 
 def flag_value(argv, name):
@@ -289,8 +290,9 @@ def without_flag(argv, name):
 def machine_preset(argv):
     import torch
 
-    value = "true" if argv[-1:] == ["--use_cpu"] else str(flag_value(argv, "use_cpu")).lower()
-    if any(w == "--use_cpu" or w.startswith("--use_cpu=") for w in argv) and value not in ("false", "0", "no"):
+    given = [w for w in argv if w == "--use_cpu" or w.startswith("--use_cpu=")]
+    value = str(flag_value(argv, "use_cpu")).lower()  # `--use_cpu` alone, or followed by another flag, means true
+    if given and not (value in ("false", "0", "no") and argv[-1:] != ["--use_cpu"]):
         return "cpu", "--use_cpu"
     if torch.cuda.is_available():
         return "gpu", f"a GPU is present ({torch.cuda.get_device_name(0)})"
@@ -394,7 +396,7 @@ def parse_args(argv=None) -> ParsedArguments:
     if checkpoint is not None:
         training_args.resume_from_checkpoint = str(checkpoint)
     return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
-                           checkpoint)
+                           checkpoint, full)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,11 +446,44 @@ def always_thinks(config, loss_args):
     return config.use_thinking and lowest > 0 and loss_args.warmup_steps_no_refine == 0
 
 
+def describe_run(args: ParsedArguments, model, T) -> dict:
+    """The run record ({"runs": [...]}, this run last): the lineage of the starting weights, then this run."""
+    model_args = args.model
+    started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
+                    {"model": model_args.model_name_or_path} if model_args.model_name_or_path else "random init")
+    runs = lineage_from(model_args.model_name_or_path if not args.resume_from else None, args.resume_from)
+    run = new_run(command=launch_command(args.argv, T.world_size), preset=args.preset, processes=T.world_size,
+                  per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
+                  block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=T.output_dir,
+                  started_from=started_from)
+    # what a resume of this run must repeat: every flag it ran with (a resumed run's own command names only the
+    # checkpoint), without the checkpoint it resumed
+    run["argv"] = without_flag(args.effective_argv, "resume_from_checkpoint")
+    return {"runs": [*runs, run]}
+
+
+def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool, seconds: float):
+    """The model card, the run record and the metrics beside the saved model; the checkpoints go unless kept."""
+    import json
+
+    run = record["runs"][-1]
+    run.update(steps_done=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config))
+    (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+    (final_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
+    if keep_checkpoints:
+        kept = f"kept in {final_dir / CHECKPOINTS}/ (--resume_from_checkpoint DIR resumes one exactly)"
+    else:
+        shutil.rmtree(final_dir / CHECKPOINTS, ignore_errors=True)
+        kept = "removed (--keep_checkpoints true keeps them)"
+    print(summary(final_dir, run, metrics, trainer.model.config, seconds, kept), flush=True)
+
+
 def main(argv=None, callbacks=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    import json
-
     from transformers import default_data_collator, set_seed
     from transformers.utils import logging
 
@@ -471,62 +506,39 @@ def main(argv=None, callbacks=None):
     elif data_args.block_size is None:
         data_args.block_size = PRESETS[args.preset]["block_size"]
     set_seed(T.seed)
-    if T.do_train:
-        with T.main_process_first(desc="clearing --output_dir"):
-            if T.process_index == 0:
-                clear_output_dir(final_dir, args)
-        T.output_dir = str(final_dir / CHECKPOINTS)
-
     with T.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = training.build_data(data_args, tokenizer, data_args.block_size, T.seed)
     model = training.build_model(model_args, data_args, tokenizer)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
-    world = T.world_size
-    started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
-                    {"model": model_args.model_name_or_path} if model_args.model_name_or_path else "random init")
-    runs = lineage_from(model_args.model_name_or_path if not args.resume_from else None, args.resume_from)
-    run = new_run(command=launch_command(args.argv, world), preset=args.preset, processes=world,
-                  per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
-                  block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=final_dir,
-                  started_from=started_from)
-    run["argv"] = args.argv
-    record = {"runs": [*runs, run]}
+    record = describe_run(args, model, T) if T.do_train else None
+    if T.do_train:
+        with T.main_process_first(desc="clearing --output_dir"):
+            if T.process_index == 0:
+                clear_output_dir(final_dir, args)
+        T.output_dir = str(final_dir / CHECKPOINTS)
     if T.should_log:
-        print(f"nanoebm: preset {args.preset} ({args.preset_reason}); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block "
-              f"{model.config.block_size}; {world} process(es) x batch {T.per_device_train_batch_size} x "
-              f"accumulation {T.gradient_accumulation_steps} = {run['global_batch']} blocks per step")
+        print(f"nanoebm: preset {args.preset} ({args.preset_reason}); {model.num_parameters() / 1e6:.2f}M parameters, "
+              f"vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block "
+              f"{model.config.block_size}; {T.world_size} process(es) x batch {T.per_device_train_batch_size} x "
+              f"accumulation {T.gradient_accumulation_steps} = "
+              f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
 
     trainer = training.EBMTrainer(
         model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
         processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks,
-        ebm_args=args.loss, run_record=record if T.do_train else None,
+        ebm_args=args.loss, run_record=record,
     )
     metrics, started = {}, time.perf_counter()
     if T.do_train:
-        result = trainer.train(resume_from_checkpoint=T.resume_from_checkpoint)
-        metrics.update(result.metrics)
+        metrics.update(trainer.train(resume_from_checkpoint=T.resume_from_checkpoint).metrics)
     if T.do_eval:
         metrics.update(trainer.evaluate())
     if T.do_train:
         # only a finished run writes the model folder: a crash leaves checkpoints, never a half-made model
         trainer.save_model(str(final_dir))
         if trainer.is_world_process_zero():
-            run.update(steps_done=trainer.state.global_step, metrics={k: v for k, v in metrics.items()
-                                                                      if k.startswith("eval_")},
-                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
-            (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config))
-            (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
-            (final_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
-            if args.run.keep_checkpoints:
-                kept = f"kept in {final_dir / CHECKPOINTS}/ (--resume_from_checkpoint DIR resumes one exactly)"
-            else:
-                shutil.rmtree(final_dir / CHECKPOINTS, ignore_errors=True)
-                kept = "removed (--keep_checkpoints true keeps them)"
-            print(summary(final_dir, run, metrics, trainer.model.config, time.perf_counter() - started, kept),
-                  flush=True)
+            write_results(trainer, final_dir, record, metrics, args.run.keep_checkpoints, time.perf_counter() - started)
     if T.world_size > 1:  # every rank leaves together, with its process group closed (a rank that exits while
         import torch.distributed as dist  # another still writes the model folder can abort in gloo's threads)
 

@@ -167,6 +167,10 @@ def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpu
     resumed, _ = train(tmp_path / "b", small_corpus, "--resume_from_checkpoint",
                        str(stopped / "checkpoints" / "checkpoint-4"))
     assert resumed == stopped
+    # the resumed run records every flag it ran with, so a resume of it repeats them too
+    record = json.loads((resumed / "nanoebm_run.json").read_text())["runs"]
+    assert "--contrastive_type" in record[-1]["argv"] and "--resume_from_checkpoint" not in record[-1]["argv"]
+    assert record[-1]["started_from"] == {"checkpoint": str(stopped / "checkpoints" / "checkpoint-4")}
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     buffers = [torch.load(folder / "checkpoints" / "checkpoint-8" / "contrastive_state_0.pt",
