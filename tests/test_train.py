@@ -324,3 +324,27 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data_path", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and "missing.txt" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, damage):
+    first, _ = train(tmp_path / "first", small_corpus, "--max_steps", "2", "--do_train", "true")
+    weights = first / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(range(256)) * 8)
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--model_name_or_path", str(first),
+                           "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "next")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert str(weights) in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "next").exists()  # nothing written
+
+
+def test_output_dir_with_a_finished_model_stops_the_run(tmp_path, small_corpus):
+    out, _ = train(tmp_path, small_corpus, "--max_steps", "2", "--do_train", "true")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="--overwrite_output_dir"):
+        train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true")
+    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+    train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true")
+    assert json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]["steps_done"] == 3
