@@ -1,7 +1,7 @@
 """Configuration of nanoebm, the energy-based character transformer that thinks at decode time.
 
-Every field keeps the name the research code gave it (see DESIGN.md); the thinking fields live here, on the model
-config, and not on the generation config, so that `generate(..., think_steps=4)` reaches `forward`.
+Every field keeps the name the research code gave it (see nanoebm's docs/DESIGN.md); the thinking fields live
+here, on the model config, and not on the generation config, so that `generate(..., think_steps=4)` reaches `forward`.
 """
 
 from transformers import PreTrainedConfig
@@ -26,7 +26,7 @@ class NanoEBMConfig(PreTrainedConfig):
             the hidden state and the expected embedding) or "soft_tokens" (the backbone reads a provisional token
             whose embedding is the expected embedding). `use_soft_tokens=True` is the research code's spelling.
         correction_scale_init: tanh(s) of the correction's gate at initialisation, in [0, 1). 0 shuts the gate
-            (s = 0, DESIGN.md; the correction gets no gradient until s moves). Above 0 (`mixture` only) the gate
+            (s = 0, docs/DESIGN.md; the correction gets no gradient until s moves). Above 0 (`mixture` only) the gate
             starts open and the mixture MLP's output layer at zero instead: a fresh model still thinks on the base
             landscape, and the correction learns from the first step. Soft tokens read the provisional token
             through the context projection W_c, which is shared and cannot start at zero.

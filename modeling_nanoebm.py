@@ -2,7 +2,7 @@
 
 Read top to bottom: the GPT backbone (with a KV cache), the energy head and its three landscapes, the energy
 descent on the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
-`pipeline` and the Trainer call. The maths and the option names are those of DESIGN.md.
+`pipeline` and the Trainer call. The maths and the option names are those of nanoebm's docs/DESIGN.md.
 """
 
 import math
@@ -288,17 +288,18 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
 def real_token_ids(input_ids, attention_mask, vocab_size):
     """Token ids with padding made harmless: the tokenizer's pad id lies outside the model's vocabulary (it can
     never be mistaken for a character), so padded positions, which attention masks out, read id 0 instead."""
-    outside = input_ids >= vocab_size
-    if not outside.any():
+    if attention_mask is None:  # training and plain calls: no padding (the embedding rejects an out-of-range id)
         return input_ids
-    if attention_mask is None or (outside & attention_mask[:, -input_ids.shape[1]:].bool()).any():
-        bad = sorted(set(input_ids[outside].tolist()))
+    ids = input_ids.masked_fill(~attention_mask[:, -input_ids.shape[1]:].bool(), 0)
+    outside = ids >= vocab_size
+    if outside.any():
+        bad = sorted(set(ids[outside].tolist()))
         raise ValueError(
             f"input_ids hold {bad[:5]}, outside the vocabulary [0, {vocab_size}): ids at or above vocab_size are "
             f"padding and need attention_mask == 0 there (the tokenizer's pad token, or generate with "
             f"attention_mask)"
         )
-    return input_ids.masked_fill(outside, 0)
+    return ids
 
 
 def positions_from_mask(attention_mask, past_len, T, device):
@@ -421,8 +422,10 @@ class NanoEBMCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     landscape: Landscape | None = None
     # the KV cache, under the name the installed transformers gives it (`cache` from 5.24, else `past_key_values`)
-    __annotations__[CACHE_NAME] = Cache | None
-    vars()[CACHE_NAME] = None
+    if CACHE_NAME == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
 
 
 class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
@@ -529,7 +532,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
               detach_refine=False, start=None, start_mask=None):
-        """Energy descent on the logits (docs/DESIGN.md section 3). Returns (v_K, (v_1..v_K), J trace).
+        """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3). Returns (v_K, (v_1..v_K), J trace).
 
         The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
         decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
@@ -636,7 +639,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             them; the training stream uses these so every one of the block_size positions is scored.
         logits_to_keep: score (and think on) only the last n positions; generate passes 1.
         use_thinking, think_steps, think_lr: override the config for this call (generate forwards them).
-        return_energy_trace: evaluate J after the last step too (one more landscape evaluation).
+        return_energy_trace: return J at v_0..v_K (one more landscape evaluation for J_K); false (as decoding asks)
+            computes no J at all and returns energy_trace=None.
         return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
         detach_refine: cut the gradient between thinking steps (training).
         think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true,

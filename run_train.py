@@ -2,7 +2,7 @@
 """Train nanoebm on a character stream with the HF Trainer; `accelerate launch run_train.py` runs it distributed.
 
     python run_train.py                                    # the embedded tiny Shakespeare; the preset follows the machine
-    accelerate launch run_train.py --contrastive_type pcd  # the research defaults (GPU-sized), with PCD
+    accelerate launch run_train.py --contrastive_type pcd  # with PCD (the research defaults on a GPU machine)
 
 The research code's syntax is accepted as well: `run_train.py model.use_contrastive=true train.max_steps=100`.
 Losses (docs/DESIGN.md): CE of the refined logits (mean over thinking steps, or the last with --truncate_refine),
@@ -199,7 +199,7 @@ RESEARCH_KEYS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --help: nanoebm's options first, with their real defaults; no torch imported
+# --help: nanoebm's options first, with their real defaults, without building TrainingArguments' parser
 
 
 def default_text(name, value, config_defaults):
@@ -264,6 +264,18 @@ class ParsedArguments:
     effective_argv: list | None = None  # what the run really parsed: a continuation's flags, then argv
 
 
+def raise_usage_error(message):
+    raise UsageError(f"{message} (see --help)")
+
+
+def underscored(word):
+    """`--model-name-or-path=x` -> `--model_name_or_path=x` (argparse takes both; the pre-parse reads one)."""
+    if not word.startswith("--"):
+        return word
+    name, eq, value = word.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
 def flag_value(argv, name):
     """The last value given to --name in argv (either `--name v` or `--name=v`), or None."""
     value = None
@@ -290,9 +302,11 @@ def without_flag(argv, name):
 def machine_preset(argv):
     import torch
 
+    from transformers.hf_argparser import string_to_bool
+
     given = [w for w in argv if w == "--use_cpu" or w.startswith("--use_cpu=")]
-    value = str(flag_value(argv, "use_cpu")).lower()  # `--use_cpu` alone, or followed by another flag, means true
-    if given and not (value in ("false", "0", "no") and argv[-1:] != ["--use_cpu"]):
+    value = flag_value(argv, "use_cpu")  # `--use_cpu` alone, or followed by another flag, means true
+    if given and (value is None or value.startswith("--") or argv[-1:] == ["--use_cpu"] or string_to_bool(value)):
         return "cpu", "--use_cpu"
     if torch.cuda.is_available():
         return "gpu", f"a GPU is present ({torch.cuda.get_device_name(0)})"
@@ -303,8 +317,7 @@ def resolve_checkpoint(value, argv):
     """--resume_from_checkpoint: a checkpoint folder, or 'last' / 'true' for the newest in --output_dir."""
     if str(value).lower() in ("last", "true"):
         run_dir = Path(flag_value(argv, "output_dir") or TRAINING_DEFAULTS["output_dir"])
-        found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                       if p.name.split("-")[-1].isdigit() else -1)
+        found = by_step([*(run_dir / CHECKPOINTS).glob("checkpoint-*"), *run_dir.glob("checkpoint-*")])
         if not found:
             raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint in {run_dir / CHECKPOINTS}")
         return found[-1]
@@ -313,6 +326,11 @@ def resolve_checkpoint(value, argv):
         raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder (it needs config.json and "
                          f"trainer_state.json; checkpoints are in <output_dir>/{CHECKPOINTS}/checkpoint-N)")
     return path
+
+
+def by_step(checkpoints):
+    """Checkpoint folders, oldest first (checkpoint-500 before checkpoint-1500)."""
+    return sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
 
 
 def continuation_prefix(argv):
@@ -324,17 +342,17 @@ def continuation_prefix(argv):
     if resume is not None and str(resume).lower() not in ("false", "none"):
         checkpoint = resolve_checkpoint(resume, argv)
         record = read_record(checkpoint)
+        # the checkpoint is the model (architecture, block size, tokenizer): a folder the run once continued may
+        # be gone, and the Trainer restores the checkpoint's weights anyway
+        model = ["--model_name_or_path", str(checkpoint)]
         if record is not None:
             run = record["runs"][-1]
-            original = without_flag(run.get("argv", []), "resume_from_checkpoint")
-            return ["--preset", run["preset"], *original, "--output_dir", run["output_dir"]], checkpoint
-        config = json_file(checkpoint / "config.json")
+            original = without_flag(without_flag(run.get("argv", []), "resume_from_checkpoint"), "model_name_or_path")
+            return ["--preset", run["preset"], *original, "--output_dir", run["output_dir"], *model], checkpoint
         state = json_file(checkpoint / "trainer_state.json")
-        prefix = ["--block_size", str(config["block_size"])]
-        prefix += [f"--{k}={config[k]}" for k in ARCHITECTURE_PRESET if k in config and k != "block_size"]
         if state.get("train_batch_size"):
-            prefix += ["--per_device_train_batch_size", str(state["train_batch_size"])]
-        return prefix, checkpoint
+            model += ["--per_device_train_batch_size", str(state["train_batch_size"])]
+        return model, checkpoint
     folder = flag_value(argv, "model_name_or_path")
     if folder is not None:
         record = read_record(folder)
@@ -358,8 +376,10 @@ def parse_args(argv=None) -> ParsedArguments:
     from transformers import HfArgumentParser, TrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG)
+    parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG, allow_abbrev=False)
+    parser.error = raise_usage_error  # a bad value is one message, not the whole usage
     argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
+    argv = [underscored(word) for word in argv]
     prefix, checkpoint = continuation_prefix(argv)
     full = [*prefix, *argv]
     preset = flag_value(full, "preset")
@@ -407,28 +427,37 @@ def check_output_dir(folder: Path, args: ParsedArguments):
     """Raise UsageError if `folder` holds a finished model or checkpoints that this run would overwrite."""
     if not folder.exists() or args.run.overwrite_output_dir:
         return
-    finished = [name for name in ("config.json", "model.safetensors", RUN_RECORD) if (folder / name).exists()]
-    checkpoints = sorted(p.name for p in (folder / CHECKPOINTS).glob("checkpoint-*")) + \
-        sorted(p.name for p in folder.glob("checkpoint-*"))
-    own = args.resume_from is not None and (folder / CHECKPOINTS).resolve() == args.resume_from.resolve().parent
-    what = "a finished model" if finished else (f"checkpoints of another run ({', '.join(checkpoints[:3])})"
-                                                if checkpoints and not own else None)
+    # a model card or results without a model are someone's files too: a finished run would overwrite them
+    finished = [name for name in ("config.json", "model.safetensors", RUN_RECORD, "README.md", "all_results.json")
+                if (folder / name).exists()]
+    checkpoints = by_step([*(folder / CHECKPOINTS).glob("checkpoint-*"), *folder.glob("checkpoint-*")])
+    own = resuming_own(folder, args)
+    what = (f"a finished model or its files ({', '.join(finished)})" if finished else
+            f"checkpoints of another run ({', '.join(p.name for p in checkpoints[-3:])})"
+            if checkpoints and not own else None)
     if what is None:
         return
     raise UsageError(
         f"--output_dir {folder} already holds {what}: nothing was written. Give a new --output_dir, "
-        + ("resume it with --resume_from_checkpoint " + str(folder / CHECKPOINTS / checkpoints[-1]) + ", "
-           if checkpoints and not finished else "")
+        + (f"resume it with --resume_from_checkpoint {checkpoints[-1]}, " if checkpoints and not finished else "")
         + "or pass --overwrite_output_dir true to replace it"
     )
+
+
+def resuming_own(folder: Path, args: ParsedArguments) -> bool:
+    """Whether this run resumes a checkpoint of `folder` (in its checkpoints/ or, written by an older nanoebm, in
+    the folder itself)."""
+    if args.resume_from is None:
+        return False
+    parent = args.resume_from.resolve().parent
+    return parent in (folder.resolve(), (folder / CHECKPOINTS).resolve())
 
 
 def clear_output_dir(folder: Path, args: ParsedArguments):
     """With --overwrite_output_dir: remove the earlier run's model files and checkpoints (never other files)."""
     if not args.run.overwrite_output_dir or not folder.exists():
         return
-    own = args.resume_from is not None and (folder / CHECKPOINTS).resolve() == args.resume_from.resolve().parent
-    if not own:
+    if not resuming_own(folder, args):
         shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         for stale in folder.glob("checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -562,6 +591,10 @@ def cli(argv=None) -> int:
         main(argv)
     except (UsageError, FileNotFoundError, ValueError) as error:
         return report(PROG, error, 2)
+    except Exception as error:  # safetensors' own error: a damaged checkpoint being resumed
+        if type(error).__name__ != "SafetensorError":
+            raise
+        return report(PROG, f"a weights file is damaged ({error}): resume from another checkpoint or retrain", 2)
     except FloatingPointError as error:  # a NaN loss: the message names the knobs to lower
         return report(PROG, error, 1)
     except KeyboardInterrupt:

@@ -161,7 +161,7 @@ def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpu
               "--think_replay_size", "16"]
     straight, _ = train(tmp_path / "a", small_corpus, *common)
     stopped, _ = train(tmp_path / "b", small_corpus, *common, callbacks=[StopAt(4)])
-    for name in ("model.safetensors", "config.json", "nanoebm_run.json"):  # as a crash would have left it
+    for name in ("model.safetensors", "config.json", "nanoebm_run.json", "README.md", "all_results.json"):  # a crash
         (stopped / name).unlink()
     # the checkpoint's run record repeats the interrupted command: no flag but the checkpoint is needed
     resumed, _ = train(tmp_path / "b", small_corpus, "--resume_from_checkpoint",
