@@ -299,6 +299,12 @@ def without_flag(argv, name):
     return out
 
 
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def machine_preset(argv):
     import torch
 
@@ -415,6 +421,8 @@ def parse_args(argv=None) -> ParsedArguments:
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
     if checkpoint is not None:
         training_args.resume_from_checkpoint = str(checkpoint)
+    if "--dataloader_pin_memory" not in full and not _cuda_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns every run otherwise)
     return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
                            checkpoint, full)
 

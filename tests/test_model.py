@@ -323,7 +323,7 @@ def test_no_stale_state_between_optimizer_steps_and_evaluation():
 def test_initialisation_is_nanogpts_on_every_transformers_version():
     """transformers initialises children before parents and, from 5.24, never twice: the scaled stds must still land
     (residual projections 0.02 / sqrt(2 n_layer), energy projections 1 / sqrt(d_energy), an open gate's zero output)."""
-    model = make_model(n_layer=4, n_embd=128, n_head=4, correction_scale_init=0.5)
+    model = make_model(n_layer=4, n_embd=128, n_head=4, correction_scale_init=0.5).requires_grad_(False)
     for block in model.transformer.h:
         for proj in (block.attn.c_proj, block.mlp.c_proj):
             assert abs(float(proj.weight.std()) - 0.02 / (2 * 4) ** 0.5) < 1e-3
