@@ -259,7 +259,6 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         out = BaseModelOutputWithPast(
             last_hidden_state=x, hidden_states=all_hidden, **{CACHE_NAME: cache if use_cache else None}
         )
-        out.kv_cache = cache if use_cache else None  # the same under either transformers name
         out.context_kv = context_kv  # not a declared field: read by the causal LM only
         out.position_ids = position_ids
         return out
@@ -667,7 +666,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         kept = hidden[:, -n:]
         context = dict()
         if soft:
-            kv = [(layer.keys, layer.values) for layer in out.kv_cache.layers] if out.kv_cache is not None else out.context_kv
+            cache = getattr(out, CACHE_NAME)
+            kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
             S = kv[0][0].shape[2]
             context = dict(
                 context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:],
@@ -690,7 +690,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return NanoEBMCausalLMOutput(
             loss=loss, logits=logits, system1_logits=system1, energies=landscape.base, step_logits=step_logits,
             energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
-            **{CACHE_NAME: out.kv_cache},
+            **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )
 
     @staticmethod
@@ -714,9 +714,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         """Feed only the new tokens, inside a window of at most `block_size` tokens.
 
         Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
-        Learned positions: a row reads `decode_window(length)` tokens, which grows to `block_size` and then falls
-        back to `block_size // 2` (every cached key would change position, so the window is re-read: amortised,
-        one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys are dropped, which is
+        Learned positions: a row reads `decode_window(...)` tokens: its prompt's last `block_size` at most, then a
+        window that grows to `block_size` and falls back to `block_size // 2` (every cached key would change
+        position, so the window is re-read: amortised, one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys are dropped, which is
         exact for this model, whose every layer attends to the last `block_size` keys (cached hidden states still
         carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a cache
         every step re-reads the last `block_size` tokens, as the research code does.
@@ -727,11 +727,14 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         if next_sequence_length is None and cache_position is not None and cache is not None \
                 and cache.get_seq_length() > 0:  # transformers < 5.3 passes only the new tokens' positions
             next_sequence_length = cache_position.shape[-1]
-        for key in ("position_ids", "is_first_iteration"):
-            kwargs.pop(key, None)  # generate's absolute positions ignore the window; recomputed below
+        first = kwargs.pop("is_first_iteration", False)
+        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
             attention_mask = (input_ids < self.config.vocab_size).long()
         lengths = attention_mask.sum(-1)
+        if first and int(lengths.max()) > block:
+            logger.warning_once(f"a prompt has {int(lengths.max())} tokens, more than block_size={block}: only its "
+                                f"last {block} are read")
         cached = cache.get_seq_length() if (use_cache and cache is not None) else 0
         new = next_sequence_length
         if self.config.position_embedding == "rope":

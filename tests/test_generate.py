@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
-import run_train
 from nanoebm.analysis import score_continuations
 from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
 from run_generate import main

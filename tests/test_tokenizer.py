@@ -16,7 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from conftest import run_without_nanoebm  # noqa: E402
-from nanoebm.corpus import EMBEDDED_CORPUS as CORPUS  # noqa: E402
 from tokenization_char import PAD_TOKEN, CharTokenizer  # noqa: E402
 
 SMALL_TEXT = "Hello, world!\nHi there. ab cd"
