@@ -6,7 +6,8 @@ here, on the model config, and not on the generation config, so that `generate(.
 
 from transformers import PreTrainedConfig
 
-LANDSCAPES = ("linear", "mixture", "soft_tokens")
+LANDSCAPES = ("linear", "mixture", "soft_tokens", "ebt")
+PROVISIONAL_LANDSCAPES = ("soft_tokens", "ebt")  # the backbone reads a candidate token at position t + 1
 THINK_INITS = ("base_energy", "zeros", "random")
 THINK_GRADIENTS = ("plain", "natural")
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -25,6 +26,9 @@ class NanoEBMConfig(PreTrainedConfig):
         landscape: how the energy depends on the current belief p: "linear" (not at all), "mixture" (an MLP of
             the hidden state and the expected embedding) or "soft_tokens" (the backbone reads a provisional token
             whose embedding is the expected embedding). `use_soft_tokens=True` is the research code's spelling.
+            "ebt" (the Energy-Based Transformer's energy) replaces the per-token correction by a scalar: the backbone
+            reads the candidate (its expected embedding) at position t + 1 and a Linear(n_embd, 1) head scores it;
+            thinking differentiates that scalar through the backbone. System 1 stays the per-token head's -E_base.
         correction_scale_init: tanh(s) of the correction's gate at initialisation, in [0, 1). 0 shuts the gate
             (s = 0, docs/DESIGN.md; the correction gets no gradient until s moves). Above 0 (`mixture` only) the gate
             starts open and the mixture MLP's output layer at zero instead: a fresh model still thinks on the base
@@ -33,6 +37,14 @@ class NanoEBMConfig(PreTrainedConfig):
         think_steps: gradient steps on the logits before a token is chosen (alias `refine_steps`).
         think_lr: step size alpha of the descent (alias `alpha_value`).
         think_lr_learnable: make alpha a trained parameter.
+        think_lr_random_scale: s >= 1; while training, alpha is multiplied per row and position by a factor drawn
+            uniformly from [1/s, s] (the EBT System 2 recipe uses 2), so the energy learns to be descended with
+            any step near alpha; 1 disables.
+        think_samples: self-verification: G starting points per position, each descended, the one with the lowest
+            final energy J_K kept (EBT's System 2 inference). 1 = a single descent.
+        think_samples_noise_std: std of the Gaussian noise added to the start of every sample after the first (the
+            first starts exactly where `think_init` says); with think_init="random" every sample draws its own start
+            anyway, and 0 keeps the draws i.i.d.
         softmax_temperature: tau in p = softmax(v / tau) and v0 = -E_base / tau.
         entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p). The default lambda = tau makes
             J = tau * KL(p || softmax(-E / tau)) + const: System 1 is the minimum of a fixed landscape, so thinking
@@ -40,7 +52,8 @@ class NanoEBMConfig(PreTrainedConfig):
             argmin E and measured worse, see BENCHMARKS.md).
         think_max_move: trust region, |v - v0| <= think_max_move per logit; 0 disables.
         absolute_clamp: |v| <= absolute_clamp; 0 disables.
-        langevin_noise: std of the Gaussian noise added to v after each step while training; 0 disables.
+        langevin_noise: std of the Gaussian noise added to v before each step while training (the step then corrects
+            it, so the final logits are not noisy; EBT uses 3); 0 disables.
         mixture_stopgrad: hold p fixed inside E(h, y | p) when differentiating J (closed-form gradient);
             false differentiates through the landscape's dependence on p with autograd.
         think_init: start of the descent: "base_energy" (System 1 logits), "zeros" or "random".
@@ -78,6 +91,9 @@ class NanoEBMConfig(PreTrainedConfig):
         think_steps: int = 2,
         think_lr: float = 0.5,
         think_lr_learnable: bool = True,
+        think_lr_random_scale: float = 1.0,
+        think_samples: int = 1,
+        think_samples_noise_std: float = 1.0,
         softmax_temperature: float = 1.0,
         entropy_weight: float = 1.0,
         think_max_move: float = 0.25,
@@ -128,6 +144,9 @@ class NanoEBMConfig(PreTrainedConfig):
         self.think_steps = think_steps
         self.think_lr = think_lr
         self.think_lr_learnable = think_lr_learnable
+        self.think_lr_random_scale = think_lr_random_scale
+        self.think_samples = think_samples
+        self.think_samples_noise_std = think_samples_noise_std
         self.softmax_temperature = softmax_temperature
         self.entropy_weight = entropy_weight
         self.think_max_move = think_max_move
@@ -146,6 +165,11 @@ class NanoEBMConfig(PreTrainedConfig):
     @property
     def use_soft_tokens(self) -> bool:
         return self.landscape == "soft_tokens"
+
+    @property
+    def reads_candidate(self) -> bool:
+        """Thinking runs the backbone on a provisional token (soft tokens, ebt): one spare position is needed."""
+        return self.landscape in PROVISIONAL_LANDSCAPES
 
     def validate_nanoebm(self):
         """Raise ValueError naming the field, its value and what is allowed."""
@@ -168,15 +192,21 @@ class NanoEBMConfig(PreTrainedConfig):
             need(self.landscape == "mixture", "correction_scale_init",
                  f"an open gate needs a zero-initialised output layer, which only landscape='mixture' has "
                  f"(landscape={self.landscape!r}); use 0")
+        if self.landscape == "ebt":
+            need(self.think_gradient == "plain", "think_gradient",
+                 "landscape='ebt' descends its scalar energy by autograd: only 'plain' is allowed")
         need(self.think_init in THINK_INITS, "think_init", f"allowed: {THINK_INITS}")
         need(self.think_gradient in THINK_GRADIENTS, "think_gradient", f"allowed: {THINK_GRADIENTS}")
         if self.think_gradient == "natural":
             need(self.mixture_stopgrad, "mixture_stopgrad", "must be true with think_gradient='natural'")
         need(isinstance(self.think_steps, int) and self.think_steps >= 0, "think_steps", "must be an integer >= 0")
         need(self.think_lr > 0, "think_lr", "must be > 0")
+        need(self.think_lr_random_scale >= 1, "think_lr_random_scale", "must be >= 1 (1 disables it)")
+        need(isinstance(self.think_samples, int) and self.think_samples >= 1, "think_samples",
+             "must be an integer >= 1")
         need(self.softmax_temperature > 0, "softmax_temperature", "must be > 0")
         for field in ("entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise",
-                      "think_init_noise_std", "energy_convergence_threshold"):
+                      "think_init_noise_std", "energy_convergence_threshold", "think_samples_noise_std"):
             need(getattr(self, field) >= 0, field, "must be >= 0 (0 disables it)")
         if self.think_init == "random":
             need(self.think_init_noise_std > 0, "think_init_noise_std",

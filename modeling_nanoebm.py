@@ -6,6 +6,7 @@ descent on the logits ("thinking", System 2), and the causal-LM wrapper whose `f
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -183,8 +184,8 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position_embedding == "learned":
-            # one spare position: a provisional soft token sits one past the last real one
-            self.wpe = nn.Embedding(config.block_size + int(config.use_soft_tokens), config.n_embd)
+            # one spare position: a provisional (candidate) token sits one past the last real one
+            self.wpe = nn.Embedding(config.block_size + int(config.reads_candidate), config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -348,8 +349,10 @@ class EnergyHead(nn.Module):
             )
             if config.correction_scale_init > 0:  # an open gate starts with a zero output: thinks on the base landscape
                 self.mixture[-1].init_std = 0.0
-        if config.landscape != "linear":
+        if config.landscape in ("mixture", "soft_tokens"):
             self.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
+        if config.landscape == "ebt":  # the Energy-Based Transformer's energy head: a scalar per candidate
+            self.scalar = nn.Linear(config.n_embd, 1, bias=False)  # an offset would change no descent
 
     def base_energy(self, hidden, token_features):
         energy = -(self.context_proj(hidden).float() @ token_features.float().T)
@@ -358,17 +361,27 @@ class EnergyHead(nn.Module):
 
 @dataclass
 class Landscape:
-    """The energy of every candidate token as a function of the belief p, for one batch of positions."""
+    """The energy as a function of the belief p, for one batch of positions: per candidate token (`linear`,
+    `mixture`, `soft_tokens`), or one scalar for the belief itself (`ebt`, whose per-token view is the System 1 head's
+    E_base: what contrastive divergence trains)."""
 
     base: torch.Tensor  # E_base (..., V), float32
     correction: Callable[..., torch.Tensor] | None = None  # (p, **inputs) -> <r(p), W_e e_y> for every y (..., V)
     scale: torch.Tensor | None = None  # tanh(s)
     inputs: dict = field(default_factory=dict)  # the tensors the correction reads (hidden states, context, weights)
+    scalar: Callable[..., torch.Tensor] | None = None  # ebt: (p, **inputs) -> E(context, p) (...,), float32
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if self.correction is None:
             return self.base
         return self.base - self.scale * self.correction(p, **self.inputs).float()
+
+    def token_energy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The energy the model gives candidate `tokens` (...,) as the next token: E_base(h, y), or for `ebt` the
+        scalar energy of the one-hot belief on y (one more backbone pass). The verifier's score for best-of-N."""
+        if self.scalar is None:
+            return self.base.gather(-1, tokens[..., None]).squeeze(-1)
+        return self.scalar(F.one_hot(tokens, self.base.shape[-1]).to(self.base.dtype), **self.inputs)
 
     def cloned(self) -> "Landscape":
         """A copy whose tensors autograd may save: tensors made under torch.inference_mode (pipelines decode
@@ -382,14 +395,18 @@ class Landscape:
             return x
 
         return Landscape(clone(self.base), self.correction, clone(self.scale),
-                         {k: clone(v) for k, v in self.inputs.items()})
+                         {k: clone(v) for k, v in self.inputs.items()}, self.scalar)
 
 
 def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, with_objective=True):
     """J(v) = sum_y p(y) E(y | p) - lambda H(p), with p = softmax(v / tau), per position (None unless
-    `with_objective`: the descent's closed-form step needs only p, log p and E)."""
+    `with_objective`: the descent's closed-form step needs only p, log p and E). For `ebt`, J(v) = E(context, p)
+    - lambda H(p), and the per-token energies returned are None."""
     log_p = F.log_softmax(logits / temperature, dim=-1)
     p = log_p.exp()
+    if landscape.scalar is not None:
+        J = landscape.scalar(p, **landscape.inputs) + entropy_weight * (p * log_p).sum(-1)
+        return J, p, log_p, None
     energy = landscape(p)
     if not with_objective:
         return None, p, log_p, energy
@@ -503,16 +520,25 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
             inputs = dict(context_half=context_half, token_half=vocabulary["token_half"],
                           readout=vocabulary["readout"], readout_bias=vocabulary["readout_bias"])
-        else:  # soft tokens: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
-            def correction(p, hidden, features, context_kv, key_valid, query_index, position_ids):
-                soft = self.transformer.provisional_hidden(
+        else:  # soft tokens and ebt: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
+            def candidate_hidden(p, hidden, context_kv, key_valid, query_index, position_ids, **_):
+                return self.transformer.provisional_hidden(
                     (p.to(token_embeddings.dtype) @ token_embeddings).to(hidden.dtype), position_ids + 1, context_kv,
                     key_valid, query_index,
                 )
-                return self.energy_head.context_proj(soft) @ features.T
 
-            inputs = dict(hidden=hidden, features=features, context_kv=context_kv, key_valid=key_valid,
-                          query_index=query_index, position_ids=position_ids)
+            inputs = dict(hidden=hidden, context_kv=context_kv, key_valid=key_valid, query_index=query_index,
+                          position_ids=position_ids)
+            if landscape == "ebt":  # E(context, p) = w . h'(p): a scalar the backbone computes for the candidate
+                def scalar(p, **inputs):
+                    return self.energy_head.scalar(candidate_hidden(p, **inputs)).squeeze(-1).float()
+
+                return Landscape(base, inputs=inputs, scalar=scalar)
+
+            def correction(p, features, **inputs):
+                return self.energy_head.context_proj(candidate_hidden(p, **inputs)) @ features.T
+
+            inputs["features"] = features
         scale = torch.tanh(self.energy_head.correction_scale).float()
         return Landscape(base, correction, scale, inputs)
 
@@ -530,16 +556,23 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return v0 - v0.mean(-1, keepdim=True)
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
-              detach_refine=False, start=None, start_mask=None):
+              detach_refine=False, start=None, start_mask=None, samples=1, second_order_last_only=False):
         """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3). Returns (v_K, (v_1..v_K), J trace).
 
         The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
         decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
 
-        Every position descends its own J (the objective is summed, never averaged, over positions).
+        Every position descends its own J (the objective is summed, never averaged, over positions). `ebt`, and
+        `mixture_stopgrad=false`, differentiate J with autograd (through the backbone for ebt; second order when
+        training, through the math SDPA kernel, the one with a double backward).
         `detach_refine` cuts the gradient between steps: each step learns only from its own update.
         `start` (..., V) replaces `think_init` where `start_mask` (...) is true: training resumes the descent of
         replayed positions from the logits an earlier step refined them to.
+        `samples` = G: the positions are G copies of n positions (sample-major); every copy after the first starts
+        `think_samples_noise_std` of noise away from the first (self-verification).
+        `second_order_last_only`: when the loss reads only v_K, differentiate only the last autograd step twice; the
+        earlier ones stay in the chain as first-order moves (EBT's truncate_mcmc: its cost is one second-order step).
+        Training's Langevin noise is added before each step, which then corrects it (the final logits are not noisy).
         """
         cfg = self.config
         tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
@@ -549,12 +582,22 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         if start is not None:
             start = start.to(v0.dtype)
             v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
+        if samples > 1 and cfg.think_samples_noise_std > 0:
+            first = v0.shape[-2] // samples
+            noise = cfg.think_samples_noise_std * torch.randn_like(v0)
+            noise[..., :first, :] = 0
+            v0 = v0 + noise
+            v0 = v0 - v0.mean(-1, keepdim=True)
+        if self.training and cfg.think_lr_random_scale > 1:  # EBT: alpha * U[1/s, s] per row and position
+            s = cfg.think_lr_random_scale
+            alpha = alpha * (1 / s + (s - 1 / s) * torch.rand(*v0.shape[:-1], 1, device=v0.device))
         v, steps_taken, trace, previous = v0, [], [], None
         track = record_final or cfg.energy_convergence_threshold > 0
         if max_move > 0:
             low, high = v0 - max_move, v0 + max_move
+        autograd_step = landscape.scalar is not None or (not cfg.mixture_stopgrad and landscape.correction is not None)
         differentiable = landscape
-        if not cfg.mixture_stopgrad and landscape.correction is not None and torch.is_inference_mode_enabled():
+        if autograd_step and torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
                 differentiable = landscape.cloned()
         for k in range(steps + 1):
@@ -563,17 +606,20 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 break
             if detach_refine and k > 0:
                 v = v.detach()
-            coupled = not cfg.mixture_stopgrad and landscape.correction is not None and not last
-            if coupled:
+            if self.training and cfg.langevin_noise > 0 and not last:
+                v = v + cfg.langevin_noise * torch.randn_like(v)
+            if autograd_step and not last:
+                second_order = create_graph and (not second_order_last_only or k == steps - 1)
                 with torch.inference_mode(False), torch.enable_grad():
                     if not v.requires_grad:
                         v = v.clone().requires_grad_(True)
-                    # autograd through E(h, y | p): the math SDPA kernel is the one with a double backward
-                    with sdpa_kernel(SDPBackend.MATH):
+                    with sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext():
                         J = expected_energy(differentiable, v, tau, lam)[0]
-                        (grad,) = torch.autograd.grad(J.sum(), v, create_graph=create_graph)
+                        (grad,) = torch.autograd.grad(J.sum(), v, create_graph=second_order)
             else:
-                J, p, log_p, energy = expected_energy(landscape, v, tau, lam, with_objective=track)
+                # the last evaluation only reads J (never differentiated: the trace is detached)
+                with torch.no_grad() if last else nullcontext():
+                    J, p, log_p, energy = expected_energy(landscape, v, tau, lam, with_objective=track)
                 if not last:  # closed form with p held fixed inside E: (1/tau) p (d - <d>_p)
                     d = energy + lam * (log_p + 1.0)
                     centred = d - (p * d).sum(-1, keepdim=True)
@@ -592,17 +638,15 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 v = v.clamp(min=low, max=high)
             if clamp > 0:
                 v = v.clamp(-clamp, clamp)
-            if self.training and cfg.langevin_noise > 0:
-                v = v + cfg.langevin_noise * torch.randn_like(v)
             v = v - v.mean(-1, keepdim=True)
-            if coupled and not create_graph:
+            if autograd_step and not create_graph:
                 v = v.detach()
             steps_taken.append(v)
         if steps_taken and not torch.isfinite(v).all():
             raise ThinkingDivergedError(
                 f"thinking produced NaN/Inf logits after {len(steps_taken)} step(s): lower think_lr "
-                f"(now {float(alpha):.4g}), raise softmax_temperature (now {tau}) or bound the moves with "
-                f"think_max_move / absolute_clamp"
+                f"(now {float(torch.as_tensor(alpha).detach().mean()):.4g}), raise softmax_temperature "
+                f"(now {tau}) or bound the moves with think_max_move / absolute_clamp"
             )
         return v, tuple(steps_taken), torch.stack(trace, dim=-1) if trace else None
 
@@ -623,9 +667,11 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         use_thinking: bool | None = None,
         think_steps: int | None = None,
         think_lr: float | None = None,
+        think_samples: int | None = None,
         return_energy_trace: bool = True,
         return_landscape: bool = False,
         detach_refine: bool = False,
+        truncate_refine: bool = False,
         think_start: torch.Tensor | None = None,
         think_start_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
@@ -637,11 +683,15 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         shift_labels: targets already shifted (target of position t at t), as transformers' loss utilities name
             them; the training stream uses these so every one of the block_size positions is scored.
         logits_to_keep: score (and think on) only the last n positions; generate passes 1.
-        use_thinking, think_steps, think_lr: override the config for this call (generate forwards them).
+        use_thinking, think_steps, think_lr, think_samples: override the config for this call (generate forwards
+            them). think_samples = G > 1 descends G starting points per position and keeps, position by position,
+            the one with the lowest final energy (self-verification); its logits, steps and trace are returned.
         return_energy_trace: return J at v_0..v_K (one more landscape evaluation for J_K); false (as decoding asks)
             computes no J at all and returns energy_trace=None.
         return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
         detach_refine: cut the gradient between thinking steps (training).
+        truncate_refine: the loss reads only the last step: autograd descents (ebt, coupled) differentiate only that
+            step twice (training).
         think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true,
             instead of `think_init` (training's replay buffer).
         """
@@ -651,9 +701,14 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             raise ValueError(f"think_steps={steps} is invalid: must be >= 0")
         if think_lr is not None and not think_lr > 0:
             raise ValueError(f"think_lr={think_lr} is invalid: must be > 0")
+        samples = self.config.think_samples if think_samples is None else think_samples
+        if not (isinstance(samples, int) and samples >= 1):
+            raise ValueError(f"think_samples={samples!r} is invalid: must be an integer >= 1")
         if (think_start is None) != (think_start_mask is None):
             raise ValueError("think_start and think_start_mask go together: give both or neither")
-        soft = self.config.use_soft_tokens and use_thinking and steps > 0
+        thinking = use_thinking and steps > 0
+        samples = samples if thinking else 1
+        soft = self.config.reads_candidate and (thinking or return_landscape)
         out = self.transformer(
             input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
@@ -664,23 +719,32 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         T = hidden.shape[1]
         n = T if not logits_to_keep else min(logits_to_keep, T)
         kept = hidden[:, -n:]
-        context = dict()
-        if soft:
+        context = lambda copies: dict()  # noqa: E731
+        if soft:  # G copies of the n positions read the same real keys and values (never a cache write)
             cache = getattr(out, CACHE_NAME)
             kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
             S = kv[0][0].shape[2]
-            context = dict(
-                context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:],
-                query_index=torch.arange(S - n, S, device=hidden.device),
+            context = lambda copies: dict(  # noqa: E731
+                context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:].repeat(1, copies),
+                query_index=torch.arange(S - n, S, device=hidden.device).repeat(copies),
             )
-        landscape = self.build_landscape(kept, **context)
-        system1 = -landscape.base
+        landscape = self.build_landscape(kept.repeat(1, samples, 1) if samples > 1 else kept, **context(samples))
+        system1 = -landscape.base[:, :n]
         step_logits, trace = (), None
-        if use_thinking and steps > 0:
+        if thinking:
+            if think_start is not None and samples > 1:
+                think_start, think_start_mask = think_start.repeat(1, samples, 1), think_start_mask.repeat(1, samples)
             logits, step_logits, trace = self.think(
-                landscape, steps, think_lr, record_final=return_energy_trace, detach_refine=detach_refine,
-                start=think_start, start_mask=think_start_mask,
+                landscape, steps, think_lr, record_final=return_energy_trace or samples > 1,
+                detach_refine=detach_refine, start=think_start, start_mask=think_start_mask, samples=samples,
+                second_order_last_only=truncate_refine,
             )
+            if samples > 1:  # self-verification: per position, the sample whose descent ended lowest
+                best = trace[..., -1].unflatten(1, (samples, n)).argmin(1)
+                logits, trace = lowest_energy_sample(logits, best), lowest_energy_sample(trace, best)
+                step_logits = tuple(lowest_energy_sample(v, best) for v in step_logits)
+                if return_landscape:
+                    landscape = self.build_landscape(kept, **context(1))
         else:
             logits = system1
 
@@ -778,6 +842,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             "use_cache": use_cache,
             **kwargs,
         }
+
+
+def lowest_energy_sample(x, best):
+    """x (B, G * n, ...) holds G samples of n positions, sample-major; keep sample best (B, n) of each position."""
+    x = x.unflatten(1, (-1, best.shape[1]))
+    index = best[:, None, :].reshape(*best.shape[:1], 1, best.shape[1], *([1] * (x.dim() - 3)))
+    return x.gather(1, index.expand(-1, 1, -1, *x.shape[3:])).squeeze(1)
 
 
 def decode_window(lengths, block_size, generated=0):

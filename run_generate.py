@@ -80,6 +80,11 @@ class GenerateArguments:
         metadata={"help": "Step size alpha (> 0) of the descent (default: the model's own, learned, alpha). "
                           "Research syntax also: alpha_value=A."},
     )
+    think_samples: int | None = field(
+        default=None,
+        metadata={"help": "Self-verification: descend from G starting points per character and keep the one whose "
+                          "energy ends lowest (default: the model config's think_samples, 1)."},
+    )
     do_sample: bool = field(
         default=False,
         metadata={"help": "Sample from the (refined) distribution; without it decoding is greedy. "
@@ -112,7 +117,8 @@ class GenerateArguments:
         default="min_energy",
         metadata={"help": "How --num_candidates picks. min_energy: lowest total energy = the sum, over the generated "
                           "characters, of the base energy E_base(h_t, y_t) the model assigns to the character it "
-                          "chose given its context (the verifier's score; unnormalised). min_nll: lowest negative "
+                          "chose given its context (landscape ebt: the scalar energy of that character as the "
+                          "candidate; the verifier's score, unnormalised). min_nll: lowest negative "
                           "log-likelihood of the candidate under the distribution it was sampled from (System 2 when "
                           "thinking, else System 1; normalised per position)."},
     )
@@ -252,6 +258,8 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError(f"--think_steps must be >= 0 (got {args.think_steps})")
     if args.think_lr is not None and not args.think_lr > 0:
         raise UsageError(f"--think_lr must be > 0 (got {args.think_lr})")
+    if args.think_samples is not None and args.think_samples < 1:
+        raise UsageError(f"--think_samples must be >= 1 (got {args.think_samples})")
     if args.num_return_sequences < 1 or args.num_candidates < 1:
         raise UsageError("--num_return_sequences and --num_candidates must be >= 1")
     if args.num_return_sequences > 1 and args.num_candidates > 1:
@@ -377,6 +385,8 @@ def generation_kwargs(args: GenerateArguments, thinking: dict, n: int) -> dict:
         kwargs["think_steps"] = args.think_steps
     if args.think_lr is not None:
         kwargs["think_lr"] = args.think_lr
+    if args.think_samples is not None:
+        kwargs["think_samples"] = args.think_samples
     if args.do_sample:  # transformers would otherwise apply its default top_k=50
         kwargs.update(top_k=args.top_k or 0, temperature=args.temperature, top_p=args.top_p)
     return kwargs
@@ -431,7 +441,7 @@ def run_generate(args: GenerateArguments) -> int:
         key = "total_energy" if args.select == "min_energy" else "nll"
         chosen = min(range(n), key=lambda i: candidates[i][key])
         note(f"{n} candidates, selected by {args.select} "
-             f"({'sum of E_base of the chosen characters' if key == 'total_energy' else 'sum of -log p'}):")
+             f"({'sum of the energies of the chosen characters' if key == 'total_energy' else 'sum of -log p'}):")
         for c in candidates:
             preview = c["text"][:48].replace("\n", "↵")
             note(f"  {'*' if c['index'] == chosen else ' '} #{c['index']}: energy {c['total_energy']:10.3f} "

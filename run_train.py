@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nanoebm.card import RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, summary
 from nanoebm.cli import UsageError, reject_unknown, report, translate_research_syntax
+from nanoebm.recipes import expand_recipe
 
 PROG = "run_train.py"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
@@ -76,7 +77,11 @@ class ModelArguments:
     position_embedding: str | None = opt("'learned' (nanoGPT) or 'rope' (free sliding window past block_size)")
     d_energy: int | None = opt("width of the energy space")
     use_token_bias: bool | None = opt("per-token energy bias b_y")
-    landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens")
+    recipe: str | None = opt("a measured set of flags put before the command line's own (which win): ebt_system2 | "
+                             "ebt_system1 (the EBT paper's) | ebt_hybrid (System 1 start, EBT energy, cd); "
+                             "nanoebm/recipes.py lists them")
+    landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens | ebt (a "
+                                "scalar energy the backbone computes for the candidate)")
     use_soft_tokens: bool | None = opt("the research code's switch for landscape=soft_tokens")
     correction_scale_init: float | None = opt("tanh of the correction gate at init, [0, 1): 0 = gate shut; above 0 "
                                               "the gate starts open and the correction's output layer at zero")
@@ -84,11 +89,14 @@ class ModelArguments:
     think_steps: int | None = opt("thinking steps K (alias refine_steps)")
     think_lr: float | None = opt("thinking step size alpha (alias alpha_value)")
     think_lr_learnable: bool | None = opt("learn alpha")
+    think_lr_random_scale: float | None = opt("training: alpha times U[1/s, s] per row and position (1 disables)")
+    think_samples: int | None = opt("self-verification: descend G starts per position, keep the lowest energy")
+    think_samples_noise_std: float | None = opt("noise on the starts of the samples after the first")
     softmax_temperature: float | None = opt("tau in p = softmax(v / tau)")
     entropy_weight: float | None = opt("lambda of the entropy bonus inside J")
     think_max_move: float | None = opt("trust region around the initial logits (0 disables)")
     absolute_clamp: float | None = opt("clamp |v| (0 disables)")
-    langevin_noise: float | None = opt("noise std added to the logits after each training thinking step")
+    langevin_noise: float | None = opt("noise std added to the logits before each training thinking step")
     mixture_stopgrad: bool | None = opt("closed-form gradient with p fixed inside E (false: autograd, coupled)")
     think_init: str | None = opt("start of the descent: base_energy | zeros | random")
     think_init_noise_std: float | None = opt("noise on the start of the descent")
@@ -387,7 +395,10 @@ def parse_args(argv=None) -> ParsedArguments:
     argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
     argv = [underscored(word) for word in argv]
     prefix, checkpoint = continuation_prefix(argv)
-    full = [*prefix, *argv]
+    try:  # a recipe's flags go first (the run records --recipe itself, so a resume expands it again)
+        full = expand_recipe([*prefix, *argv])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     preset = flag_value(full, "preset")
     if preset is None:
         preset, reason = machine_preset(full)

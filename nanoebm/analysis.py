@@ -49,7 +49,7 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
     fits in block_size; otherwise windows of block_size characters that overlap by half, so that each target
     reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
     targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
-    energy (B, n) E_base of the target, trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
+    energy (B, n) the energy of the target as the next token (E_base; for ebt the scalar energy of its one-hot), trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
     window_start (n,) where each target's window began.
     """
     import torch
@@ -67,13 +67,15 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
             a = max(0, min(j - max(1, block - stride), L - 1 - block))
             b = min(L - 1, a + block)
             out = model(ids[:, a:b], use_cache=False, use_thinking=True, think_steps=think_steps, think_lr=think_lr,
-                        return_energy_trace=True)
+                        return_energy_trace=True, return_landscape=True)
             sl = slice(j - 1 - a, b - a)
             targets = ids[:, j:b + 1]
             parts["targets"].append(targets.cpu())
             parts["logp1"].append(F.log_softmax(out.system1_logits[:, sl].float(), dim=-1).cpu())
             parts["logp2"].append(F.log_softmax(out.logits[:, sl].float(), dim=-1).cpu())
-            parts["energy"].append(out.energies[:, sl].float().gather(-1, targets[..., None])[..., 0].cpu())
+            # E_base of the target, or for ebt the scalar energy of the target as the candidate
+            energy = out.landscape.token_energy(ids[:, a + 1:b + 1])[:, sl]
+            parts["energy"].append(energy.float().cpu())
             if out.energy_trace is not None:
                 parts["trace"].append(out.energy_trace[:, sl].float().cpu())
             parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))

@@ -23,7 +23,8 @@ from tokenization_char import CharTokenizer
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
                        "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
-THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "softmax_temperature",
+THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "think_lr_random_scale",
+                   "think_samples", "think_samples_noise_std", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
                    "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
 
@@ -327,7 +328,8 @@ class EBMTrainer(Trainer):
             input_ids, labels, start, start_mask = self.replay.mix(input_ids, labels)
         outputs = model(
             input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
-            detach_refine=self.ebm.detach_refine, return_landscape=self.contrastive is not None,
+            detach_refine=self.ebm.detach_refine, truncate_refine=self.ebm.truncate_refine,
+            return_landscape=self.contrastive is not None,
             return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
         )
         if replaying:
