@@ -1,7 +1,8 @@
 """nanoebm: a character-level transformer that scores an energy for every candidate next token and thinks.
 
-Read top to bottom: the GPT backbone (with a KV cache), the energy head and its three landscapes, the energy
-descent on the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
+Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes (three that score every
+token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the energy descent on
+the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
 `pipeline` and the Trainer call. The maths and the option names are those of nanoebm's docs/DESIGN.md.
 """
 
@@ -329,7 +330,7 @@ def causal_padding_mask(attention_mask, past_len, T, device, window=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Energy head: E(h, y | p) = b_y - <W_c h, W_e e_y> - tanh(s) <r(p), W_e e_y>
+# Energy head: E(h, y | p) = b_y - <W_c h, W_e e_y> - tanh(s) <r(p), W_e e_y>, or for ebt E(context, p) = w . h'(p)
 
 
 class EnergyHead(nn.Module):

@@ -266,6 +266,14 @@ class EBMTrainer(Trainer):
         """`ebm_args` are nanoebm's loss options (run_train.LossArguments); `run_record` ({"runs": [...]}, the
         current run last) is written into every checkpoint (nanoebm_run.json), so a resume knows what it continues."""
         self.ebm, self.run_record = ebm_args, run_record
+        model, tokenizer = kwargs.get("model"), kwargs.get("processing_class")
+        pad = getattr(tokenizer, "pad_token_id", None)
+        # the pad id lies outside the model's vocabulary (tokenization_char.py): in memory the configs hold it, so the
+        # Trainer's alignment with the tokenizer changes nothing; saved, only the generation config does (generate
+        # needs it), because transformers warns on every load of a config.json whose pad id is outside the vocabulary
+        self.pad_outside_vocabulary = model is not None and pad is not None and pad >= model.config.vocab_size
+        if self.pad_outside_vocabulary:
+            model.config.pad_token_id = model.generation_config.pad_token_id = pad
         super().__init__(*args, **kwargs)
         model = self.model
         self.contrastive = None
@@ -427,6 +435,16 @@ class EBMTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train(was_training)
         return metrics
+
+    def _save(self, output_dir=None, state_dict=None):
+        config = self.accelerator.unwrap_model(self.model).config
+        pad = config.pad_token_id
+        if self.pad_outside_vocabulary:
+            config.pad_token_id = None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            config.pad_token_id = pad
 
     # -- the contrastive particles and the replay buffer are training state ----------------------------------
 

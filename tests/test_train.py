@@ -229,8 +229,15 @@ def test_saved_folder_is_a_complete_model_that_a_pipeline_loads(tmp_path, small_
         text = generator("ROMEO:", think_steps=3, max_new_tokens=12, do_sample=True, top_k=20,
                          return_full_text=False)[0]["generated_text"]
         assert len(text) == 12, text
+        padded = generator(["ROMEO:", "A"], batch_size=2, max_new_tokens=5, do_sample=False)  # left padding
+        assert [len(rows[0]["generated_text"]) for rows in padded] == [11, 6], padded
         print("ok")
     """)
+    # the pad id lies outside the vocabulary: the generation config holds it, config.json does not (transformers
+    # would warn on every load)
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("pad_token_id") is None
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == config["vocab_size"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = run_without_nanoebm(script, cwd=elsewhere, modules_cache=tmp_path / "modules")
