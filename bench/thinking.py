@@ -314,6 +314,40 @@ def report(records, args):
     print(f"\nreproduce: python bench/thinking.py {' '.join(sys.argv[1:])}")
 
 
+def plot(records, path):
+    """bits/char against test-time steps, validation and Milton side by side, the plain GPT as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {}
+    for r in records:
+        by.setdefault(r["variant"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, text, title in zip(axes, ("validation", "milton"), ("tiny Shakespeare validation", "Milton (out of "
+                                                                                                 "distribution)")):
+        for name, runs in by.items():
+            if not runs[0]["thinks"]:
+                ax.axhline(mean_std([at(r[text], steps=0) for r in runs])[0], color="black", ls="--", label=name)
+                continue
+            ks = [k for k in STEPS if k > 0]
+            ax.plot(ks, [mean_std([at(r[text], steps=k) for r in runs])[0] for k in ks], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([k for k in STEPS if k > 0], [str(k) for k in STEPS if k > 0])
+        ax.set_xlabel("thinking steps at test time")
+        ax.set_ylabel("bits per character")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    low = min(min(at(r[t], steps=0) for r in records if not r["thinks"]) for t in ("validation", "milton"))
+    for ax in axes:
+        ax.set_ylim(low - 0.1, low + 0.6)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["plain_gpt", "default", "ebt_system2", "ebt_system1",
@@ -328,12 +362,16 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--train_threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval_blocks", type=int, default=100_000, help="validation blocks (default: all of it)")
-    parser.add_argument("--milton_blocks", type=int, default=1000)
+    parser.add_argument("--eval_blocks", type=int, default=500, help="evenly spaced validation blocks")
+    parser.add_argument("--milton_blocks", type=int, default=500)
     parser.add_argument("--force", action="store_true", help="measure again")
+    parser.add_argument("--plot", help="write the thinking curves to this PNG")
     args = parser.parse_args()
     if args.report:
-        report(json.loads(Path(args.report).read_text()), args)
+        records = json.loads(Path(args.report).read_text())
+        report(records, args)
+        if args.plot:
+            plot(records, args.plot)
         return
     if not MILTON.is_file():
         sys.exit(f"{MILTON} is missing: the out-of-distribution text is read from ../shared/data")
@@ -356,6 +394,8 @@ def main():
     results = Path(args.runs) / "results.json"
     results.write_text(json.dumps(records, indent=1))
     report(records, args)
+    if args.plot:
+        plot(records, args.plot)
 
 
 if __name__ == "__main__":
