@@ -753,7 +753,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         if labels is not None or shift_labels is not None:
             loss = self.next_token_loss(logits, labels, shift_labels)
         return NanoEBMCausalLMOutput(
-            loss=loss, logits=logits, system1_logits=system1, energies=landscape.base, step_logits=step_logits,
+            loss=loss, logits=logits, system1_logits=system1, energies=-system1, step_logits=step_logits,
             energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
             **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )
@@ -847,8 +847,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
 def lowest_energy_sample(x, best):
     """x (B, G * n, ...) holds G samples of n positions, sample-major; keep sample best (B, n) of each position."""
-    x = x.unflatten(1, (-1, best.shape[1]))
-    index = best[:, None, :].reshape(*best.shape[:1], 1, best.shape[1], *([1] * (x.dim() - 3)))
+    x = x.unflatten(1, (-1, best.shape[1]))  # (B, G, n, ...)
+    index = best.view(best.shape[0], 1, best.shape[1], *([1] * (x.dim() - 3)))
     return x.gather(1, index.expand(-1, 1, -1, *x.shape[3:])).squeeze(1)
 
 

@@ -145,6 +145,7 @@ def test_self_verification_keeps_the_lowest_final_energy(trained, corpus_ids):
     assert torch.allclose(verified.energy_trace[..., -1], finals.min(1).values)
     best = finals.argmin(1)
     assert torch.equal(verified.logits, lowest_energy_sample(logits, best))
+    assert verified.energies.shape == verified.logits.shape == single.logits.shape
     # the first sample starts where G = 1 starts: self-verification never ends higher than a single descent
     assert torch.allclose(finals[:, 0], single.energy_trace[..., -1], atol=1e-5)
     assert (verified.energy_trace[..., -1] <= single.energy_trace[..., -1] + 1e-6).all()
