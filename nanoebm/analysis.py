@@ -49,7 +49,8 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
     fits in block_size; otherwise windows of block_size characters that overlap by half, so that each target
     reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
     targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
-    energy (B, n) the energy of the target as the next token (E_base; for ebt the scalar energy of its one-hot), trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
+    energy (B, n) the energy of the target as the next token (E_base; for ebt the scalar energy of its one-hot),
+    trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
     window_start (n,) where each target's window began.
     """
     import torch

@@ -41,7 +41,9 @@ def expand_recipe(argv: list[str]) -> list[str]:
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe!r} is unknown: allowed {sorted(RECIPES)}")
     flags = RECIPES[recipe]
-    if any(word == "--contrastive_type" or word.startswith("--contrastive_type=") for word in argv):
-        flags = [word for i, word in enumerate(flags)  # naming a sampler turns the term back on
-                 if "--use_contrastive" not in flags[max(i - 1, 0): i + 1]]
+    # the contrastive term is one choice made by two flags: the command line's decides it (naming a sampler turns
+    # it on over a recipe's "off", and "--use_contrastive false" turns it off over a recipe's sampler)
+    for given, dropped in (("--contrastive_type", "--use_contrastive"), ("--use_contrastive", "--contrastive_type")):
+        if any(word == given or word.startswith(given + "=") for word in argv):
+            flags = [word for i, word in enumerate(flags) if dropped not in flags[max(i - 1, 0): i + 1]]
     return [*flags, *argv]

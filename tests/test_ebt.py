@@ -224,6 +224,9 @@ def test_recipes_set_their_flags_and_the_command_line_wins(tmp_path):
     paper_pcd = run_train.parse_args(["--recipe", "ebt_system2", "--contrastive_type", "pcd",
                                       "--output_dir", str(tmp_path)])
     assert paper_pcd.loss.use_contrastive  # naming a sampler turns the term on over the recipe's "off"
+    hybrid_off = run_train.parse_args(["--recipe", "ebt_hybrid", "--use_contrastive", "false",
+                                       "--output_dir", str(tmp_path)])
+    assert not hybrid_off.loss.use_contrastive and hybrid_off.model.think_init == "base_energy"
     with pytest.raises(UsageError, match="ebt_system1"):
         run_train.parse_args(["--recipe", "ebt_s3", "--output_dir", str(tmp_path)])
     assert set(RECIPES) == {"ebt_system2", "ebt_system1", "ebt_hybrid"}
