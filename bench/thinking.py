@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 HYBRID = ["--recipe", "ebt_hybrid"]
 VARIANTS = {
@@ -172,22 +173,10 @@ def decoding_cost(model, tokenizer, val_text, new_tokens=100):
 
 def training_ms_per_step(name, args, steps=40, skip=10):
     """Median ms per optimizer step of run_train.py's Trainer, in this process (one variant at a time)."""
-    from transformers import TrainerCallback
-
     import run_train
+    from train_speed import StepTimer
 
-    class StepTimer(TrainerCallback):
-        times = []
-
-        def on_step_begin(self, *a, **k):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, a, state, *rest, **k):
-            if state.global_step > skip:
-                self.times.append(time.perf_counter() - self.started)
-
-    timer = StepTimer()
-    timer.times = []
+    timer = StepTimer(skip)
     run_train.main(["--preset", "cpu", "--max_steps", str(steps), "--do_train", "true", "--do_eval", "false",
                     "--save_strategy", "no", "--logging_steps", str(steps), "--disable_tqdm", "true",
                     "--output_dir", f"/tmp/nanoebm-thinking-speed/{name}", "--overwrite_output_dir", "true",

@@ -25,6 +25,14 @@ def corpus_text():
     return EMBEDDED_CORPUS.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def corpus_ids(corpus_text):
+    """The first 30,000 characters as ids of the sorted character set (nanoGPT's vocabulary)."""
+    chars = sorted(set(corpus_text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return torch.tensor([stoi[c] for c in corpus_text[:30000]])
+
+
 def tiny_config(**overrides):
     values = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     values.update(overrides)

@@ -20,13 +20,6 @@ HYBRID = dict(EBT, think_init="base_energy", think_lr=5.0)
 
 
 @pytest.fixture(scope="module")
-def corpus_ids(corpus_text):
-    chars = sorted(set(corpus_text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    return torch.tensor([stoi[c] for c in corpus_text[:30000]])
-
-
-@pytest.fixture(scope="module")
 def trained(corpus_ids):
     return {name: train_briefly(make_model(think_steps=2, **recipe), corpus_ids, steps=30)
             for name, recipe in (("paper", PAPER), ("hybrid", HYBRID))}

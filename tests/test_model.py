@@ -11,13 +11,6 @@ LANDSCAPES = ["linear", "mixture", "soft_tokens"]
 
 
 @pytest.fixture(scope="module")
-def corpus_ids(corpus_text):
-    chars = sorted(set(corpus_text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    return torch.tensor([stoi[c] for c in corpus_text[:30000]])
-
-
-@pytest.fixture(scope="module")
 def trained(corpus_ids):
     return {land: train_briefly(make_model(landscape=land, think_lr=1.0), corpus_ids) for land in LANDSCAPES}
 
