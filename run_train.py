@@ -587,12 +587,7 @@ def main(argv=None, callbacks=None):
         trainer.save_model(str(final_dir))
         if trainer.is_world_process_zero():
             write_results(trainer, final_dir, record, metrics, args.run.keep_checkpoints, time.perf_counter() - started)
-    if T.world_size > 1:  # every rank leaves together, with its process group closed (a rank that exits while
-        import torch.distributed as dist  # another still writes the model folder can abort in gloo's threads)
-
-        trainer.accelerator.wait_for_everyone()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer.close_distributed()
     return metrics
 
 

@@ -4,10 +4,12 @@
 contrastive divergence) are documented in docs/DESIGN.md.
 """
 
+import gc
 import json
 import math
 import os
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -474,6 +476,28 @@ class EBMTrainer(Trainer):
                 raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
                                         f"with the same number of processes")
             buffer.load_state_dict(torch.load(path, weights_only=False))
+
+    # -- leaving a distributed run --------------------------------------------------------------------------
+
+    def close_distributed(self):
+        """Every rank leaves together and closes its process group, in an order that cannot deadlock.
+
+        A rank that exits while another still writes the model folder can abort in gloo's threads, hence the
+        barrier. The group must outlive the DDP wrapper: if the wrapper's reducer holds the group's last reference,
+        the group is destroyed with the GIL held and joins gloo's worker threads, one of which may still need the
+        GIL to release the barrier's tensors (a hang seen in CI). So the wrapper goes first, then the group, whose
+        own destructor releases the GIL."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        self.accelerator.wait_for_everyone()
+        wrapper = weakref.ref(self.model_wrapped)
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()  # the accelerator's references to the wrapper, optimizer and loaders
+        gc.collect()
+        if wrapper() is None or wrapper() is self.model:  # nothing else holds the reducer: safe to destroy
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Run by tests/test_train.py under `accelerate launch`: trains through run_train.main and records, per rank,
 the first batch this rank's data loader yields and a fingerprint of the final weights."""
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -31,4 +32,5 @@ class Probe(TrainerCallback):
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints every thread's stack and fails the test
     run_train.main(sys.argv[1:], callbacks=[Probe()])
