@@ -36,12 +36,8 @@ from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinki
 from nanoebm.cli import UsageError, reject_unknown, translate_research_syntax
 from nanoebm.compare import comparison_table, evaluate_model
 from nanoebm.corpus import resolve_data_path, validation_text
+from nanoebm.folders import check_model_folder, loading
 from nanoebm.plots import plot_comparison, write_plots
-
-ROOT = Path(__file__).resolve().parent
-# What save_pretrained may have written the weights as; nanoebm writes model.safetensors (sharded when large).
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,62 +297,16 @@ def resolve_device(name: str):
 
 
 def load_model(path: str, device, unk_token: str | None = None):
-    """(model, tokenizer) from a saved folder, through the Auto classes; UsageError with the reason otherwise.
-
-    Missing or damaged weights (an empty, truncated or overwritten model.safetensors) are one message naming the
-    file and what to do, never a traceback: safetensors reports a damaged file as SafetensorError, transformers a
-    missing one as OSError, torch a damaged pytorch_model.bin as UnpicklingError or RuntimeError (which transformers
-    also raises for tensors whose shapes disagree with config.json).
-    """
-    import pickle
-
-    from safetensors import SafetensorError
+    """(model, tokenizer) from a saved folder, through the Auto classes (the folder's own code); UsageError with the
+    reason otherwise (nanoebm/folders.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(path).expanduser()
-    made_by = "save_pretrained (run_train.py writes such a folder)"
-    if not folder.exists():
-        raise UsageError(f"model folder {str(path)!r} does not exist")
-    if not folder.is_dir():
-        raise UsageError(f"{str(path)!r} is a file, not a model folder: expected a folder written by {made_by}; "
-                         "the research code's .pt checkpoints cannot be loaded")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise UsageError(f"{str(path)!r} is not a saved model: it has no config.json (expected a folder written by "
-                         f"{made_by})")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{config_file} is not readable JSON: {error}") from error
-    if model_type != "nanoebm":
-        raise UsageError(f"{str(path)!r} holds a {model_type!r} model, not a nanoebm one (energies and thinking are "
-                         "nanoebm's)")
-    weights = next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
-    if weights is None:
-        raise UsageError(f"{folder / 'model.safetensors'} is missing: {str(path)!r} has a config.json but no weights. "
-                         f"Save the model again with save_pretrained (run_train.py writes model.safetensors when it "
-                         f"finishes), or retrain it")
-    redo = "save the model again with save_pretrained, or retrain it (run_train.py)"
-    damaged = f"a shard listed in {weights}" if weights.name.endswith(".index.json") else str(weights)
-    loading_failed = (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError)
-    try:
+    folder, _, weights = check_model_folder(path)
+    with loading(folder, weights):
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=True, **({"unk_token": unk_token} if unk_token is not None else {})
         )
-    except loading_failed as error:
-        raise UsageError(f"could not load the model in {str(path)!r}: {error}") from error
-    try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    except SafetensorError as error:  # empty, truncated, random bytes, a bad header
-        raise UsageError(f"{damaged} is damaged and cannot be read ({error}): the file is truncated or not a "
-                         f"safetensors file; {redo}") from error
-    except pickle.UnpicklingError as error:  # a damaged pytorch_model.bin (torch.load with weights_only)
-        raise UsageError(f"{damaged} is damaged and cannot be read ({error}); {redo}") from error
-    except RuntimeError as error:  # a damaged .bin zip archive, or tensors of other shapes than config.json says
-        raise UsageError(f"could not load the weights in {damaged}: {error}; check that they belong to its "
-                         f"config.json, or {redo}") from error
-    except loading_failed as error:
-        raise UsageError(f"could not load the model in {str(path)!r}: {error}") from error
     if tokenizer.vocab_size > model.config.vocab_size:  # characters only: the pad id lies outside the vocabulary
         raise UsageError(f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} characters but the model only "
                          f"{model.config.vocab_size} ids")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nanoebm.card import RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, summary
 from nanoebm.cli import UsageError, reject_unknown, report, translate_research_syntax
+from nanoebm.folders import check_model_folder
 from nanoebm.recipes import expand_recipe
 
 PROG = "run_train.py"
@@ -545,7 +546,7 @@ def main(argv=None, callbacks=None):
         check_output_dir(final_dir, args)
     tokenizer = None
     if model_args.model_name_or_path:
-        saved = training.check_model_folder(model_args.model_name_or_path)
+        _, saved, _ = check_model_folder(model_args.model_name_or_path)
         if data_args.block_size not in (None, saved["block_size"]):
             raise UsageError(f"--block_size {data_args.block_size} differs from the saved model's "
                              f"block_size={saved['block_size']}: drop the flag to continue that model")
@@ -605,12 +606,12 @@ def cli(argv=None) -> int:
         main(argv)
     except (UsageError, FileNotFoundError, ValueError) as error:
         return report(PROG, error, 2)
+    except FloatingPointError as error:  # a NaN loss: the message names the knobs to lower
+        return report(PROG, error, 1)
     except Exception as error:  # safetensors' own error: a damaged checkpoint being resumed
         if type(error).__name__ != "SafetensorError":
             raise
         return report(PROG, f"a weights file is damaged ({error}): resume from another checkpoint or retrain", 2)
-    except FloatingPointError as error:  # a NaN loss: the message names the knobs to lower
-        return report(PROG, error, 1)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted (checkpoints, if any, are in <output_dir>/{CHECKPOINTS}/)", file=sys.stderr)
         return 130

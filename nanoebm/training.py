@@ -11,7 +11,6 @@ import os
 import time
 import weakref
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
 from nanoebm.card import RUN_RECORD
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.folders import check_model_folder, loading
 from tokenization_char import CharTokenizer
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
@@ -336,12 +336,16 @@ class EBMTrainer(Trainer):
         replaying = self.replay is not None and model.training and steps > 0
         if replaying:
             input_ids, labels, start, start_mask = self.replay.mix(input_ids, labels)
-        outputs = model(
-            input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
-            detach_refine=self.ebm.detach_refine, truncate_refine=self.ebm.truncate_refine,
-            return_landscape=self.contrastive is not None,
-            return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
-        )
+        try:
+            outputs = model(
+                input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
+                detach_refine=self.ebm.detach_refine, truncate_refine=self.ebm.truncate_refine,
+                return_landscape=self.contrastive is not None,
+                return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
+            )
+        except FloatingPointError as error:  # the model names the thinking knobs; in training the weights may be it
+            raise FloatingPointError(f"{error}; at training step {self.state.global_step}, or lower --learning_rate "
+                                     f"(now {self.args.learning_rate})") from None
         if replaying:
             self.replay.push(input_ids, labels, outputs.logits)
         ce = NanoEBMForCausalLM.next_token_loss
@@ -504,40 +508,11 @@ class EBMTrainer(Trainer):
 # Model, card, main
 
 
-def load_weights(folder):
-    """NanoEBMForCausalLM from a saved folder; a missing, truncated or corrupt weights file is a ValueError that
-    names it (no traceback reaches the user)."""
-    weights = Path(folder) / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {folder}: no model.safetensors there (the weights); give a "
-                                f"folder saved by run_train.py or save_pretrained")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as handle:
-            handle.keys()
+def load_weights(path):
+    """NanoEBMForCausalLM from a saved folder, to continue training it; a bad folder is one UsageError."""
+    folder, _, weights = check_model_folder(path)
+    with loading(folder, weights):
         return NanoEBMForCausalLM.from_pretrained(folder)
-    except Exception as error:  # safetensors' own error type, OSError, RuntimeError: the file is damaged
-        raise ValueError(f"{weights} is damaged or incomplete ({type(error).__name__}: {str(error)[:200]}); "
-                         f"retrain, or copy the folder again") from None
-
-
-def check_model_folder(folder):
-    """A saved nanoebm folder, or a clear error (before anything is read or written)."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {folder}: no config.json there; give a folder saved by "
-                                f"run_train.py or save_pretrained")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model_name_or_path {folder}: config.json is not valid JSON ({err})") from None
-    if model_type != "nanoebm":
-        raise ValueError(f"--model_name_or_path {folder} holds a {model_type!r} model, not a nanoebm one")
-    if not (folder / "vocab.json").is_file():
-        raise FileNotFoundError(f"--model_name_or_path {folder}: no vocab.json (the character tokenizer) there")
-    return json.loads(config_file.read_text())
 
 
 def build_model(model_args, data_args, tokenizer):

@@ -298,6 +298,9 @@ def test_bad_model_folders(capsys, tmp_path, model_dir):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     cases.append((other, "not a nanoebm one"))
+    no_tokenizer = Path(shutil.copytree(model_dir, tmp_path / "no-tokenizer"))
+    (no_tokenizer / "vocab.json").unlink()
+    cases.append((no_tokenizer, "vocab.json is missing"))
     for folder, message in cases:
         code, _, err = run(capsys, "--model_name_or_path", folder)
         assert code == 2 and message in err, (folder, err)

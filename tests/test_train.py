@@ -322,7 +322,7 @@ def test_bad_data_and_checkpoints(tmp_path, monkeypatch):
     not_a_model = tmp_path / "other"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not a nanoebm"):
+    with pytest.raises(UsageError, match="not a nanoebm"):
         run_train.main([*TINY, "--model_name_or_path", str(not_a_model), "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
@@ -331,6 +331,16 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data_path", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and "missing.txt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_diverging_training_is_one_message_naming_the_knobs(tmp_path, small_corpus):
+    """NaN/Inf in a training step: exit status 1, one message naming what to lower, no traceback."""
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *TINY, "--learning_rate", "1e8",
+                           "--max_steps", "30", "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--learning_rate (now 100000000.0)" in done.stderr and "think_lr" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "o" / "model.safetensors").exists()  # no half-made model
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random"])
