@@ -87,6 +87,14 @@ def _fmt(metrics, key):
     return f"{metrics[key]:.4f}" if isinstance(metrics, dict) and key in metrics else "n/a"
 
 
+def system1_label(config) -> str:
+    """System 1 is the per-token head's one-pass prediction; it is where thinking starts only with
+    think_init="base_energy" (the EBT paper's recipes start from random or zero logits, and may not train it)."""
+    if config.think_init == "base_energy":
+        return "System 1"
+    return f"System 1 (per-token head; thinking starts from {config.think_init} logits)"
+
+
 def model_card(folder, runs: list[dict], metrics: dict, config) -> str:
     """README.md of a trained model folder: what it is, its numbers, how to use it, every run that made it."""
     folder = str(folder)
@@ -109,7 +117,7 @@ block {config.block_size}, landscape `{config.landscape}`, {steps} thinking step
 
 | validation | bits per char | nats per char |
 |---|---|---|
-| System 1 | {_fmt(metrics, 'eval_system1_bpc')} | {_fmt(metrics, 'eval_system1_loss')} |
+| {system1_label(config)} | {_fmt(metrics, 'eval_system1_bpc')} | {_fmt(metrics, 'eval_system1_loss')} |
 | System 2 ({steps} steps) | {_fmt(metrics, 'eval_system2_bpc')} | {_fmt(metrics, 'eval_system2_loss')} |
 | System 2 ({2 * steps} steps) | {_fmt(metrics, 'eval_system2_2x_bpc')} | {_fmt(metrics, 'eval_system2_2x_loss')} |
 
@@ -147,7 +155,8 @@ def summary(folder, run: dict, metrics: dict, config, seconds: float, checkpoint
         f"nanoebm: trained {run['steps_done']} steps in {minutes}m{secs:02d}s "
         f"({run['processes']} process(es), {run['global_batch']} blocks of {config.block_size} characters per step)",
         f"  model:       {folder}/ (weights, config, tokenizer, model card README.md, {RUN_RECORD})",
-        f"  validation:  System 1 {s1} bits/char, System 2 {s2} bits/char ({config.think_steps} thinking steps)",
+        f"  validation:  {system1_label(config)} {s1} bits/char, System 2 {s2} bits/char "
+        f"({config.think_steps} thinking steps)",
         f"  checkpoints: {checkpoints}",
         f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt \"HAMLET:\"",
     ])

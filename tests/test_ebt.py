@@ -226,7 +226,7 @@ def test_recipes_set_their_flags_and_the_command_line_wins(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["ebt_system2", "ebt_hybrid"])
-def test_a_short_run_of_each_recipe(tmp_path, corpus_text, recipe):
+def test_a_short_run_of_each_recipe(tmp_path, corpus_text, recipe, capsys):
     """A real Trainer run: random step counts, the replay buffer, Langevin noise and random alpha (system2), or
     the System 1 start with auxiliary CE and contrastive divergence (hybrid)."""
     data = tmp_path / "small.txt"
@@ -241,6 +241,10 @@ def test_a_short_run_of_each_recipe(tmp_path, corpus_text, recipe):
     assert config["landscape"] == "ebt"
     record = json.loads((out / "nanoebm_run.json").read_text())
     assert "--recipe" in record["runs"][-1]["argv"]
+    # the paper's recipe does not start thinking from the per-token head: the card and summary say so
+    idle_head = "System 1 (per-token head; thinking starts from random logits)"
+    assert (idle_head in (out / "README.md").read_text()) == (recipe == "ebt_system2")
+    assert (idle_head in capsys.readouterr().out) == (recipe == "ebt_system2")
 
 
 # -- the saved folder -------------------------------------------------------------------------------------------
