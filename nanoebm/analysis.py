@@ -103,18 +103,23 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
     vK (t = 1), for the target ids[0, target], extended on both sides: to t = -0.5 below and, above, to 1.75 or
     past the bottom of J along the line when that lies further out (at most t = 40).
 
-    Returns ts and J(v(t)); the thinking iterates projected on the line (t_k) with their energies J_k (the model's
-    own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. v0 is recomputed with
-    the model's `initial_logits` (exact for think_init='base_energy' without init noise, the default).
+    Returns ts and J(v(t)), J0 = J(v0); the thinking iterates projected on the line (t_k) with their energies J_k
+    (the model's own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. One descent (no
+    self-verification); v0 is the start that descent drew (random starts and init noise are replayed from the same
+    seed, inside a forked RNG: the caller's random state is untouched).
     """
     import torch
 
     module = thinking_module(model)
     cfg = model.config
-    with torch.no_grad():
+    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        one_descent = {"think_samples": 1} if getattr(cfg, "think_samples", 1) > 1 else {}  # older folders lack it
         out = model(ids[:, window_start:target], use_cache=False, use_thinking=True, think_steps=think_steps,
-                    think_lr=think_lr, return_energy_trace=True, return_landscape=True)
+                    think_lr=think_lr, return_energy_trace=True, return_landscape=True, **one_descent)
         landscape = out.landscape
+        torch.manual_seed(0)  # the forward's first draw is the start's
         v0 = model.initial_logits(landscape.base)
         d = out.logits.float() - v0
 
@@ -138,5 +143,5 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
         J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
         biggest = float(last.abs().max())
         trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
-    return dict(ts=ts.tolist(), J=bowl, t_k=t_k[:len(J_k)], J_k=J_k, move=math.sqrt(norm), trust_t=trust)
+    return dict(ts=ts.tolist(), J=bowl, J0=J0, t_k=t_k[:len(J_k)], J_k=J_k, move=math.sqrt(norm), trust_t=trust)
 

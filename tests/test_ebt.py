@@ -277,3 +277,18 @@ def test_round_trip_through_trust_remote_code_and_pipeline(trained, corpus_text,
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["landscape"] == "ebt" and result["ids"] == expected and len(result["text"]) == 8
+
+
+@pytest.mark.parametrize("think_init", ["base_energy", "random"])
+def test_energy_bowl_starts_where_the_descent_started(think_init, corpus_ids):
+    """run_generate --plot's bowl runs from the start the descent really drew (a random one replayed from its seed),
+    so J at t = 0 is the first energy of the model's own trace; the caller's random state is left as it was."""
+    from nanoebm.analysis import energy_bowl
+
+    overrides = dict(think_init_noise_std=1.0) if think_init == "random" else {}
+    model = make_model(landscape="ebt", think_init=think_init, think_samples=2, **overrides).eval()
+    ids = corpus_ids[:40][None]
+    state = torch.get_rng_state()
+    bowl = energy_bowl(model, ids, target=30, window_start=5, think_steps=2, think_lr=1.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert abs(bowl["J0"] - bowl["J_k"][0]) < 1e-5 and abs(bowl["t_k"][0]) < 1e-6 and len(bowl["J_k"]) == 3
