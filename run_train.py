@@ -546,11 +546,16 @@ def main(argv=None, callbacks=None):
         check_output_dir(final_dir, args)
     tokenizer = None
     if model_args.model_name_or_path:
-        _, saved, _ = check_model_folder(model_args.model_name_or_path)
-        if data_args.block_size not in (None, saved["block_size"]):
+        folder, saved, _ = check_model_folder(model_args.model_name_or_path)
+        model_args.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
+        block = saved.get("block_size")
+        if not isinstance(block, int) or block < 1:
+            raise UsageError(f"{folder / 'config.json'} has block_size={block!r}: a saved nanoebm model has a positive "
+                             f"integer there; save the model again with save_pretrained")
+        if data_args.block_size not in (None, block):
             raise UsageError(f"--block_size {data_args.block_size} differs from the saved model's "
-                             f"block_size={saved['block_size']}: drop the flag to continue that model")
-        data_args.block_size = saved["block_size"]
+                             f"block_size={block}: drop the flag to continue that model")
+        data_args.block_size = block
         tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
     elif data_args.block_size is None:
         data_args.block_size = PRESETS[args.preset]["block_size"]

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.utils import logging
 
 from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
@@ -23,6 +24,7 @@ from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
 from nanoebm.folders import check_model_folder, loading
 from tokenization_char import CharTokenizer
 
+logger = logging.get_logger(__name__)
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
                        "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
 THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "think_lr_random_scale",
@@ -344,8 +346,8 @@ class EBMTrainer(Trainer):
                 return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
             )
         except FloatingPointError as error:  # the model names the thinking knobs; in training the weights may be it
-            raise FloatingPointError(f"{error}; at training step {self.state.global_step}, or lower --learning_rate "
-                                     f"(now {self.args.learning_rate})") from None
+            raise type(error)(f"{error}. At training step {self.state.global_step} the weights themselves may have "
+                              f"diverged: then lower --learning_rate (now {self.args.learning_rate})") from None
         if replaying:
             self.replay.push(input_ids, labels, outputs.logits)
         ce = NanoEBMForCausalLM.next_token_loss
@@ -490,7 +492,7 @@ class EBMTrainer(Trainer):
         barrier. The group must outlive the DDP wrapper: if the wrapper's reducer holds the group's last reference,
         the group is destroyed with the GIL held and joins gloo's worker threads, one of which may still need the
         GIL to release the barrier's tensors (a hang seen in CI). So the wrapper goes first, then the group, whose
-        own destructor releases the GIL."""
+        own destructor releases the GIL. The trainer cannot train or evaluate afterwards."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -502,6 +504,9 @@ class EBMTrainer(Trainer):
         gc.collect()
         if wrapper() is None or wrapper() is self.model:  # nothing else holds the reducer: safe to destroy
             dist.destroy_process_group()
+        else:
+            logger.warning("the DDP wrapper is still referenced elsewhere: the process group is left for the "
+                           "interpreter to close at exit")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,5 +32,10 @@ class Probe(TrainerCallback):
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints every thread's stack and fails the test
+    faulthandler.dump_traceback_later(420, exit=True)  # a hang prints every thread's stack and fails the test
     run_train.main(sys.argv[1:], callbacks=[Probe()])
+    import torch.distributed as dist
+
+    output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
+    with open(os.path.join(output_dir, f"closed_rank{os.environ['RANK']}.json"), "w") as handle:
+        json.dump({"process_group_closed": not dist.is_initialized()}, handle)
