@@ -302,10 +302,11 @@ def load_model(path: str, device, unk_token: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, _, weights = check_model_folder(path)
-    with loading(folder, weights):
+    with loading(folder):
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=True, **({"unk_token": unk_token} if unk_token is not None else {})
         )
+    with loading(folder, weights):
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     if tokenizer.vocab_size > model.config.vocab_size:  # characters only: the pad id lies outside the vocabulary
         raise UsageError(f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} characters but the model only "

@@ -104,22 +104,36 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
     past the bottom of J along the line when that lies further out (at most t = 40).
 
     Returns ts and J(v(t)), J0 = J(v0); the thinking iterates projected on the line (t_k) with their energies J_k
-    (the model's own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. One descent (no
-    self-verification); v0 is the start that descent drew (random starts and init noise are replayed from the same
-    seed, inside a forked RNG: the caller's random state is untouched).
+    (the model's own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. One
+    descent (no self-verification); v0 is the start that descent drew (random starts and init noise are replayed
+    from the same seed inside a forked RNG, so the caller's random state on the CPU and on CUDA is untouched; on
+    other devices, such as MPS, the seed stays set).
     """
     import torch
 
     module = thinking_module(model)
     cfg = model.config
-    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    device = ids.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def seed():  # only the generator that draws the start: the CPU's, or the one of the device the ids are on
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)
+        elif device.type == "cpu":
+            torch.default_generator.manual_seed(0)
+        else:
+            torch.manual_seed(0)
+
+    devices = [device.index] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
+        seed()
         one_descent = {"think_samples": 1} if getattr(cfg, "think_samples", 1) > 1 else {}  # older folders lack it
         out = model(ids[:, window_start:target], use_cache=False, use_thinking=True, think_steps=think_steps,
                     think_lr=think_lr, return_energy_trace=True, return_landscape=True, **one_descent)
         landscape = out.landscape
-        torch.manual_seed(0)  # the forward's first draw is the start's
+        seed()  # the forward's first draw is the start's
         v0 = model.initial_logits(landscape.base)
         d = out.logits.float() - v0
 

@@ -92,7 +92,8 @@ def system1_label(config) -> str:
     think_init="base_energy" (the EBT paper's recipes start from random or zero logits, and may not train it)."""
     if config.think_init == "base_energy":
         return "System 1"
-    return f"System 1 (per-token head; thinking starts from {config.think_init} logits)"
+    start = {"zeros": "zero", "random": "random"}.get(config.think_init, config.think_init)
+    return f"System 1 (per-token head; thinking starts from {start} logits)"
 
 
 def model_card(folder, runs: list[dict], metrics: dict, config) -> str:

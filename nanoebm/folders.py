@@ -47,24 +47,32 @@ def check_model_folder(path) -> tuple[Path, dict, Path]:
 
 
 @contextmanager
-def loading(folder: Path, weights: Path):
-    """Around from_pretrained: the ways a damaged folder fails to load, as one UsageError naming the file.
+def loading(folder: Path, weights: Path | None = None):
+    """Around from_pretrained: the ways a folder fails to load, as one one-line UsageError naming the file.
 
-    safetensors reports a damaged file as SafetensorError, torch a damaged pytorch_model.bin as UnpicklingError or
-    RuntimeError (which transformers also raises for tensors whose shapes disagree with config.json), transformers
-    the rest as OSError, ValueError and the like."""
+    With `weights` (loading the model), safetensors reports a damaged file as SafetensorError, torch a damaged
+    pytorch_model.bin as UnpicklingError, EOFError or RuntimeError (which transformers also raises for tensors whose
+    shapes disagree with config.json); without it (loading the tokenizer) only the general failures apply: OSError,
+    ValueError and the like, from transformers or the folder's own code."""
     from safetensors import SafetensorError
 
-    damaged = f"a shard listed in {weights}" if weights.name.endswith(".index.json") else str(weights)
+    def short(error):
+        text = " ".join(str(error).split())
+        return text if len(text) <= 300 else text[:297] + "..."
+
     try:
         yield
-    except SafetensorError as error:  # empty, truncated, random bytes, a bad header
-        raise UsageError(f"{damaged} is damaged and cannot be read ({error}): the file is truncated or not a "
-                         f"safetensors file; {REDO}") from error
-    except pickle.UnpicklingError as error:  # a damaged pytorch_model.bin (torch.load with weights_only)
-        raise UsageError(f"{damaged} is damaged and cannot be read ({error}); {REDO}") from error
-    except RuntimeError as error:  # a damaged .bin zip archive, or tensors of other shapes than config.json says
-        raise UsageError(f"could not load the weights in {damaged}: {error}; check that they belong to its "
-                         f"config.json, or {REDO}") from error
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if weights is None:
+            raise
+        damaged = f"a shard listed in {weights}" if weights.name.endswith(".index.json") else str(weights)
+        if isinstance(error, SafetensorError):  # empty, truncated, random bytes, a bad header
+            raise UsageError(f"{damaged} is damaged and cannot be read ({short(error)}): the file is truncated or "
+                             f"not a safetensors file; {REDO}") from error
+        if isinstance(error, RuntimeError):  # a damaged .bin zip archive, or tensors of other shapes than config.json
+            raise UsageError(f"could not load the weights in {damaged}: {short(error)}; check that they belong to "
+                             f"its config.json, or {REDO}") from error
+        raise UsageError(f"{damaged} is damaged and cannot be read ({short(error)}); {REDO}") from error
     except (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError) as error:
-        raise UsageError(f"could not load the model in {str(folder)!r}: {error}") from error
+        what = "model" if weights is not None else "tokenizer"
+        raise UsageError(f"could not load the {what} in {str(folder)!r}: {short(error)}") from error
