@@ -342,6 +342,38 @@ def plot(records, path):
     print(f"wrote {path}")
 
 
+def noise_sweep(args, samples=4):
+    """Is self-verification's start noise (think_samples_noise_std; 1.0 was the first default) why it does not pay?
+    Validation bits/char at the trained steps with one descent and with `samples` descents per position at each
+    noise std."""
+    import torch
+
+    from modeling_nanoebm import NanoEBMForCausalLM
+    from tokenization_char import CharTokenizer
+
+    torch.set_num_threads(args.threads)
+    _, val_text, _ = texts()
+    print("| run | one descent | " + " | ".join(f"G={samples}, std {std:g}" for std in args.noise_sweep) + " |")
+    print("|---|---|" + "---|" * len(args.noise_sweep))
+    for seed in args.seeds:
+        for name in args.variants:
+            folder = Path(args.runs) / f"{name}-s{seed}"
+            if not (folder / "all_results.json").is_file():
+                continue
+            model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+            if not model.config.use_thinking:
+                continue
+            blocks = blocks_of(CharTokenizer.from_pretrained(folder), val_text, model.config.block_size,
+                               args.eval_blocks)
+            steps, cells = model.config.think_steps, []
+            one = bits_per_char(model, blocks, steps)
+            for std in args.noise_sweep:
+                model.config.think_samples_noise_std = std
+                cells.append(f"{bits_per_char(model, blocks, steps, samples):.4f}")
+            print(f"| {name}-s{seed} ({steps} steps) | {one:.4f} | " + " | ".join(cells) + " |", flush=True)
+    print("\nreproduce: python bench/thinking.py " + " ".join(sys.argv[1:]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["plain_gpt", "default", "ebt_system2", "ebt_system1",
@@ -360,7 +392,12 @@ def main():
     parser.add_argument("--milton_blocks", type=int, default=500)
     parser.add_argument("--force", action="store_true", help="measure again")
     parser.add_argument("--plot", help="write the thinking curves to this PNG")
+    parser.add_argument("--noise_sweep", nargs="+", type=float, metavar="STD",
+                        help="only: validation bits/char with G=4 self-verification samples at each start-noise std")
     args = parser.parse_args()
+    if args.noise_sweep:
+        noise_sweep(args)
+        return
     if args.report:
         records = json.loads(Path(args.report).read_text())
         report(records, args)

@@ -126,6 +126,7 @@ def test_self_verification_keeps_the_lowest_final_energy(trained, corpus_ids):
         return seen["result"]
 
     model.think = recording
+    model.config.think_samples_noise_std = 1.0  # starts apart (the default 0 makes them one System 1 start)
     try:
         with torch.no_grad():
             single = model(ids, think_steps=3)
@@ -133,6 +134,7 @@ def test_self_verification_keeps_the_lowest_final_energy(trained, corpus_ids):
             verified = model(ids, think_steps=3, think_samples=4)
     finally:
         del model.think
+        model.config.think_samples_noise_std = 0.0
     logits, _, trace = seen["result"]  # (1, 4 * 20, V) and (1, 4 * 20, 4): sample-major
     finals = trace[..., -1].unflatten(1, (4, 20))
     assert torch.allclose(verified.energy_trace[..., -1], finals.min(1).values)
@@ -143,6 +145,16 @@ def test_self_verification_keeps_the_lowest_final_energy(trained, corpus_ids):
     assert torch.allclose(finals[:, 0], single.energy_trace[..., -1], atol=1e-5)
     assert (verified.energy_trace[..., -1] <= single.energy_trace[..., -1] + 1e-6).all()
     assert (verified.energy_trace[..., -1] < single.energy_trace[..., -1] - 1e-4).any()
+
+
+def test_self_verification_from_a_system1_start_is_one_descent_by_default(trained, corpus_ids):
+    """The default start noise is 0 (BENCHMARKS.md: no noise made the lowest-energy sample better), so G samples
+    from a System 1 start are G copies of one descent: the same logits, never worse."""
+    model, ids = trained["hybrid"], corpus_ids[500:520][None]
+    assert model.config.think_samples_noise_std == 0.0
+    with torch.no_grad():
+        single, verified = model(ids, think_steps=2), model(ids, think_steps=2, think_samples=3)
+    assert torch.allclose(verified.logits, single.logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["paper", "hybrid"])
