@@ -79,7 +79,8 @@ class GenerateArguments:
     think_samples: int | None = field(
         default=None,
         metadata={"help": "Self-verification: descend from G starting points per character and keep the one whose "
-                          "energy ends lowest (default: the model config's think_samples, 1)."},
+                          "energy ends lowest (default: the model config's think_samples, 1). The starts differ for "
+                          "random-start models; from a System 1 start only by the config's think_samples_noise_std."},
     )
     do_sample: bool = field(
         default=False,
