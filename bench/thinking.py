@@ -342,6 +342,15 @@ def plot(records, path):
     print(f"wrote {path}")
 
 
+def trained_runs(args):
+    """(name, seed, folder) of every requested run that finished training, seed by seed."""
+    for seed in args.seeds:
+        for name in args.variants:
+            folder = Path(args.runs) / f"{name}-s{seed}"
+            if (folder / "all_results.json").is_file():
+                yield name, seed, folder
+
+
 def noise_sweep(args, samples=4):
     """Is self-verification's start noise (think_samples_noise_std; 1.0 was the first default) why it does not pay?
     Validation bits/char at the trained steps with one descent and with `samples` descents per position at each
@@ -355,22 +364,17 @@ def noise_sweep(args, samples=4):
     _, val_text, _ = texts()
     print("| run | one descent | " + " | ".join(f"G={samples}, std {std:g}" for std in args.noise_sweep) + " |")
     print("|---|---|" + "---|" * len(args.noise_sweep))
-    for seed in args.seeds:
-        for name in args.variants:
-            folder = Path(args.runs) / f"{name}-s{seed}"
-            if not (folder / "all_results.json").is_file():
-                continue
-            model = NanoEBMForCausalLM.from_pretrained(folder).eval()
-            if not model.config.use_thinking:
-                continue
-            blocks = blocks_of(CharTokenizer.from_pretrained(folder), val_text, model.config.block_size,
-                               args.eval_blocks)
-            steps, cells = model.config.think_steps, []
-            one = bits_per_char(model, blocks, steps)
-            for std in args.noise_sweep:
-                model.config.think_samples_noise_std = std
-                cells.append(f"{bits_per_char(model, blocks, steps, samples):.4f}")
-            print(f"| {name}-s{seed} ({steps} steps) | {one:.4f} | " + " | ".join(cells) + " |", flush=True)
+    for name, seed, folder in trained_runs(args):
+        model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+        if not model.config.use_thinking:
+            continue
+        blocks = blocks_of(CharTokenizer.from_pretrained(folder), val_text, model.config.block_size, args.eval_blocks)
+        steps, cells = model.config.think_steps, []
+        one = bits_per_char(model, blocks, steps)
+        for std in args.noise_sweep:
+            model.config.think_samples_noise_std = std
+            cells.append(f"{bits_per_char(model, blocks, steps, samples):.4f}")
+        print(f"| {name}-s{seed} ({steps} steps) | {one:.4f} | " + " | ".join(cells) + " |", flush=True)
     print("\nreproduce: python bench/thinking.py " + " ".join(sys.argv[1:]))
 
 
@@ -395,9 +399,6 @@ def main():
     parser.add_argument("--noise_sweep", nargs="+", type=float, metavar="STD",
                         help="only: validation bits/char with G=4 self-verification samples at each start-noise std")
     args = parser.parse_args()
-    if args.noise_sweep:
-        noise_sweep(args)
-        return
     if args.report:
         records = json.loads(Path(args.report).read_text())
         report(records, args)
@@ -406,6 +407,9 @@ def main():
         return
     if not MILTON.is_file():
         sys.exit(f"{MILTON} is missing: the out-of-distribution text is read from ../shared/data")
+    if args.noise_sweep:
+        noise_sweep(args)
+        return
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for seed in args.seeds for name in args.variants]
     if args.train:
@@ -415,13 +419,12 @@ def main():
         return
     data = texts()
     records = []
-    for name, seed in jobs:
-        if (Path(args.runs) / f"{name}-s{seed}" / "all_results.json").is_file():
-            record = measure(name, seed, args, data)
-            if args.quality and "train_ms_per_step" not in record:
-                record["train_ms_per_step"] = training_ms_per_step(name, args)
-                (Path(args.runs) / f"{name}-s{seed}" / "thinking.json").write_text(json.dumps(record, indent=1))
-            records.append(record)
+    for name, seed, folder in trained_runs(args):
+        record = measure(name, seed, args, data)
+        if args.quality and "train_ms_per_step" not in record:
+            record["train_ms_per_step"] = training_ms_per_step(name, args)
+            (folder / "thinking.json").write_text(json.dumps(record, indent=1))
+        records.append(record)
     results = Path(args.runs) / "results.json"
     results.write_text(json.dumps(records, indent=1))
     report(records, args)
