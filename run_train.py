@@ -629,8 +629,19 @@ def saved_tokenizer(args: ParsedArguments):
 def opening_text(train_data, eval_blocks, tokenizer, n=200) -> str:
     """The first characters of the training text as the model reads them (a streamed corpus: of its validation
     part, which is the stream's start), so every one of them is a character the model can encode."""
-    ids = train_data.ids[:n] if hasattr(train_data, "ids") else eval_blocks[0][:n]
+    from nanoebm.training import RandomOffsetBlocks
+
+    ids = train_data.ids[:n] if isinstance(train_data, RandomOffsetBlocks) else eval_blocks[0][:n]
     return tokenizer.decode(ids.tolist())
+
+
+def describe_start(args: ParsedArguments, model, tokenizer) -> str:
+    T = args.training
+    return (f"nanoebm: preset {args.preset} ({args.preset_reason}); {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block {model.config.block_size}; "
+            f"{T.world_size} process(es) x batch {T.per_device_train_batch_size} x accumulation "
+            f"{T.gradient_accumulation_steps} = "
+            f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
 
 
 def startup_guard(folder: Path):
@@ -697,11 +708,7 @@ def main(argv=None, callbacks=None):
                 if T.process_index == 0:
                     clear_output_dir(final_dir, args)
         if T.should_log:
-            print(f"nanoebm: preset {args.preset} ({args.preset_reason}); {model.num_parameters() / 1e6:.2f}M "
-                  f"parameters, vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block "
-                  f"{model.config.block_size}; {T.world_size} process(es) x batch {T.per_device_train_batch_size} x "
-                  f"accumulation {T.gradient_accumulation_steps} = "
-                  f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
+            print(describe_start(args, model, tokenizer), flush=True)
         metrics, started = {}, time.perf_counter()
         if T.do_train:
             metrics.update(trainer.train(resume_from_checkpoint=T.resume_from_checkpoint).metrics)

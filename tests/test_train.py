@@ -443,13 +443,15 @@ def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
     assert float(fixed.think_lr.detach()) == pytest.approx(learned)
 
 
-def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus):
+def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus, capsys):
     """The real command: --think_lr 2.0 --think_lr_learnable false, then back to learnable from the fixed folder."""
     common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--report_to", "none",
               "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100"]
     fixed = tmp_path / "fixed"
     run_train.main(["--model_name_or_path", str(saved), "--output_dir", str(fixed), "--think_lr", "2.0",
                     "--think_lr_learnable", "false", "--use_soft_tokens", "false", *common])
+    said = capsys.readouterr().out
+    assert "trained 3 steps in" in said and "the model has 9 in all, with the runs it continues" in said, said
     config = json.loads((fixed / "config.json").read_text())
     assert (config["think_lr"], config["think_lr_learnable"], config["use_soft_tokens"]) == (2.0, False, False)
     raw = load_file(fixed / "model.safetensors")["think_lr_raw"]
@@ -490,6 +492,18 @@ def test_resuming_accepts_flags_that_only_change_where_results_go(interrupted, t
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted), "--think_steps", "1", "--logging_steps",
                                    "2", "--output_dir", str(tmp_path / "elsewhere"), "--keep_checkpoints", "false"])
     assert (parsed.model.think_steps, parsed.training.logging_steps) == (1, 2)
+
+
+def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrupted, tmp_path):
+    """Without the record the flags cannot be compared, but the step size would silently come back from the weights."""
+    import shutil
+
+    bare = tmp_path / "checkpoint-3"
+    shutil.copytree(interrupted, bare)
+    (bare / "nanoebm_run.json").unlink()
+    parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
+    with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
+        training.build_model(parsed.model, parsed.data, run_train.saved_tokenizer(parsed), resuming=True)
 
 
 def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_corpus, capsys):
