@@ -601,11 +601,16 @@ def load_weights(path):
 
 
 def build_model(model_args, data_args, tokenizer, resuming=False):
-    """A new model from the flags, or the saved one (--model_name_or_path) with this run's flags (`continued`)."""
+    """A new model from the flags, or the saved one (--model_name_or_path) with this run's flags: checked against its
+    config before its weights are read, then set (`continued`)."""
     overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
                  if getattr(model_args, k) is not None}
     if model_args.model_name_or_path:
-        return continued(load_weights(model_args.model_name_or_path), overrides, resuming)
+        folder, _, _ = check_model_folder(model_args.model_name_or_path)
+        with loading(folder):
+            saved = NanoEBMConfig.from_pretrained(folder)
+        check_continuation(saved, overrides, resuming)
+        return continued(load_weights(folder), overrides, resuming)
     block_size = data_args.block_size
     config = NanoEBMConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, **overrides)
     return NanoEBMForCausalLM(config)
@@ -618,19 +623,29 @@ def check_kept(name, value, saved):
                          f"drop the flag to continue that model, or train a new one")
 
 
-def continued(model, overrides: dict, resuming: bool):
-    """The saved model with the flags given: what it keeps must match, the thinking flags are set. A resume restores
-    the checkpoint's weights and optimizer after this, so there the step size cannot change."""
+def check_continuation(config, overrides: dict, resuming: bool):
+    """UsageError for a flag the saved model (its `config`, which this changes) cannot take: another value of what it
+    keeps, a combination the config refuses, or, resuming, another step size (a resume restores the checkpoint's
+    weights and optimizer after the model is built)."""
     for key, value in overrides.items():
+        saved = getattr(config, key)
         if key in KEPT_ON_CONTINUE:
-            check_kept(key, value, getattr(model.config, key))
-        elif resuming and key in STEP_SIZE_FIELDS and value != getattr(model.config, key):
-            raise UsageError(f"--{key} {value} differs from the checkpoint's {getattr(model.config, key)!r}: a resume "
-                             f"restores the checkpoint's step size and optimizer; to change it, continue the "
-                             f"checkpoint as a new run (--model_name_or_path CHECKPOINT)")
-        else:
+            check_kept(key, value, saved)
+            continue
+        if resuming and key in STEP_SIZE_FIELDS and value != saved:
+            raise UsageError(f"--{key} {value} differs from the checkpoint's {saved!r}: a resume restores the "
+                             f"checkpoint's step size and optimizer; to change it, continue the checkpoint as a new "
+                             f"run (--model_name_or_path CHECKPOINT)")
+        setattr(config, key, value)
+    config.validate_nanoebm()
+
+
+def continued(model, overrides: dict, resuming: bool):
+    """The saved model with this run's thinking flags: on its config, which forward reads, and the step size also
+    in its weights."""
+    for key, value in overrides.items():
+        if key not in KEPT_ON_CONTINUE:
             setattr(model.config, key, value)
-    model.config.validate_nanoebm()
     if not resuming and overrides.keys() & set(STEP_SIZE_FIELDS):
         set_step_size(model, reset="think_lr" in overrides)
     return model
