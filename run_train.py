@@ -81,8 +81,9 @@ def opt(help_text, default=None, **kwargs):
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture, block size, "
-                                         "preset and batch are kept")
+    model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture and block size "
+                                         "are kept (another value is refused), its preset and batch unless given; "
+                                         "thinking flags take effect (--think_lr resets the learned step size)")
     preset: str | None = opt("defaults to start from: 'gpu' (the research code's: 6x384, block 256, batch 64, "
                              "5000 steps, lr 3e-4) or 'cpu' (nanoGPT's CPU config: 4x128, block 64, batch 12, 2000 "
                              "steps, lr 1e-3). Default: gpu on a machine with a GPU, else cpu")
