@@ -33,7 +33,7 @@ from typing import Literal
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
-from nanoebm.cli import UsageError, reject_unknown, translate_research_syntax
+from nanoebm.cli import UsageError, check_unk_token, reject_unknown, translate_research_syntax, unk_token_field
 from nanoebm.compare import comparison_table, evaluate_model
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
@@ -127,11 +127,7 @@ class GenerateArguments:
     device: Literal["auto", "cpu", "cuda", "mps"] = field(
         default="auto", metadata={"help": "Where to run: auto picks cuda, then mps, then cpu."}
     )
-    unk_token: str | None = field(
-        default=None,
-        metadata={"help": "Map characters outside the vocabulary to this vocabulary character (e.g. ' ') instead "
-                          "of stopping with an error that lists them."},
-    )
+    unk_token: str | None = unk_token_field()
     plot: str | None = field(
         default=None,
         metadata={"help": "Write PNG pictures into this folder: energy_trace.png (J across thinking steps per "
@@ -269,8 +265,7 @@ def validate(args: GenerateArguments) -> None:
         args.do_sample = True
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give either --prompt or --prompt_file, not both")
-    if args.unk_token is not None and len(args.unk_token) != 1:
-        raise UsageError(f"--unk_token must be one character of the vocabulary (got {args.unk_token!r})")
+    check_unk_token(args.unk_token)
     if args.eval_blocks < 1:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
     if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):

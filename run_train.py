@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nanoebm.card import RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, summary
-from nanoebm.cli import UsageError, reject_unknown, report, translate_research_syntax
+from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
+                          summary)
+from nanoebm.cli import UsageError, check_unk_token, reject_unknown, report, translate_research_syntax, unk_token_field
 from nanoebm.folders import check_model_folder
 from nanoebm.recipes import expand_recipe
 
@@ -42,6 +43,19 @@ PRESETS = {
                 eval_steps=250, save_steps=1000, logging_steps=50),
 }
 ARCHITECTURE_PRESET = ("n_layer", "n_head", "n_embd", "dropout", "bias", "block_size")
+# A resume repeats the run it resumes, so that it ends where that run would have. These flags may differ from that run:
+# they change where the results go, how the run is watched or where it runs, not what it computes. Any other flag
+# that differs is refused; continuing the checkpoint as a new run (--model_name_or_path CHECKPOINT) may change it.
+RESUME_MAY_DIFFER = {"resume_from_checkpoint", "output_dir", "overwrite_output_dir", "keep_checkpoints", "report_to",
+                     "wandb_project", "run_name", "logging_steps", "logging_first_step", "logging_strategy",
+                     "disable_tqdm", "log_level", "log_level_replica", "save_steps", "save_strategy",
+                     "save_total_limit", "use_cpu", "dataloader_pin_memory", "dataloader_num_workers"}
+# what a --report_to logger needs where it is not `pip install NAME`
+LOGGER_NEEDS = {"azure_ml": "pip install azureml-core",
+                "comet_ml": "pip install comet_ml, and set COMET_API_KEY", "dagshub": "pip install dagshub mlflow",
+                "flyte": "pip install flytekit flytekitplugins-deck-standard",
+                "mlflow": "pip install mlflow (and leave DISABLE_MLFLOW_INTEGRATION unset)",
+                "kubeflow": "it runs under a Kubeflow trainer, which sets KUBEFLOW_TRAINER_SERVER_URL"}
 # TrainingArguments defaults nanoebm changes for every preset (nanoGPT's AdamW and schedule)
 TRAINING_DEFAULTS = dict(output_dir="out", weight_decay=0.1, adam_beta2=0.95, lr_scheduler_type="cosine_with_min_lr",
                          per_device_eval_batch_size=32, report_to="none")
@@ -52,7 +66,9 @@ SHOWN_TRAINING_FLAGS = {
     "per_device_train_batch_size": "blocks per process per step", "gradient_accumulation_steps": "default: 1",
     "warmup_steps": "linear warm-up steps", "logging_steps": "log every N steps", "eval_steps": "evaluate every N",
     "save_steps": "checkpoint every N steps", "seed": "default: 42 (initialisation and data order)",
-    "resume_from_checkpoint": "a checkpoint folder (or 'last'): resumes that run exactly, with its own flags",
+    "resume_from_checkpoint": "a checkpoint folder (or 'last'): resumes that run exactly, with its own flags (a flag "
+                              "that would change what it computes is refused: --model_name_or_path CHECKPOINT "
+                              "continues it as a new run instead)",
     "bf16": "autocast the backbone to bfloat16 (thinking stays float32)", "torch_compile": "compile the model",
     "use_cpu": "train on the CPU even if a GPU is present (picks the cpu preset)",
     "report_to": "wandb, tensorboard, ... (or --wandb_project)", "run_name": "the run's name in the logger",
@@ -65,8 +81,9 @@ def opt(help_text, default=None, **kwargs):
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture, block size, "
-                                         "preset and batch are kept")
+    model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture and block size "
+                                         "are kept (another value is refused), its preset and batch unless given; "
+                                         "thinking flags take effect (--think_lr resets the learned step size)")
     preset: str | None = opt("defaults to start from: 'gpu' (the research code's: 6x384, block 256, batch 64, "
                              "5000 steps, lr 3e-4) or 'cpu' (nanoGPT's CPU config: 4x128, block 64, batch 12, 2000 "
                              "steps, lr 1e-3). Default: gpu on a machine with a GPU, else cpu")
@@ -118,6 +135,7 @@ class DataArguments:
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
                                 10_000_000)
+    unk_token: str | None = unk_token_field()
 
 
 @dataclass
@@ -387,27 +405,17 @@ def json_file(path):
         raise UsageError(f"{path} is missing or not valid JSON ({error})") from None
 
 
-def parse_args(argv=None) -> ParsedArguments:
+def new_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG, allow_abbrev=False)
     parser.error = raise_usage_error  # a bad value is one message, not the whole usage
-    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
-    argv = [underscored(word) for word in argv]
-    prefix, checkpoint = continuation_prefix(argv)
-    try:  # a recipe's flags go first (the run records --recipe itself, so a resume expands it again)
-        full = expand_recipe([*prefix, *argv])
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    preset = flag_value(full, "preset")
-    if preset is None:
-        preset, reason = machine_preset(full)
-    else:
-        reason = "from the folder it continues" if preset == flag_value(prefix, "preset") and \
-            flag_value(argv, "preset") is None else "--preset"
-    if preset not in PRESETS:
-        raise UsageError(f"--preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
+    return parser
+
+
+def parse_dataclasses(full, preset):
+    """The argument dataclasses of the command line `full`, with the preset's defaults under it."""
+    parser = new_parser()
     defaults = {**TRAINING_DEFAULTS, **PRESETS[preset], "preset": preset}
     continuing = flag_value(full, "model_name_or_path") is not None
     for key in ARCHITECTURE_PRESET:  # a saved model keeps its own architecture; block_size is settled in main
@@ -418,7 +426,37 @@ def parse_args(argv=None) -> ParsedArguments:
     *parsed, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True,
                                                              look_for_args_file=False)
     reject_unknown(parser, remaining)
-    model_args, data_args, loss_args, run_args, training_args = parsed
+    return parsed
+
+
+def with_recipe(argv):
+    try:  # a recipe's flags go first (the run records --recipe itself, so a resume expands it again)
+        return expand_recipe(argv)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def parse_args(argv=None) -> ParsedArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = translate_research_syntax(argv, new_parser(), renames=RESEARCH_KEYS, sections=("model", "data", "train"))
+    argv = [underscored(word) for word in argv]
+    prefix, checkpoint = continuation_prefix(argv)
+    full = with_recipe([*prefix, *argv])
+    preset = flag_value(full, "preset")
+    if preset is None:
+        preset, reason = machine_preset(full)
+    else:
+        reason = "from the folder it continues" if preset == flag_value(prefix, "preset") and \
+            flag_value(argv, "preset") is None else "--preset"
+    if preset not in PRESETS:
+        raise UsageError(f"--preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
+    model_args, data_args, loss_args, run_args, training_args = parsed = parse_dataclasses(full, preset)
+    if checkpoint is not None and read_record(checkpoint) is not None:
+        check_resume_flags(prefix, parsed)
+    elif model_args.model_name_or_path and flag_value(argv, "vocab_scan_chars") is not None:
+        raise UsageError("--vocab_scan_chars sizes a new model's vocabulary: a continued model keeps its own")
+    check_unk_token(data_args.unk_token)
+    check_loggers(training_args.report_to)
     if training_args.lr_scheduler_type == "cosine_with_min_lr" and not training_args.lr_scheduler_kwargs:
         training_args.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
     if run_args.wandb_project:
@@ -437,6 +475,37 @@ def parse_args(argv=None) -> ParsedArguments:
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns every run otherwise)
     return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
                            checkpoint, full)
+
+
+def check_resume_flags(prefix, parsed):
+    """UsageError naming each flag whose value differs from the run a resume repeats (`prefix`), unless it is one
+    that RESUME_MAY_DIFFER."""
+    baseline_argv = with_recipe(prefix)
+    baseline = parse_dataclasses(baseline_argv, flag_value(baseline_argv, "preset"))
+    differ = [f"--{f.name} {getattr(new, f.name)} (it ran with {getattr(old, f.name)})"
+              for old, new in zip(baseline, parsed) for f in fields(old)
+              if f.name not in RESUME_MAY_DIFFER and getattr(old, f.name) != getattr(new, f.name)]
+    if differ:
+        raise UsageError(f"--resume_from_checkpoint repeats the run it resumes, so that it ends where that run would "
+                         f"have, and {', '.join(differ)} would change what it computes: drop the flag, or continue "
+                         f"the checkpoint as a new run (--model_name_or_path CHECKPOINT)")
+
+
+def check_loggers(report_to):
+    """UsageError for a --report_to logger that is unknown or cannot start here, naming what to install: before
+    anything is read or written (the Trainer would stop with a traceback while building its callbacks)."""
+    from transformers.integrations import integration_utils as integrations
+
+    known = integrations.INTEGRATION_TO_CALLBACK
+    available = set(integrations.get_available_reporting_integrations())
+    available |= {name for name, ready in (("flyte", integrations.is_flytekit_available),
+                                           ("azure_ml", integrations.is_azureml_available)) if ready()}
+    for name in report_to or []:
+        if name not in known:
+            raise UsageError(f"--report_to {name!r} is unknown: allowed {sorted(known)} (or 'all', 'none')")
+        if name not in available:
+            need = LOGGER_NEEDS.get(name, f"pip install {name}")
+            raise UsageError(f"--report_to {name}: that logger is not available here: {need}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,21 +574,26 @@ def describe_run(args: ParsedArguments, model, T) -> dict:
                   per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
                   block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=T.output_dir,
                   started_from=started_from)
+    # a resumed run's global step counts the steps of the run it resumes: this run's own start from there
+    run["started_at_step"] = json_file(args.resume_from / "trainer_state.json").get("global_step", 0) \
+        if args.resume_from else 0
     # what a resume of this run must repeat: every flag it ran with (a resumed run's own command names only the
     # checkpoint), without the checkpoint it resumed
     run["argv"] = without_flag(args.effective_argv, "resume_from_checkpoint")
     return {"runs": [*runs, run]}
 
 
-def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool, seconds: float):
-    """The model card, the run record and the metrics beside the saved model; the checkpoints go unless kept."""
+def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool, seconds: float,
+                  prompt: str):
+    """The model card, the run record and the metrics beside the saved model; the checkpoints go unless kept.
+    `prompt`: what the card and the summary suggest generating from (text the model can encode)."""
     import json
 
     run = record["runs"][-1]
     run.update(steps_done=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},
                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
-    (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config))
+    (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config, prompt))
     (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
     (final_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
     if keep_checkpoints:
@@ -527,7 +601,77 @@ def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_ch
     else:
         shutil.rmtree(final_dir / CHECKPOINTS, ignore_errors=True)
         kept = "removed (--keep_checkpoints true keeps them)"
-    print(summary(final_dir, run, metrics, trainer.model.config, seconds, kept), flush=True)
+    print(summary(final_dir, record["runs"], metrics, trainer.model.config, seconds, kept, prompt), flush=True)
+
+
+def saved_tokenizer(args: ParsedArguments):
+    """A continued model's tokenizer (None for a new model), with the data's block size settled: a continued model's
+    own, else the preset's."""
+    from nanoebm.training import check_kept
+    from tokenization_char import CharTokenizer
+
+    model_args, data_args = args.model, args.data
+    if not model_args.model_name_or_path:
+        if data_args.block_size is None:
+            data_args.block_size = PRESETS[args.preset]["block_size"]
+        return None
+    folder, saved, _ = check_model_folder(model_args.model_name_or_path)
+    model_args.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
+    block = saved.get("block_size")
+    if not isinstance(block, int) or block < 1:
+        raise UsageError(f"{folder / 'config.json'} has block_size={block!r}: a saved nanoebm model has a positive "
+                         f"integer there; save the model again with save_pretrained")
+    if data_args.block_size is not None:
+        check_kept("block_size", data_args.block_size, block)
+    data_args.block_size = block
+    return CharTokenizer.from_pretrained(model_args.model_name_or_path)
+
+
+def opening_text(train_data, eval_blocks, tokenizer, n=200) -> str:
+    """The first characters of the training text as the model reads them (a streamed corpus: of its validation
+    part, which is the stream's start), so every one of them is a character the model can encode."""
+    from nanoebm.training import RandomOffsetBlocks
+
+    ids = train_data.ids[:n] if isinstance(train_data, RandomOffsetBlocks) else eval_blocks[0][:n]
+    return tokenizer.decode(ids.tolist())
+
+
+def describe_start(args: ParsedArguments, model, tokenizer) -> str:
+    T = args.training
+    return (f"nanoebm: preset {args.preset} ({args.preset_reason}); {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block {model.config.block_size}; "
+            f"{T.world_size} process(es) x batch {T.per_device_train_batch_size} x accumulation "
+            f"{T.gradient_accumulation_steps} = "
+            f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
+
+
+def startup_guard(folder: Path):
+    """A context and Trainer callback: until the first training step begins, an error is bad input or a missing
+    package (a logger's, an optimizer's, a data set's), raised by the Trainer, its callbacks or integrations. It
+    becomes one UsageError (the library's message, with its type), and the folders this run created are removed."""
+    from transformers import TrainerCallback
+
+    class StartupGuard(TrainerCallback):
+        def __init__(self):
+            self.created = [path for path in (folder, folder / CHECKPOINTS) if not path.exists()]
+            self.started = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = True
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, error, traceback):
+            if not isinstance(error, Exception) or self.started:
+                return False
+            for path in self.created:  # only what this run made: nothing of it is a result yet
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(error, (UsageError, FileNotFoundError, ValueError)) or type(error).__name__ == "SafetensorError":
+                return False  # reported as they are (cli)
+            raise UsageError(f"training could not start: {type(error).__name__}: {error}") from error
+
+    return StartupGuard()
 
 
 def main(argv=None, callbacks=None):
@@ -537,62 +681,47 @@ def main(argv=None, callbacks=None):
     from transformers.utils import logging
 
     from nanoebm import training
-    from tokenization_char import CharTokenizer
 
     logging.set_verbosity_warning()
     T, data_args, model_args = args.training, args.data, args.model
     final_dir = Path(T.output_dir)
     if T.do_train:
         check_output_dir(final_dir, args)
-    tokenizer = None
-    if model_args.model_name_or_path:
-        folder, saved, _ = check_model_folder(model_args.model_name_or_path)
-        model_args.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
-        block = saved.get("block_size")
-        if not isinstance(block, int) or block < 1:
-            raise UsageError(f"{folder / 'config.json'} has block_size={block!r}: a saved nanoebm model has a positive "
-                             f"integer there; save the model again with save_pretrained")
-        if data_args.block_size not in (None, block):
-            raise UsageError(f"--block_size {data_args.block_size} differs from the saved model's "
-                             f"block_size={block}: drop the flag to continue that model")
-        data_args.block_size = block
-        tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
-    elif data_args.block_size is None:
-        data_args.block_size = PRESETS[args.preset]["block_size"]
+    tokenizer = saved_tokenizer(args)
     set_seed(T.seed)
     with T.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = training.build_data(data_args, tokenizer, data_args.block_size, T.seed)
-    model = training.build_model(model_args, data_args, tokenizer)
+    model = training.build_model(model_args, data_args, tokenizer, resuming=args.resume_from is not None)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
     record = describe_run(args, model, T) if T.do_train else None
     if T.do_train:
-        with T.main_process_first(desc="clearing --output_dir"):
-            if T.process_index == 0:
-                clear_output_dir(final_dir, args)
         T.output_dir = str(final_dir / CHECKPOINTS)
-    if T.should_log:
-        print(f"nanoebm: preset {args.preset} ({args.preset_reason}); {model.num_parameters() / 1e6:.2f}M parameters, "
-              f"vocabulary {tokenizer.vocab_size}, landscape {model.config.landscape}, block "
-              f"{model.config.block_size}; {T.world_size} process(es) x batch {T.per_device_train_batch_size} x "
-              f"accumulation {T.gradient_accumulation_steps} = "
-              f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
-
-    trainer = training.EBMTrainer(
-        model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
-        processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks,
-        ebm_args=args.loss, run_record=record,
-    )
-    metrics, started = {}, time.perf_counter()
-    if T.do_train:
-        metrics.update(trainer.train(resume_from_checkpoint=T.resume_from_checkpoint).metrics)
+    guard = startup_guard(final_dir)
+    with guard:
+        trainer = training.EBMTrainer(
+            model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
+            processing_class=tokenizer, data_collator=default_data_collator, callbacks=[*(callbacks or []), guard],
+            ebm_args=args.loss, run_record=record,
+        )
+        if T.do_train:
+            with T.main_process_first(desc="clearing --output_dir"):
+                if T.process_index == 0:
+                    clear_output_dir(final_dir, args)
+        if T.should_log:
+            print(describe_start(args, model, tokenizer), flush=True)
+        metrics, started = {}, time.perf_counter()
+        if T.do_train:
+            metrics.update(trainer.train(resume_from_checkpoint=T.resume_from_checkpoint).metrics)
     if T.do_eval:
         metrics.update(trainer.evaluate())
     if T.do_train:
         # only a finished run writes the model folder: a crash leaves checkpoints, never a half-made model
         trainer.save_model(str(final_dir))
         if trainer.is_world_process_zero():
-            write_results(trainer, final_dir, record, metrics, args.run.keep_checkpoints, time.perf_counter() - started)
+            prompt = suggested_prompt(opening_text(train_data, eval_blocks, tokenizer))
+            write_results(trainer, final_dir, record, metrics, args.run.keep_checkpoints,
+                          time.perf_counter() - started, prompt)
     trainer.close_distributed()
     return metrics
 

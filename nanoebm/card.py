@@ -83,6 +83,31 @@ def lineage_from(model_folder=None, checkpoint=None) -> list[dict]:
     return []
 
 
+def run_steps(runs: list[dict], i: int) -> int:
+    """The optimizer steps run i did itself: a resumed run's global step counts those of the run it resumes too."""
+    run = runs[i]
+    start = run.get("started_at_step")
+    if start is None:  # a record written before nanoebm kept it: a resume starts where the run before it stopped
+        resumed = isinstance(run.get("started_from"), dict) and "checkpoint" in run["started_from"]
+        start = runs[i - 1].get("steps_done", 0) if resumed and i > 0 else 0
+    return run.get("steps_done", 0) - start
+
+
+def total_steps(runs: list[dict]) -> int:
+    """The optimizer steps that made the weights: every run's own, oldest first."""
+    return sum(run_steps(runs, i) for i in range(len(runs)))
+
+
+def suggested_prompt(opening: str, longest: int = 24) -> str:
+    """A prompt the model can encode: the first line of `opening` (the start of its training text as the model
+    reads it) that holds more than spaces, cut at a word boundary to at most `longest` characters."""
+    for line in opening.splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= longest else line[:longest].rsplit(" ", 1)[0] or line[:longest]
+    return opening[:longest]
+
+
 def _fmt(metrics, key):
     return f"{metrics[key]:.4f}" if isinstance(metrics, dict) and key in metrics else "n/a"
 
@@ -96,15 +121,17 @@ def system1_label(config) -> str:
     return f"System 1 (per-token head; thinking starts from {start} logits)"
 
 
-def model_card(folder, runs: list[dict], metrics: dict, config) -> str:
-    """README.md of a trained model folder: what it is, its numbers, how to use it, every run that made it."""
+def model_card(folder, runs: list[dict], metrics: dict, config, prompt: str) -> str:
+    """README.md of a trained model folder: what it is, its numbers, how to use it (from `prompt`, text it can
+    encode), every run that made it."""
     folder = str(folder)
     steps = config.think_steps
     rows = []
-    for i, run in enumerate(runs, 1):
+    for i, run in enumerate(runs):
         batch = (f"{run['processes']} x {run['per_device_train_batch_size']} x {run['gradient_accumulation_steps']} = "
                  f"{run['global_batch']}" if "global_batch" in run else "n/a")
-        rows.append(f"| {i} | `{run.get('command', 'n/a')}` | {batch} | {run.get('steps_done', 'n/a')} | "
+        own = run_steps(runs, i) if "steps_done" in run else "n/a"
+        rows.append(f"| {i + 1} | `{run.get('command', 'n/a')}` | {batch} | {own} | "
                     f"{run.get('seed', 'n/a')} | {_fmt(run.get('metrics'), 'eval_system1_bpc')} | "
                     f"{_fmt(run.get('metrics'), 'eval_system2_bpc')} | {run.get('status', 'finished')} |")
     return f"""---
@@ -127,19 +154,19 @@ Energy gap J0 - JK: {_fmt(metrics, 'eval_energy_gap')}.
 ## Use it
 
 ```bash
-python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt "HAMLET:" --max_new_tokens 200
+python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)} --max_new_tokens 200
 ```
 
 ```python
 from transformers import pipeline
 generator = pipeline("text-generation", model={folder!r}, trust_remote_code=True)
-generator("HAMLET:", think_steps={steps}, max_new_tokens=200, do_sample=True, top_k=64)
+generator({prompt!r}, think_steps={steps}, max_new_tokens=200, do_sample=True, top_k=64)
 ```
 
 ## How it was trained
 
-Every run that made these weights, oldest first (batch: processes x per-device batch x accumulation = blocks per
-optimizer step; details in `nanoebm_run.json`):
+{total_steps(runs)} optimizer steps in all, by every run that made these weights, oldest first (batch: processes x
+per-device batch x accumulation = blocks per optimizer step; steps: the run's own; details in `nanoebm_run.json`):
 
 | run | command | batch | steps | seed | System 1 bits/char | System 2 bits/char | |
 |---|---|---|---|---|---|---|---|
@@ -147,17 +174,21 @@ optimizer step; details in `nanoebm_run.json`):
 """
 
 
-def summary(folder, run: dict, metrics: dict, config, seconds: float, checkpoints: str) -> str:
-    """The lines a finished run ends on: where the model is, its numbers, the command that generates from it."""
-    folder = str(folder)
+def summary(folder, runs: list[dict], metrics: dict, config, seconds: float, checkpoints: str, prompt: str) -> str:
+    """The lines a finished run (the last of `runs`) ends on: where the model is, its numbers, the command that
+    generates from it (from `prompt`, text it can encode)."""
+    folder, run = str(folder), runs[-1]
     s1, s2 = _fmt(metrics, "eval_system1_bpc"), _fmt(metrics, "eval_system2_bpc")
     minutes, secs = divmod(int(seconds), 60)
+    own, total = run_steps(runs, len(runs) - 1), total_steps(runs)
+    before = f"; the model has {total} in all, with the runs it continues" if total != own else ""
     return "\n".join([
-        f"nanoebm: trained {run['steps_done']} steps in {minutes}m{secs:02d}s "
-        f"({run['processes']} process(es), {run['global_batch']} blocks of {config.block_size} characters per step)",
+        f"nanoebm: trained {own} steps in {minutes}m{secs:02d}s "
+        f"({run['processes']} process(es), {run['global_batch']} blocks of {config.block_size} characters per step)"
+        + before,
         f"  model:       {folder}/ (weights, config, tokenizer, model card README.md, {RUN_RECORD})",
         f"  validation:  {system1_label(config)} {s1} bits/char, System 2 {s2} bits/char "
         f"({config.think_steps} thinking steps)",
         f"  checkpoints: {checkpoints}",
-        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt \"HAMLET:\"",
+        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)}",
     ])

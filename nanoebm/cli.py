@@ -9,12 +9,25 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from dataclasses import field
 
 KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-]*)=(.*)$", re.DOTALL)
 
 
 class UsageError(Exception):
     """Bad input: reported on stderr as one message, exit status 2."""
+
+
+def unk_token_field():
+    """--unk_token, one meaning in both programs: the text may hold characters outside the model's vocabulary."""
+    return field(default=None, metadata={"help": "Map characters outside the model's vocabulary to this vocabulary "
+                                                 "character (e.g. ' ') instead of stopping with an error that lists "
+                                                 "them."})
+
+
+def check_unk_token(value) -> None:
+    if value is not None and len(value) != 1:
+        raise UsageError(f"--unk_token must be one character of the vocabulary (got {value!r})")
 
 
 def closest(word: str, known, n: int = 3, quote: bool = False) -> str:
@@ -65,5 +78,7 @@ def reject_unknown(parser, remaining) -> None:
 
 
 def report(prog: str, error: BaseException, status: int = 2) -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    """One line on stderr, whatever the message (a library's own may span several)."""
+    message = re.sub(r"\s*\n\s*", " ", str(error).strip())
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return status

@@ -18,8 +18,9 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from configuration_nanoebm import NanoEBMConfig
-from modeling_nanoebm import NanoEBMForCausalLM
+from modeling_nanoebm import NanoEBMForCausalLM, inverse_softplus
 from nanoebm.card import RUN_RECORD
+from nanoebm.cli import UsageError
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
 from nanoebm.folders import check_model_folder, loading
 from tokenization_char import CharTokenizer
@@ -27,10 +28,24 @@ from tokenization_char import CharTokenizer
 logger = logging.get_logger(__name__)
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
                        "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
+# read from the config at every forward, so a continued model takes a new value by setting it there; the step size
+# also lives in the weights (alpha = softplus(think_lr_raw)), where continuing puts it too (set_step_size)
 THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "think_lr_random_scale",
                    "think_samples", "think_samples_noise_std", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
                    "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
+STEP_SIZE_FIELDS = ("think_lr", "think_lr_learnable")
+# What continuing a saved model (--model_name_or_path) keeps, and why a different value is refused; every other model
+# flag takes effect (THINKING_FIELDS). block_size is the data's context length and the model's position table.
+_SHAPED = "the saved weights are shaped and trained for it"
+KEPT_ON_CONTINUE = {
+    **dict.fromkeys(("n_layer", "n_head", "n_embd", "bias", "position_embedding", "d_energy", "use_token_bias",
+                     "block_size"), _SHAPED),
+    **dict.fromkeys(("landscape", "use_soft_tokens"), "the energy landscape is part of the architecture the saved "
+                                                      "weights were trained with"),
+    "dropout": "the saved model's layers are built with it",
+    "correction_scale_init": "it initialises a gate the saved model has already trained",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,17 +68,18 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
 
 
 class StreamBlocks(torch.utils.data.IterableDataset):
-    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM)."""
+    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM).
+    `encode` turns a row's text into ids (text_encoder)."""
 
-    def __init__(self, stream, tokenizer, block_size, column, seed=0, buffer=1000):
-        self.stream, self.tokenizer, self.block_size, self.column = stream, tokenizer, block_size, column
+    def __init__(self, stream, encode, block_size, column, seed=0, buffer=1000):
+        self.stream, self.encode, self.block_size, self.column = stream, encode, block_size, column
         self.seed, self.buffer = seed, buffer
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
         pending, pool = [], []
         for row in self.stream:
-            pending.extend(self.tokenizer(row[self.column] + "\n")["input_ids"])
+            pending.extend(self.encode(row[self.column] + "\n"))
             while len(pending) > self.block_size:
                 chunk = torch.tensor(pending[: self.block_size + 1])
                 del pending[: self.block_size]
@@ -74,50 +90,80 @@ class StreamBlocks(torch.utils.data.IterableDataset):
             yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
 
 
+def check_text_column(columns, data_args):
+    """UsageError unless the data set has the column --text_column names (listing the ones it has)."""
+    if data_args.text_column not in columns:
+        shown = ", ".join(repr(c) for c in columns) or "none"
+        raise UsageError(f"--dataset_name {data_args.dataset_name} has no column {data_args.text_column!r} (its "
+                         f"columns: {shown}): name the one that holds the text with --text_column")
+
+
 def load_text(data_args):
     """The whole text of the source (non-streaming), read through `datasets`."""
     from datasets import load_dataset
 
     if data_args.dataset_name:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
+        check_text_column(dataset.column_names, data_args)
         return "\n".join(dataset[data_args.text_column])
+    import datasets
+
     path = resolve_data_path(data_args.data_path)
-    dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one file read whole: a bar of "1 examples" says nothing
+    try:
+        dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     return "".join(dataset["text"])
 
 
+def text_encoder(tokenizer, unk_token=None):
+    """text -> ids of `tokenizer`'s characters. A character outside them maps to `unk_token` (--unk_token) where one
+    is given, else stops the run with one message naming the characters and the flag."""
+    chars = tokenizer.get_vocab()  # with the pad token, which the constructor drops
+    if unk_token is not None:
+        try:
+            mapped = CharTokenizer(vocab=chars, unk_token=unk_token)
+        except ValueError:
+            raise UsageError(f"--unk_token {unk_token!r} is not a character of the model's {tokenizer.vocab_size}-"
+                             f"character vocabulary: pick one of them, e.g. ' '") from None
+        return lambda text: mapped(text)["input_ids"]
+
+    def encode(text):
+        try:
+            return tokenizer(text)["input_ids"]
+        except ValueError:
+            unknown = sorted(set(text) - chars.keys())
+            if not unknown:
+                raise
+            shown = ", ".join(repr(c) for c in unknown[:10]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10
+                                                                 else "")
+            hint = repr(" ") if " " in chars else repr(next(iter(chars)))
+            raise UsageError(f"the text has characters outside the model's {tokenizer.vocab_size}-character "
+                             f"vocabulary: {shown}. Clean the text, or map them to a vocabulary character with "
+                             f"--unk_token {hint}") from None
+
+    return encode
+
+
 def build_data(data_args, tokenizer, block_size, seed):
-    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer)."""
+    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer). `tokenizer`: a continued model's
+    (None builds one from the text); it is returned as the model keeps it, without --unk_token."""
+    if data_args.text_column != "text" and not data_args.dataset_name:
+        raise UsageError(f"--text_column {data_args.text_column!r} names a column of --dataset_name: a --data_path "
+                         f"file is read as plain text")
     if data_args.streaming:
-        from datasets import load_dataset
-
-        source = data_args.dataset_name or "text"
-        files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
-        open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
-                                           streaming=True)
-        if tokenizer is None:
-            seen, scanned = set(), 0
-            for row in open_stream():
-                seen.update(row[data_args.text_column] + "\n")
-                scanned += len(row[data_args.text_column]) + 1
-                if scanned >= data_args.vocab_scan_chars:
-                    break
-            tokenizer = CharTokenizer.from_chars(sorted(seen))
-        # validation: the first characters of the stream, held out by skipping them in training
-        val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
-        for row in open_stream():
-            val_text += row[data_args.text_column] + "\n"
-            rows_held += 1
-            if len(val_text) >= val_chars:
-                break
-        val_ids = torch.tensor(tokenizer(val_text)["input_ids"])
-        train = StreamBlocks(open_stream().skip(rows_held), tokenizer, block_size, data_args.text_column, seed)
-        return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
-
+        return stream_data(data_args, tokenizer, block_size, seed)
+    if data_args.unk_token is not None and tokenizer is None:
+        raise UsageError("--unk_token maps characters outside a saved model's vocabulary (--model_name_or_path) or "
+                         "a streamed one (--streaming): a new model's vocabulary holds every character of its text")
     text = load_text(data_args)
     if tokenizer is None:
         tokenizer = CharTokenizer.from_corpus(text)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int32 if tokenizer.vocab_size > 32767 else torch.int16)
+    ids = text_encoder(tokenizer, data_args.unk_token)(text)
+    ids = torch.tensor(ids, dtype=torch.int32 if tokenizer.vocab_size > 32767 else torch.int16)
     split = int(len(ids) * data_args.train_fraction)
     train_ids, val_ids = ids[:split], ids[split:]
     for name, part in (("training", train_ids), ("validation", val_ids)):
@@ -127,6 +173,40 @@ def build_data(data_args, tokenizer, block_size, seed):
                 f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
             )
     return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+
+def stream_data(data_args, tokenizer, block_size, seed):
+    """build_data for --streaming: the vocabulary (without a tokenizer) from the first --vocab_scan_chars characters,
+    validation from the first characters of the stream (skipped in training)."""
+    from datasets import load_dataset
+
+    source = data_args.dataset_name or "text"
+    files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
+    open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
+                                       streaming=True)
+    first = next(iter(open_stream()), None)
+    if first is None:
+        raise UsageError(f"--dataset_name {source} holds no rows" if data_args.dataset_name else f"{files} is empty")
+    check_text_column(list(first), data_args)
+    column = data_args.text_column
+    if tokenizer is None:
+        seen, scanned = set(), 0
+        for row in open_stream():
+            seen.update(row[column] + "\n")
+            scanned += len(row[column]) + 1
+            if scanned >= data_args.vocab_scan_chars:
+                break
+        tokenizer = CharTokenizer.from_chars(sorted(seen))
+    encode = text_encoder(tokenizer, data_args.unk_token)
+    val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
+    for row in open_stream():
+        val_text += row[column] + "\n"
+        rows_held += 1
+        if len(val_text) >= val_chars:
+            break
+    val_ids = torch.tensor(encode(val_text))
+    train = StreamBlocks(open_stream().skip(rows_held), encode, block_size, column, seed)
+    return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,18 +600,64 @@ def load_weights(path):
         return NanoEBMForCausalLM.from_pretrained(folder)
 
 
-def build_model(model_args, data_args, tokenizer):
+def build_model(model_args, data_args, tokenizer, resuming=False):
+    """A new model from the flags, or the saved one (--model_name_or_path) with this run's flags: checked against its
+    config before its weights are read, then set (`continued`)."""
     overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
                  if getattr(model_args, k) is not None}
     if model_args.model_name_or_path:
-        model = load_weights(model_args.model_name_or_path)
-        changed = [k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(model.config, k) != overrides[k]]
-        if changed:
-            raise ValueError(f"cannot change the architecture of a saved model: {', '.join(changed)}")
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
-        model.config.validate_nanoebm()
-        return model
+        folder, _, _ = check_model_folder(model_args.model_name_or_path)
+        with loading(folder):
+            saved = NanoEBMConfig.from_pretrained(folder)
+        check_continuation(saved, overrides, resuming)
+        return continued(load_weights(folder), overrides, resuming)
     block_size = data_args.block_size
     config = NanoEBMConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, **overrides)
     return NanoEBMForCausalLM(config)
+
+
+def check_kept(name, value, saved):
+    """UsageError when a flag would change what a continued model keeps (KEPT_ON_CONTINUE)."""
+    if value != saved:
+        raise UsageError(f"--{name} {value} differs from the saved model's {name}={saved!r}: {KEPT_ON_CONTINUE[name]}; "
+                         f"drop the flag to continue that model, or train a new one")
+
+
+def check_continuation(config, overrides: dict, resuming: bool):
+    """UsageError for a flag the saved model (its `config`, which this changes) cannot take: another value of what it
+    keeps, a combination the config refuses, or, resuming, another step size (a resume restores the checkpoint's
+    weights and optimizer after the model is built)."""
+    for key, value in overrides.items():
+        saved = getattr(config, key)
+        if key in KEPT_ON_CONTINUE:
+            check_kept(key, value, saved)
+            continue
+        if resuming and key in STEP_SIZE_FIELDS and value != saved:
+            raise UsageError(f"--{key} {value} differs from the checkpoint's {saved!r}: a resume restores the "
+                             f"checkpoint's step size and optimizer; to change it, continue the checkpoint as a new "
+                             f"run (--model_name_or_path CHECKPOINT)")
+        setattr(config, key, value)
+    config.validate_nanoebm()
+
+
+def continued(model, overrides: dict, resuming: bool):
+    """The saved model with this run's thinking flags: on its config, which forward reads, and the step size also
+    in its weights."""
+    for key, value in overrides.items():
+        if key not in KEPT_ON_CONTINUE:
+            setattr(model.config, key, value)
+    if not resuming and overrides.keys() & set(STEP_SIZE_FIELDS):
+        set_step_size(model, reset="think_lr" in overrides)
+    return model
+
+
+def set_step_size(model, reset: bool):
+    """alpha = softplus(think_lr_raw) lives in the weights, where the config's think_lr is only its start: `reset`
+    puts config.think_lr there (--think_lr), and think_lr_learnable makes it a Parameter (trained) or a buffer
+    (fixed, still saved), as a new model would have it."""
+    raw = torch.tensor(inverse_softplus(model.config.think_lr)) if reset else model.think_lr_raw.detach().clone()
+    del model.think_lr_raw
+    if model.config.think_lr_learnable:
+        model.think_lr_raw = torch.nn.Parameter(raw)
+    else:
+        model.register_buffer("think_lr_raw", raw)

@@ -2,6 +2,7 @@
 folder, the research-code syntax and bad input."""
 
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -369,3 +370,238 @@ def test_output_dir_with_a_finished_model_stops_the_run(tmp_path, small_corpus):
     assert (out / "model.safetensors").read_bytes() == before  # nothing lost
     train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true")
     assert json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]["steps_done"] == 3
+
+
+# -- continuing and resuming: every flag takes effect or is refused; what a run says afterwards ------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, small_corpus):
+    """A tiny trained folder whose learned step size has left its initial 0.5."""
+    out, _ = train(tmp_path_factory.mktemp("saved"), small_corpus, "--max_steps", "6", "--do_train", "true",
+                   "--think_lr_lr_multiplier", "100")
+    return out
+
+
+def continue_model(folder, corpus, *flags):
+    """parse_args + build_model as run_train.main does them, for looking at the continued model."""
+    parsed = run_train.parse_args(["--model_name_or_path", str(folder), "--data_path", str(corpus), *flags])
+    tokenizer = run_train.saved_tokenizer(parsed)
+    return training.build_model(parsed.model, parsed.data, tokenizer)
+
+
+# a value unlike the saved model's for every model flag a continued run takes
+NEW_THINKING = {"use_thinking": "false", "think_steps": "3", "think_lr": "2.0", "think_lr_learnable": "false",
+                "think_lr_random_scale": "2.0", "think_samples": "2", "think_samples_noise_std": "0.1",
+                "softmax_temperature": "0.5", "entropy_weight": "0.5", "think_max_move": "0.5", "absolute_clamp": "30.0",
+                "langevin_noise": "0.1", "mixture_stopgrad": "false", "think_init": "zeros", "think_init_noise_std": "0.2",
+                "think_gradient": "natural", "energy_convergence_threshold": "0.001"}
+# and for every flag it keeps
+NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bias": "false",
+            "position_embedding": "rope", "d_energy": "16", "use_token_bias": "false", "landscape": "linear",
+            "use_soft_tokens": "true", "correction_scale_init": "0.5", "block_size": "64"}
+
+
+def test_every_model_flag_is_either_kept_or_taken_on_continue():
+    model_flags = {f.name for f in run_train.fields(run_train.ModelArguments)} - {"model_name_or_path", "preset",
+                                                                                  "recipe"}
+    assert model_flags | {"block_size"} == set(training.KEPT_ON_CONTINUE) | set(training.THINKING_FIELDS)
+    assert not set(training.KEPT_ON_CONTINUE) & set(training.THINKING_FIELDS)
+    assert set(NEW_KEPT) == set(training.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(training.THINKING_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(NEW_KEPT))
+def test_continuing_refuses_a_flag_the_saved_model_keeps(saved, small_corpus, name):
+    with pytest.raises(UsageError) as err:
+        continue_model(saved, small_corpus, f"--{name}", NEW_KEPT[name])
+    assert f"--{name} " in str(err.value) and "saved model's" in str(err.value)
+    continue_model(saved, small_corpus, "--use_soft_tokens", "false")  # the saved value itself is no change
+
+
+@pytest.mark.parametrize("name", sorted(NEW_THINKING))
+def test_continuing_takes_every_thinking_flag_into_the_saved_config(tmp_path, saved, small_corpus, name):
+    model = continue_model(saved, small_corpus, f"--{name}", NEW_THINKING[name])
+    model.save_pretrained(tmp_path)
+    value = json.loads((tmp_path / "config.json").read_text())[name]
+    expected = json.loads((saved / "config.json").read_text())[name]
+    assert str(value).lower() == NEW_THINKING[name] or value == float(NEW_THINKING[name]), (name, value)
+    assert value != expected
+
+
+def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
+    base = training.load_weights(saved)
+    learned = float(base.think_lr.detach())
+    assert abs(learned - 0.5) > 1e-3  # the saved step size was trained away from its start
+    model = continue_model(saved, small_corpus, "--think_lr", "2.0")
+    assert model.think_lr.item() == pytest.approx(2.0, abs=1e-6) and model.think_lr_raw.requires_grad
+    ids = torch.arange(20)[None] % base.config.vocab_size
+    with torch.no_grad():
+        expected = base.eval()(ids, think_lr=2.0).logits
+        assert torch.allclose(model.eval()(ids).logits, expected, atol=1e-5)
+    # without --think_lr the learned step size stays; --think_lr_learnable false fixes it (a saved buffer)
+    fixed = continue_model(saved, small_corpus, "--think_lr_learnable", "false")
+    assert "think_lr_raw" not in dict(fixed.named_parameters()) and "think_lr_raw" in dict(fixed.named_buffers())
+    assert float(fixed.think_lr.detach()) == pytest.approx(learned)
+
+
+def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus, capsys):
+    """The real command: --think_lr 2.0 --think_lr_learnable false, then back to learnable from the fixed folder."""
+    common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--report_to", "none",
+              "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100"]
+    fixed = tmp_path / "fixed"
+    run_train.main(["--model_name_or_path", str(saved), "--output_dir", str(fixed), "--think_lr", "2.0",
+                    "--think_lr_learnable", "false", "--use_soft_tokens", "false", *common])
+    said = capsys.readouterr().out
+    assert "trained 3 steps in" in said and "the model has 9 in all, with the runs it continues" in said, said
+    config = json.loads((fixed / "config.json").read_text())
+    assert (config["think_lr"], config["think_lr_learnable"], config["use_soft_tokens"]) == (2.0, False, False)
+    raw = load_file(fixed / "model.safetensors")["think_lr_raw"]
+    assert torch.nn.functional.softplus(raw).item() == pytest.approx(2.0, abs=1e-6)  # fixed: not trained
+    learnable = tmp_path / "learnable"
+    run_train.main(["--model_name_or_path", str(fixed), "--output_dir", str(learnable), "--think_lr_learnable", "true",
+                    *common])
+    raw = load_file(learnable / "model.safetensors")["think_lr_raw"]
+    assert json.loads((learnable / "config.json").read_text())["think_lr_learnable"] is True
+    assert abs(torch.nn.functional.softplus(raw).item() - 2.0) > 1e-4  # trained from where the fixed one stood
+
+
+def test_continuing_refuses_vocab_scan_chars(saved, small_corpus):
+    with pytest.raises(UsageError, match="vocab_scan_chars"):
+        run_train.parse_args(["--model_name_or_path", str(saved), "--vocab_scan_chars", "100"])
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, small_corpus):
+    """A run of 6 steps stopped after its checkpoint at step 3 (a crash: no model files)."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    out, _ = train(folder, small_corpus, "--max_steps", "6", "--save_steps", "3", "--do_train", "true",
+                   "--keep_checkpoints", "true", "--think_steps", "1", callbacks=[StopAt(3)])
+    for name in ("model.safetensors", "config.json", "nanoebm_run.json", "README.md", "all_results.json"):
+        (out / name).unlink()
+    return out / "checkpoints" / "checkpoint-3"
+
+
+@pytest.mark.parametrize("flag,value", [("--think_steps", "2"), ("--max_steps", "9"), ("--learning_rate", "1e-2"),
+                                        ("--think_lr", "2.0"), ("--contrastive_type", "pcd"), ("--preset", "gpu")])
+def test_resuming_refuses_a_flag_that_changes_what_the_run_computes(interrupted, flag, value):
+    with pytest.raises(UsageError) as err:
+        run_train.parse_args(["--resume_from_checkpoint", str(interrupted), flag, value])
+    assert f"{flag} " in str(err.value) and "--model_name_or_path CHECKPOINT" in str(err.value)
+
+
+def test_resuming_accepts_flags_that_only_change_where_results_go(interrupted, tmp_path):
+    parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted), "--think_steps", "1", "--logging_steps",
+                                   "2", "--output_dir", str(tmp_path / "elsewhere"), "--keep_checkpoints", "false"])
+    assert (parsed.model.think_steps, parsed.training.logging_steps) == (1, 2)
+
+
+def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrupted, tmp_path):
+    """Without the record the flags cannot be compared, but the step size would silently come back from the weights."""
+    import shutil
+
+    bare = tmp_path / "checkpoint-3"
+    shutil.copytree(interrupted, bare)
+    (bare / "nanoebm_run.json").unlink()
+    parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
+    with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
+        training.build_model(parsed.model, parsed.data, run_train.saved_tokenizer(parsed), resuming=True)
+
+
+def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_corpus, capsys):
+    out = interrupted.parent.parent
+    capsys.readouterr()
+    train(out.parent, small_corpus, "--resume_from_checkpoint", str(interrupted))
+    said = capsys.readouterr().out
+    assert "trained 3 steps in" in said and "the model has 6 in all" in said, said
+    runs = json.loads((out / "nanoebm_run.json").read_text())["runs"]
+    assert [run["steps_done"] for run in runs] == [3, 6] and runs[-1]["started_at_step"] == 3
+    card = (out / "README.md").read_text()
+    assert "6 optimizer steps in all" in card and card.count(" | 3 | ") == 2  # each run's own steps
+
+
+def test_a_missing_logger_is_one_line_before_anything_is_written(tmp_path, small_corpus):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *TINY, "--data_path", str(small_corpus),
+                           "--output_dir", str(out), "--max_steps", "2", "--report_to", "tensorboard"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "run_train.py: error: --report_to tensorboard: that logger is not available here: pip install tensorboard"]
+    assert not out.exists()
+
+
+def test_an_error_while_training_starts_is_one_line_and_leaves_nothing(tmp_path, small_corpus, capsys):
+    """An optimizer whose package is missing fails inside Trainer.train, before the first step."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    out = tmp_path / "o"
+    code = run_train.cli([*TINY, "--data_path", str(small_corpus), "--output_dir", str(out), "--max_steps", "2",
+                          "--optim", "adamw_bnb_8bit"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pip install -U bitsandbytes" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_the_suggested_prompt_is_one_the_model_can_encode(tmp_path, corpus_text):
+    """A corpus without H, A, M, L, E or T: the summary and the card suggest its own first line."""
+    corpus = tmp_path / "lower.txt"
+    corpus.write_text(corpus_text[:30000].lower())
+    out = tmp_path / "out"
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        run_train.main([*TINY, "--data_path", str(corpus), "--output_dir", str(out), "--max_steps", "2",
+                        "--do_train", "true", "--eval_blocks", "2"])
+    line = next(x for x in said.getvalue().splitlines() if "generate:" in x)
+    command = shlex.split(line.split("generate:", 1)[1])
+    assert command[command.index("--prompt") + 1] == "first citizen:"
+    assert line.split("generate:", 1)[1].strip() in (out / "README.md").read_text()
+    import run_generate
+
+    assert run_generate.main([*command[2:], "--max_new_tokens", "3", "--no_stream"]) == 0
+
+
+def test_continuing_on_new_characters_names_them_and_unk_token(tmp_path, saved, small_corpus, capsys):
+    text = tmp_path / "new.txt"
+    text.write_text(small_corpus.read_text().replace("e", "é").replace("a", "~"))
+    argv = ["--model_name_or_path", str(saved), "--data_path", str(text), "--max_steps", "2", "--eval_blocks", "4",
+            "--report_to", "none", "--disable_tqdm", "true", "--do_train", "true"]
+    assert run_train.cli([*argv, "--output_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "'~', 'é'" in err and "--unk_token ' '" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a").exists()
+    run_train.main([*argv, "--output_dir", str(tmp_path / "b"), "--unk_token", " "])
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    # the saved tokenizer still refuses unknown characters: --unk_token was this run's choice
+    assert "unk_token" not in json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) or \
+        json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())["unk_token"] is None
+    for bad, needle in (("xy", "one character"), ("é", "not a character")):
+        assert run_train.cli([*argv, "--output_dir", str(tmp_path / "c"), "--unk_token", bad]) == 2
+        assert needle in capsys.readouterr().err
+    with pytest.raises(UsageError, match="new model"):
+        train(tmp_path / "d", small_corpus, "--unk_token", " ")
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_a_data_set_without_the_text_column_lists_its_columns(tmp_path, small_corpus, streaming, capsys):
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    text = small_corpus.read_text()
+    with open(folder / "part.jsonl", "w") as handle:
+        for i in range(0, len(text), 1000):
+            handle.write(json.dumps({"id": i, "content": text[i: i + 1000]}) + "\n")
+    argv = [*TINY, "--dataset_name", str(folder), "--streaming", streaming, "--max_steps", "2"]
+    assert run_train.cli([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "'id', 'content'" in err and "--text_column" in err, err
+    lines = [line for line in err.strip().splitlines() if "examples/s]" not in line]  # datasets' progress bars
+    assert len(lines) == 1 and lines[0].startswith("run_train.py: error:") and not (tmp_path / "o").exists()
+    parsed = run_train.parse_args([*argv, "--text_column", "content"])
+    train_data, blocks, tokenizer = training.build_data(parsed.data, None, 32, 0)
+    assert blocks.shape[1] == 33 and tokenizer.vocab_size > 30
