@@ -4,6 +4,8 @@ Every field keeps the name the research code gave it (see nanoebm's docs/DESIGN.
 here, on the model config, and not on the generation config, so that `generate(..., think_steps=4)` reaches `forward`.
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 LANDSCAPES = ("linear", "mixture", "soft_tokens", "ebt")
@@ -206,9 +208,14 @@ class NanoEBMConfig(PreTrainedConfig):
         need(isinstance(self.think_samples, int) and self.think_samples >= 1, "think_samples",
              "must be an integer >= 1")
         need(self.softmax_temperature > 0, "softmax_temperature", "must be > 0")
+        for field in ("think_lr", "think_lr_random_scale", "softmax_temperature", "rope_theta", "initializer_range"):
+            need(isinstance(getattr(self, field), (int, float)) and math.isfinite(getattr(self, field)), field,
+                 "must be a finite number")
         for field in ("entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise",
                       "think_init_noise_std", "energy_convergence_threshold", "think_samples_noise_std"):
-            need(getattr(self, field) >= 0, field, "must be >= 0 (0 disables it)")
+            value = getattr(self, field)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, field,
+                 "must be a finite number >= 0 (0 disables it)")
         if self.think_init == "random":
             need(self.think_init_noise_std > 0, "think_init_noise_std",
                  "must be > 0 when think_init='random' (it is the std of the random start)")

@@ -7,6 +7,7 @@ the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is 
 """
 
 import math
+import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -697,14 +698,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             instead of `think_init` (training's replay buffer).
         """
         use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
-        steps = self.config.think_steps if think_steps is None else int(think_steps)
-        if steps < 0:
-            raise ValueError(f"think_steps={steps} is invalid: must be >= 0")
-        if think_lr is not None and not think_lr > 0:
-            raise ValueError(f"think_lr={think_lr} is invalid: must be > 0")
-        samples = self.config.think_samples if think_samples is None else think_samples
-        if not (isinstance(samples, int) and samples >= 1):
-            raise ValueError(f"think_samples={samples!r} is invalid: must be an integer >= 1")
+        steps, samples = checked_thinking_arguments(self.config, think_steps, think_lr, think_samples)
         if (think_start is None) != (think_start_mask is None):
             raise ValueError("think_start and think_start_mask go together: give both or neither")
         thinking = use_thinking and steps > 0
@@ -843,6 +837,25 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             "use_cache": use_cache,
             **kwargs,
         }
+
+
+def checked_thinking_arguments(config, think_steps, think_lr, think_samples):
+    """(steps, samples) for one call. `generate` forwards these from the user untouched, so a bad one is a
+    ValueError that names it, never a silent cast (2.5 steps are not 2) or a NaN descent."""
+
+    def integer(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    steps = config.think_steps if think_steps is None else think_steps
+    if not (integer(steps) and steps >= 0):
+        raise ValueError(f"think_steps={steps!r} is invalid: must be an integer >= 0")
+    if think_lr is not None and not (isinstance(think_lr, numbers.Real) and not isinstance(think_lr, bool)
+                                     and math.isfinite(think_lr) and think_lr > 0):
+        raise ValueError(f"think_lr={think_lr!r} is invalid: must be a finite number > 0")
+    samples = config.think_samples if think_samples is None else think_samples
+    if not (integer(samples) and samples >= 1):
+        raise ValueError(f"think_samples={samples!r} is invalid: must be an integer >= 1")
+    return int(steps), int(samples)
 
 
 def lowest_energy_sample(x, best):

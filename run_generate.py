@@ -33,7 +33,8 @@ from typing import Literal
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
-from nanoebm.cli import UsageError, check_unk_token, reject_unknown, translate_research_syntax, unk_token_field
+from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
+                         unk_token_field)
 from nanoebm.compare import comparison_table, evaluate_model
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
@@ -217,6 +218,7 @@ def build_parser():
         description="Generate text with a nanoebm model (System 2 thinking by default), draw what thinking did, "
                     "pick the best of several samples by energy, or compare models.",
     )
+    parser.error = raise_usage_error
     for action in parser._actions:  # the --no_<flag> complements HfArgumentParser adds for flags that default to true
         if isinstance(action, argparse._StoreFalseAction):
             action.help = f"Same as --{action.dest} false."
@@ -241,6 +243,10 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError("--compare takes the model folders itself: drop --model_name_or_path")
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
+    for name in ("temperature", "top_p", "think_lr"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number (got {value})")
     if not (0.0 < args.top_p <= 1.0):
         raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables nucleus sampling")
     if not args.temperature > 0:
@@ -266,6 +272,11 @@ def validate(args: GenerateArguments) -> None:
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give either --prompt or --prompt_file, not both")
     check_unk_token(args.unk_token)
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32) (got {args.seed})")
+    if args.plot_position is not None and not -args.max_new_tokens <= args.plot_position < args.max_new_tokens:
+        raise UsageError(f"--plot_position {args.plot_position} is outside the {args.max_new_tokens} generated "
+                         f"characters: give -{args.max_new_tokens} to {args.max_new_tokens - 1}")
     if args.eval_blocks < 1:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
     if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):

@@ -13,6 +13,7 @@ turns it off). A finished run writes a complete model folder; it never overwrite
 
 import argparse
 import inspect
+import math
 import shutil
 import sys
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
-from nanoebm.cli import UsageError, check_unk_token, reject_unknown, report, translate_research_syntax, unk_token_field
+from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
+                         translate_research_syntax, unk_token_field)
 from nanoebm.folders import check_model_folder
 from nanoebm.recipes import expand_recipe
 
@@ -137,6 +139,14 @@ class DataArguments:
                                 10_000_000)
     unk_token: str | None = unk_token_field()
 
+    def __post_init__(self):
+        if not (math.isfinite(self.train_fraction) and 0 < self.train_fraction < 1):
+            raise UsageError(f"--train_fraction {self.train_fraction} is invalid: must be in (0, 1)")
+        for name in ("eval_blocks", "vocab_scan_chars"):
+            check_range(name, getattr(self, name), 1)
+        if self.block_size is not None:
+            check_range("block_size", self.block_size, 1)
+
 
 @dataclass
 class LossArguments:
@@ -180,10 +190,11 @@ class LossArguments:
         for name in ("contrastive_k", "n_persistent", "n_chains", "think_replay_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
-        if not 0 <= self.restart_prob <= 1:
-            raise UsageError(f"--restart_prob {self.restart_prob} is invalid: must be in [0, 1]")
-        if not 0 <= self.aux_ce_weight <= 1:
-            raise UsageError(f"--aux_ce_weight {self.aux_ce_weight} is invalid: must be in [0, 1]")
+        for name, low, high in (("restart_prob", 0, 1), ("aux_ce_weight", 0, 1), ("contrastive_weight", 0, None),
+                                ("contrastive_reg_weight", 0, None), ("langevin_step_size", 0, None),
+                                ("langevin_noise_scale", 0, None), ("buffer_init_std", 0, None),
+                                ("think_lr_lr_multiplier", 0, None), ("warmup_steps_no_refine", 0, None)):
+            check_range(name, getattr(self, name), low, high)
         self.think_steps_range = parse_range(self.random_think_steps)
 
 
@@ -197,6 +208,24 @@ class RunArguments:
                                  "--resume_from_checkpoint) after a finished run; by default they are removed", False)
     wandb_project: str | None = opt("log to this W&B project (implies --report_to wandb; offline with "
                                     "WANDB_MODE=offline)")
+
+
+def check_range(name, value, low, high=None):
+    """UsageError unless low <= value (<= high): NaN and infinities are never in range."""
+    if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UsageError(f"--{name} {value} is invalid: must be {allowed}")
+
+
+def check_training_numbers(T):
+    """The TrainingArguments numbers transformers would take and then fail on mid-run (the optimizer refuses a
+    negative learning rate only when it is built, after the output folder exists)."""
+    for name, low in (("learning_rate", 0), ("weight_decay", 0), ("warmup_steps", 0), ("max_grad_norm", 0),
+                      ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
+                      ("gradient_accumulation_steps", 1)):
+        check_range(name, getattr(T, name), low)
+    if T.max_steps == 0 or T.max_steps < -1:
+        raise UsageError(f"--max_steps {T.max_steps} is invalid: must be >= 1 (or -1: train --num_train_epochs)")
 
 
 def parse_range(text):
@@ -289,10 +318,6 @@ class ParsedArguments:
     preset_reason: str
     resume_from: Path | None = None
     effective_argv: list | None = None  # what the run really parsed: a continuation's flags, then argv
-
-
-def raise_usage_error(message):
-    raise UsageError(f"{message} (see --help)")
 
 
 def underscored(word):
@@ -457,6 +482,7 @@ def parse_args(argv=None) -> ParsedArguments:
         raise UsageError("--vocab_scan_chars sizes a new model's vocabulary: a continued model keeps its own")
     check_unk_token(data_args.unk_token)
     check_loggers(training_args.report_to)
+    check_training_numbers(training_args)
     if training_args.lr_scheduler_type == "cosine_with_min_lr" and not training_args.lr_scheduler_kwargs:
         training_args.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
     if run_args.wandb_project:

@@ -63,6 +63,11 @@ def translate_research_syntax(argv, parser, renames, sections=()):
     return out
 
 
+def raise_usage_error(message):
+    """argparse's `error` for both parsers: a bad value is one message, not the usage block and exit."""
+    raise UsageError(f"{message} (see --help)")
+
+
 def reject_unknown(parser, remaining) -> None:
     """UsageError for command-line words no option takes, with the closest flags."""
     if not remaining:
