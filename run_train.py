@@ -118,6 +118,8 @@ class DataArguments:
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
                                 10_000_000)
+    data_cache_dir: str | None = opt("where a corpus's prepared ids are kept (default: $NANOEBM_CACHE, else "
+                                     "~/.cache/nanoebm/data)")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How nanoebm trains: the character stream, contrastive divergence, the replay buffer and the Trainer.
+"""How nanoebm trains: contrastive divergence, the replay buffer and the Trainer (the data: nanoebm/data.py).
 
 `run_train.py` is the command line; this module is what it runs. The losses (refined CE, auxiliary System 1 CE,
 contrastive divergence) are documented in docs/DESIGN.md.
@@ -20,9 +20,9 @@ from transformers.utils import logging
 from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM
 from nanoebm.card import RUN_RECORD
-from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.corpus import load_bpc_metric
+from nanoebm.data import build_data  # noqa: F401  (run_train.main calls training.build_data)
 from nanoebm.folders import check_model_folder, loading
-from tokenization_char import CharTokenizer
 
 logger = logging.get_logger(__name__)
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
@@ -31,102 +31,6 @@ THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnabl
                    "think_samples", "think_samples_noise_std", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
                    "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: a character stream from datasets, random-offset training blocks, fixed validation blocks
-
-
-class RandomOffsetBlocks(torch.utils.data.Dataset):
-    """Every offset of the training text is one example: a shuffled epoch visits each window once, in random
-    order (nanoGPT draws random offsets; fixed chunk boundaries would see block_size times fewer windows)."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int):
-        self.ids, self.block_size = ids, block_size
-
-    def __len__(self):
-        return self.ids.numel() - self.block_size
-
-    def __getitem__(self, i):
-        chunk = self.ids[i: i + self.block_size + 1].long()
-        return {"input_ids": chunk[:-1], "shift_labels": chunk[1:]}
-
-
-class StreamBlocks(torch.utils.data.IterableDataset):
-    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM)."""
-
-    def __init__(self, stream, tokenizer, block_size, column, seed=0, buffer=1000):
-        self.stream, self.tokenizer, self.block_size, self.column = stream, tokenizer, block_size, column
-        self.seed, self.buffer = seed, buffer
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        pending, pool = [], []
-        for row in self.stream:
-            pending.extend(self.tokenizer(row[self.column] + "\n")["input_ids"])
-            while len(pending) > self.block_size:
-                chunk = torch.tensor(pending[: self.block_size + 1])
-                del pending[: self.block_size]
-                pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
-                if len(pool) >= self.buffer:
-                    yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
-        while pool:
-            yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
-
-
-def load_text(data_args):
-    """The whole text of the source (non-streaming), read through `datasets`."""
-    from datasets import load_dataset
-
-    if data_args.dataset_name:
-        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
-        return "\n".join(dataset[data_args.text_column])
-    path = resolve_data_path(data_args.data_path)
-    dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
-    return "".join(dataset["text"])
-
-
-def build_data(data_args, tokenizer, block_size, seed):
-    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer)."""
-    if data_args.streaming:
-        from datasets import load_dataset
-
-        source = data_args.dataset_name or "text"
-        files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
-        open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
-                                           streaming=True)
-        if tokenizer is None:
-            seen, scanned = set(), 0
-            for row in open_stream():
-                seen.update(row[data_args.text_column] + "\n")
-                scanned += len(row[data_args.text_column]) + 1
-                if scanned >= data_args.vocab_scan_chars:
-                    break
-            tokenizer = CharTokenizer.from_chars(sorted(seen))
-        # validation: the first characters of the stream, held out by skipping them in training
-        val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
-        for row in open_stream():
-            val_text += row[data_args.text_column] + "\n"
-            rows_held += 1
-            if len(val_text) >= val_chars:
-                break
-        val_ids = torch.tensor(tokenizer(val_text)["input_ids"])
-        train = StreamBlocks(open_stream().skip(rows_held), tokenizer, block_size, data_args.text_column, seed)
-        return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
-
-    text = load_text(data_args)
-    if tokenizer is None:
-        tokenizer = CharTokenizer.from_corpus(text)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int32 if tokenizer.vocab_size > 32767 else torch.int16)
-    split = int(len(ids) * data_args.train_fraction)
-    train_ids, val_ids = ids[:split], ids[split:]
-    for name, part in (("training", train_ids), ("validation", val_ids)):
-        if part.numel() < block_size + 2:
-            raise ValueError(
-                f"the {name} part of the corpus has {part.numel()} characters, fewer than one block "
-                f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
-            )
-    return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,6 +194,29 @@ class EBMTrainer(Trainer):
                                          seed=self.args.seed + 1000 * self.args.process_index + 7)
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
+
+    # -- data: nanoebm.data's data sets bring their own order and sharding ------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        """RandomOffsetBlocks orders its windows itself, in O(1) memory, seeded like the Trainer's own sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if hasattr(dataset, "order"):
+            return dataset.order(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self):
+        """A stream that divides itself between ranks (StreamBlocks: each reads its own rows) is neither dispatched
+        from rank 0 nor sharded again by accelerate."""
+        if not getattr(self.train_dataset, "shards_itself", False) or self.args.world_size == 1:
+            return super().get_train_dataloader()
+        config = self.accelerator.dataloader_config
+        dispatch, config.dispatch_batches = config.dispatch_batches, False
+        try:
+            loader = super().get_train_dataloader()
+        finally:
+            config.dispatch_batches = dispatch
+        loader.dataset.num_processes, loader.dataset.process_index = 1, 0  # accelerate's IterableDatasetShard
+        return loader
 
     # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
 
