@@ -48,8 +48,9 @@ def fixed_blocks(ids, block_size: int, n_blocks: int):
     if last < 0:
         raise ValueError(f"validation text ({len(ids)} chars) is shorter than one block ({block_size + 1})")
     starts = torch.linspace(0, last, min(n_blocks, last + 1)).long()
-    return torch.stack([torch.as_tensor(np.array(ids[s: s + block_size + 1]), dtype=torch.long)
-                        for s in starts.tolist()])
+    windows = [ids[s: s + block_size + 1] for s in starts.tolist()]
+    return torch.stack([w.long() if torch.is_tensor(w) else torch.from_numpy(np.array(w, dtype=np.int64))
+                        for w in windows])
 
 
 _BPC = None

@@ -8,6 +8,7 @@ ids file read-only, so the operating system's page cache holds one copy for all 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -70,7 +71,7 @@ def resolve_source(data_args) -> Source:
     return Source("files", str(path), files=(path,), column=column)
 
 
-def open_dataset(source: Source, streaming: bool = False):
+def open_dataset(source: Source):
     """The `datasets` data set of a "saved" or "hub" source, its "train" split; the text column checked."""
     import datasets
 
@@ -78,14 +79,30 @@ def open_dataset(source: Source, streaming: bool = False):
         dataset = datasets.load_from_disk(source.where)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"]
-        if streaming:
-            dataset = dataset.to_iterable_dataset(num_shards=max(1, min(64, len(dataset))))
     else:
-        dataset = datasets.load_dataset(source.where, source.config, split="train", streaming=streaming)
+        dataset = datasets.load_dataset(source.where, source.config, split="train")
+    return checked_column(dataset, source)
+
+
+def checked_column(dataset, source: Source):
     columns = dataset.column_names
     if columns is not None and source.column not in columns:
         raise ValueError(f"--text_column {source.column!r} is not a column of {source.where} (columns: {columns})")
     return dataset
+
+
+def datasets_stream(source: Source, num_shards: int = 64):
+    """The source as a streamed `datasets` IterableDataset. A saved data set is cut into `num_shards` shards (64
+    divides evenly between 1, 2, 4, ... 64 readers); a text file is one shard, divided row by row."""
+    import datasets
+
+    if source.kind == "files":
+        return datasets.load_dataset("text", data_files=[str(p) for p in source.files], split="train", streaming=True)
+    if source.kind == "hub":
+        return checked_column(datasets.load_dataset(source.where, source.config, split="train", streaming=True),
+                              source)
+    dataset = open_dataset(source)
+    return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
 
 
 def text_chunks(source: Source, chunk_chars: int = CHUNK_CHARS):
@@ -470,20 +487,12 @@ def build_data(data_args, tokenizer, block_size, seed):
     return train, fixed_blocks(ids[split:], block_size, data_args.eval_blocks), tokenizer
 
 
-def stream_source(source: Source):
-    """A function opening the stream afresh (every epoch, every worker): datasets' streaming loader."""
-    if source.kind == "files":
-        from datasets import load_dataset
-
-        files = [str(p) for p in source.files]
-        return lambda: load_dataset("text", data_files=files, split="train", streaming=True)
-    return lambda: open_dataset(source, streaming=True)
-
-
 def build_stream(source: Source, data_args, tokenizer, block_size, seed):
     """The stream: the vocabulary from its first --vocab_scan_chars characters (a new model), validation blocks
     from its first rows, which training skips."""
-    open_stream, column = stream_source(source), source.column if source.kind != "files" else "text"
+    column = source.column if source.kind != "files" else "text"
+    open_stream = functools.partial(datasets_stream, source)  # opened afresh by every epoch and every worker
+
     if tokenizer is None:
         seen, scanned = set(), 0
         for batch in open_stream().iter(batch_size=256):

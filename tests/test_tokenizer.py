@@ -261,12 +261,12 @@ def test_vocab_file_constructor(tmp_path, small):
 def test_save_pretrained_round_trip(tmp_path, small, no_network):
     out = tmp_path / "tok"
     small.save_pretrained(out)
-    assert {"vocab.json", "tokenizer_config.json", "tokenization_char.py"} <= set(os.listdir(out))
+    assert {"vocab.json", "tokenizer_config.json", "tokenization_char.py", "tokenizer.json"} <= set(os.listdir(out))
     # vocab.json stays the character set; the pad token lives in tokenizer_config.json
     assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == characters(small)
     config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_char.CharTokenizer"
-    assert config["tokenizer_class"] == "CharTokenizer"
+    assert config["tokenizer_class"] == "TokenizersBackend"  # AutoTokenizer without trust_remote_code: the fast twin
     assert config["clean_up_tokenization_spaces"] is False
     assert config["pad_token"] == PAD_TOKEN
     assert config["added_tokens_decoder"][str(small.vocab_size)]["content"] == PAD_TOKEN
