@@ -1,6 +1,7 @@
 """The training data: the prepared, memory-mapped ids and their cache, every kind of corpus, the window order, the
 stream divided between processes and workers, and bad input."""
 
+import functools
 import json
 import os
 import pickle
@@ -47,7 +48,8 @@ def test_prepared_ids_are_the_tokenizers_and_are_mapped_read_only(tmp_path, corp
     assert isinstance(train.ids, np.memmap) and not train.ids.flags.writeable and train.ids.dtype == np.uint8
     assert len(train) == split - 16
     item = train[123]
-    assert torch.equal(item["input_ids"], expected[123:139]) and torch.equal(item["shift_labels"], expected[124:140])
+    assert np.array_equal(item["input_ids"], expected[123:139]) and np.array_equal(item["shift_labels"],
+                                                                                    expected[124:140])
     assert blocks.shape == (4, 17) and torch.equal(blocks[0], expected[split: split + 17])
     assert torch.equal(blocks[-1], expected[-17:])  # fixed_blocks' even spacing over the whole validation part
     names = cache_files(tmp_path)
@@ -148,7 +150,7 @@ def test_a_pickled_dataset_maps_the_file_again(tmp_path, corpus):
     train, _, _ = data.build_data(data_args(tmp_path, data_path=str(corpus)), None, 16, 0)
     copy = pickle.loads(pickle.dumps(train))  # what a spawned data-loader worker receives
     assert len(pickle.dumps(train)) < 1000 and isinstance(copy.ids, np.memmap)
-    assert torch.equal(copy[77]["input_ids"], train[77]["input_ids"]) and len(copy) == len(train)
+    assert np.array_equal(copy[77]["input_ids"], train[77]["input_ids"]) and len(copy) == len(train)
 
 
 # -- the stream: every block once, across processes and workers --------------------------------------------------
@@ -165,37 +167,41 @@ def stream_rows(rows, block_size, world, workers, make_stream):
     return seen
 
 
-@pytest.mark.parametrize("shards", [8, 1])
-def test_two_processes_times_two_workers_read_every_block_once(tmp_path, shards):
+@pytest.mark.parametrize("kind,shards", [("saved", 8), ("saved", 1), ("files", 64)])
+def test_two_processes_times_two_workers_read_every_block_once(tmp_path, kind, shards):
     """Rows of exactly one block each: every row is one block's input, except the last row of each of the 4 parts
-    (its block would need one more character)."""
+    (its block would need one more character). 8 shards: each part reads 2 whole shards; 1 shard: every 4th row;
+    a text file: 64 byte ranges of whole lines."""
     from datasets import Dataset
 
     block = 12
     rows = [f"row {i:05d} " + "xyz"[i % 3] for i in range(203)]
     assert all(len(r) + 1 == block for r in rows)
     Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "saved"))
-    source = data.Source("saved", str(tmp_path / "saved"))
-
-    def make_stream():
-        return data.datasets_stream(source, shards)
-
-    seen = stream_rows(rows, block, world=2, workers=2, make_stream=make_stream)
+    (tmp_path / "rows.txt").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    source = data.Source("saved", str(tmp_path / "saved")) if kind == "saved" else \
+        data.Source("files", str(tmp_path / "rows.txt"), files=(tmp_path / "rows.txt",))
+    seen = stream_rows(rows, block, world=2, workers=2, make_stream=functools.partial(data.datasets_stream, source,
+                                                                                      shards))
     expected = [r + "\n" for r in rows]
     assert len(seen) == len(set(seen)) and set(seen) <= set(expected)  # no duplicate, nothing foreign
     assert len(expected) - 4 <= len(seen) < len(expected)  # nothing missing but each part's last row
 
 
-def test_a_stream_with_a_held_out_validation(tmp_path, corpus):
-    args = data_args(tmp_path, data_path=str(corpus), streaming=True)
+def test_a_stream_with_a_held_out_validation(tmp_path):
+    """A text file streams as 64 byte ranges of whole lines (rows); validation holds the first row, training skips it."""
+    text = TEXT * 60
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    args = data_args(tmp_path, data_path=str(path), streaming=True)
     train, blocks, tokenizer = data.build_data(args, None, 16, 0)
     assert tokenizer.get_vocab() == CharTokenizer.from_corpus(TEXT).get_vocab()
-    assert tokenizer.decode(blocks[0].tolist()) == TEXT[:17]
-    rows, held, chars = TEXT.split("\n")[:-1], 0, 0
-    while chars < 4 * 17:  # the rows validation holds are skipped by training
-        chars, held = chars + len(rows[held]) + 1, held + 1
-    rest = "".join(row + "\n" for row in rows[held:])
-    assert train.skip_rows == held and tokenizer.decode(next(iter(train.blocks())).tolist()) == rest[:17]
+    assert tokenizer.decode(blocks[0].tolist()) == text[:17]
+    first_row = text.encode().index(b"\n", len(text) // 64 - 1) + 1
+    assert train.skip_rows == 1 and tokenizer.decode(next(iter(train.blocks())).tolist()) == text[first_row:][:17]
+    streamed = [block for block in train.blocks()]  # every line once, in order, in a single part
+    assert "".join(tokenizer.decode(b[:-1].tolist()) for b in streamed) == text[first_row:][: 16 * len(streamed)]
+    assert len(text) - first_row - 16 * len(streamed) <= 16  # only the last partial block is dropped
 
 
 # -- bad input: one message, exit 2, nothing half-written ---------------------------------------------------------
