@@ -41,7 +41,7 @@ import sys, time, torch
 sys.path.insert(0, {root!r})
 from datasets import load_dataset
 from tokenization_char import CharTokenizer
-started = time.perf_counter()
+started = time.perf_counter()  # after the imports, as for the new path
 text = "".join(load_dataset("text", data_files={path!r}, sample_by="document", split="train")["text"])
 tokenizer = CharTokenizer.from_corpus(text)
 ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int16)
@@ -96,9 +96,9 @@ def run_command(corpus: Path, workdir: Path, processes: int, streaming: bool) ->
 
 def preparation(corpus: Path, env) -> dict:
     """First run (cold cache), a later run (warm), and the old path, each in a fresh process."""
-    build = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); started = time.perf_counter()\n"
-             f"import run_train; from nanoebm import data\n"
-             f"args = run_train.DataArguments(data_path={str(corpus)!r})\n"
+    build = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+             f"import run_train, tokenization_char; from nanoebm import data\n"
+             f"args, started = run_train.DataArguments(data_path={str(corpus)!r}), time.perf_counter()\n"
              f"data.build_data(args, None, 64, 0); print(time.perf_counter() - started)")
     cold = measured([sys.executable, "-c", build], env)
     warm = measured([sys.executable, "-c", build], env)
