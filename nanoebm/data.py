@@ -188,6 +188,9 @@ class CharTable:
         self.table = np.full(UNICODE, -1, dtype=np.int32)
         self.table[[ord(c) for c in self.chars]] = np.arange(len(self.chars), dtype=np.int32)
         self.dtype = np.uint8 if len(self.chars) <= 256 else np.uint16 if len(self.chars) <= 65536 else np.uint32
+        # ASCII text under fewer than 255 characters: one uint8 -> uint8 lookup, 255 marking the unknown
+        self.bytes = np.where(self.table[:256] < 0, 255, self.table[:256]).astype(np.uint8) \
+            if len(self.chars) < 255 else None
 
     @classmethod
     def of(cls, tokenizer):
@@ -201,6 +204,10 @@ class CharTable:
 
     def encode(self, chunk: str, offset: int = 0, what: str = "the corpus") -> np.ndarray:
         codes = code_points(chunk)
+        if codes.dtype == np.uint8 and self.bytes is not None:
+            ids = self.bytes[codes]
+            if not (ids == 255).any():
+                return ids
         ids = self.table[codes]
         unknown = ids < 0
         if unknown.any():
