@@ -107,12 +107,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = opt("a local text file (default: $NANOEBM_DATA, else the tiny Shakespeare that ships "
-                                "with nanoebm)")
-    dataset_name: str | None = opt("a datasets data set (local path or one already in the HF cache)")
+    data_path: str | None = opt("a UTF-8 text file, a folder of them, or a datasets save_to_disk folder (default: "
+                                "$NANOEBM_DATA, else the tiny Shakespeare that ships with nanoebm)")
+    dataset_name: str | None = opt("a datasets data set: a hub name or a save_to_disk folder")
     dataset_config_name: str | None = opt("its configuration")
     text_column: str = opt("the column holding the text", "text")
-    streaming: bool = opt("stream the data set instead of loading it (corpora larger than memory)", False)
+    streaming: bool = opt("stream the data instead of preparing it once (each process reads its own shard)", False)
     block_size: int | None = opt("context length in characters (continuing: the saved model's)")
     train_fraction: float = opt("leading fraction of the text used for training; the rest validates", 0.9)
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)

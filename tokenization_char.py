@@ -95,7 +95,8 @@ class CharTokenizer(PythonBackend):
         self._id_to_char = {i: c for c, i in self._vocab.items()}
 
         self._check_pad_token(pad_token)
-        kwargs["unk_token"] = unk_token if unk_token is not None else unk_character  # saved folders: see _save_pretrained
+        # a saved folder keeps a vocabulary character used as unk_token as unk_character (see _save_pretrained)
+        kwargs["unk_token"] = unk_token if unk_token is not None else unk_character
         kwargs["pad_token"] = PAD_TOKEN
         kwargs["added_tokens_decoder"] = self._with_pad_token(kwargs.get("added_tokens_decoder"))
         self._check_special_tokens_in_vocab(kwargs)

@@ -90,8 +90,8 @@ def run_command(corpus: Path, workdir: Path, processes: int, streaming: bool) ->
     launcher = [sys.executable, str(ROOT / "run_train.py")] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "run_train.py")]
-    return [*launcher, *TINY_RUN, "--use_cpu", "true", "--data_path", str(corpus), "--streaming", str(streaming).lower(),
-            "--output_dir", str(workdir / "out")]
+    return [*launcher, *TINY_RUN, "--use_cpu", "true", "--data_path", str(corpus),
+            "--streaming", str(streaming).lower(), "--output_dir", str(workdir / "out")]
 
 
 def preparation(corpus: Path, env) -> dict:

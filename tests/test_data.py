@@ -189,7 +189,7 @@ def test_two_processes_times_two_workers_read_every_block_once(tmp_path, kind, s
 
 
 def test_a_stream_with_a_held_out_validation(tmp_path):
-    """A text file streams as 64 byte ranges of whole lines (rows); validation holds the first row, training skips it."""
+    """A text file streams as 64 byte ranges of whole lines (rows); validation holds the first, training skips it."""
     text = TEXT * 60
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
