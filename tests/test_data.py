@@ -242,3 +242,24 @@ def test_characters_outside_the_continued_models_vocabulary_are_listed(tmp_path,
     lossy = CharTokenizer.from_chars(sorted(set(TEXT) - {"k", "z"}), unk_token=" ")
     train, _, _ = data.build_data(data_args(tmp_path, data_path=str(corpus)), lossy, 16, 0)
     assert int(train.ids[TEXT.index("k")]) == lossy.convert_tokens_to_ids(" ")
+
+
+def test_the_trainer_orders_windows_without_listing_them(tmp_path, corpus):
+    """RandomSampler would hold a list of every window (3 GB for a 100 MB corpus); the Trainer uses WindowOrder."""
+    from transformers import TrainingArguments, default_data_collator
+
+    from conftest import make_model
+    from nanoebm.training import EBMTrainer
+
+    train, blocks, tokenizer = data.build_data(data_args(tmp_path, data_path=str(corpus)), None, 32, 0)
+    parsed = run_train.parse_args(["--use_contrastive", "false"])
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, dataloader_pin_memory=False, seed=5)
+    trainer = EBMTrainer(model=make_model(vocab_size=tokenizer.vocab_size), args=args, train_dataset=train,
+                         eval_dataset=blocks, processing_class=tokenizer, data_collator=default_data_collator,
+                         ebm_args=parsed.loss)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, data.WindowOrder) and len(sampler) == len(train) and sampler.seed == 5
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
+    assert torch.equal(batch["input_ids"][:, 1:], batch["shift_labels"][:, :-1])
