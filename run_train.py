@@ -126,18 +126,20 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = opt("a local text file (default: $NANOEBM_DATA, else the tiny Shakespeare that ships "
-                                "with nanoebm)")
-    dataset_name: str | None = opt("a datasets data set (local path or one already in the HF cache)")
+    data_path: str | None = opt("a UTF-8 text file, a folder of them, or a datasets save_to_disk folder (default: "
+                                "$NANOEBM_DATA, else the tiny Shakespeare that ships with nanoebm)")
+    dataset_name: str | None = opt("a datasets data set: a hub name or a save_to_disk folder")
     dataset_config_name: str | None = opt("its configuration")
     text_column: str = opt("the column holding the text", "text")
-    streaming: bool = opt("stream the data set instead of loading it (corpora larger than memory)", False)
+    streaming: bool = opt("stream the data instead of preparing it once (each process reads its own shard)", False)
     block_size: int | None = opt("context length in characters (continuing: the saved model's)")
     train_fraction: float = opt("leading fraction of the text used for training; the rest validates", 0.9)
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
                                 10_000_000)
     unk_token: str | None = unk_token_field()
+    data_cache_dir: str | None = opt("where a corpus's prepared ids are kept (default: $NANOEBM_CACHE, else "
+                                     "~/.cache/nanoebm/data)")
 
     def __post_init__(self):
         if not (math.isfinite(self.train_fraction) and 0 < self.train_fraction < 1):

@@ -21,6 +21,10 @@ from transformers.utils import PaddingStrategy, logging
 logger = logging.get_logger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
+FAST_FILE = "tokenizer.json"
+# What tokenizer_config.json names, so that AutoTokenizer without trust_remote_code loads tokenizer.json (with it,
+# auto_map still picks CharTokenizer); split_special_tokens keeps the text "<pad>" five characters there.
+FAST_CLASS = "TokenizersBackend"
 
 # The dedicated padding token: its id is the number of characters, outside the model's vocabulary.
 PAD_TOKEN = "<pad>"
@@ -76,6 +80,7 @@ class CharTokenizer(PythonBackend):
         pad_token: str | None = PAD_TOKEN,
         *,
         vocab: dict[str, int] | None = None,
+        unk_character: str | None = None,
         **kwargs,
     ):
         if (vocab_file is None) == (vocab is None):
@@ -90,7 +95,8 @@ class CharTokenizer(PythonBackend):
         self._id_to_char = {i: c for c, i in self._vocab.items()}
 
         self._check_pad_token(pad_token)
-        kwargs["unk_token"] = unk_token
+        # a saved folder keeps a vocabulary character used as unk_token as unk_character (see _save_pretrained)
+        kwargs["unk_token"] = unk_token if unk_token is not None else unk_character
         kwargs["pad_token"] = PAD_TOKEN
         kwargs["added_tokens_decoder"] = self._with_pad_token(kwargs.get("added_tokens_decoder"))
         self._check_special_tokens_in_vocab(kwargs)
@@ -330,6 +336,43 @@ class CharTokenizer(PythonBackend):
         return text
 
     # ------------------------------------------------------------------ saving
+
+    def backend_tokenizer(self):
+        """The same tokenizer as a `tokenizers` model (what tokenizer.json holds): each character is one piece (a
+        regex split isolating every code point, so spaces and newlines are never merged or stripped), looked up in a
+        WordLevel vocabulary of the characters; the pad token is the one added token, at its own id; decoding fuses
+        the pieces with nothing between them. An unknown character is refused, or maps to unk_token."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        unk = self.unk_token if self.unk_token in self._vocab else None
+        backend = Tokenizer(models.WordLevel(dict(self._vocab), unk_token=unk))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        added = sorted(self._added_tokens_decoder.items())
+        backend.add_tokens([AddedToken(str(t), special=t.special, normalized=False) for i, t in added
+                            if str(t) not in self._vocab])
+        return backend
+
+    def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
+        """vocab.json for CharTokenizer (the folders already out there load it), and tokenizer.json for every runtime
+        that reads `tokenizers` files; tokenizer_config.json then names the fast class (FAST_CLASS)."""
+        saved = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        fast_file = os.path.join(save_directory, prefix + FAST_FILE)
+        self.backend_tokenizer().save(fast_file)
+        config_file = os.path.join(save_directory, prefix + "tokenizer_config.json")
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        config.update(tokenizer_class=FAST_CLASS, split_special_tokens=True, padding_side=self.padding_side)
+        # the fast class would make a special unk_token character special (skip_special_tokens would delete it): the
+        # character is stored apart (tokenizer.json maps unknown characters to it), and only the pad stays special
+        if config.get("unk_token") in self._vocab:
+            config["unk_character"], config["unk_token"] = config["unk_token"], None
+        config["added_tokens_decoder"] = {i: t for i, t in config.get("added_tokens_decoder", {}).items()
+                                          if t["content"] not in self._vocab}
+        with open(config_file, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        return (*saved, fast_file)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         if not os.path.isdir(save_directory):

@@ -39,14 +39,18 @@ def validation_text(text: str, train_fraction: float = 0.9) -> str:
 
 
 def fixed_blocks(ids, block_size: int, n_blocks: int):
-    """n evenly spaced blocks of block_size + 1 ids: the same validation set at every evaluation."""
+    """n evenly spaced blocks of block_size + 1 ids: the same validation set at every evaluation. `ids`: a tensor or
+    a numpy array (a memory map: only the chosen windows are read)."""
+    import numpy as np
     import torch
 
-    last = ids.numel() - block_size - 1
+    last = len(ids) - block_size - 1
     if last < 0:
-        raise ValueError(f"validation text ({ids.numel()} chars) is shorter than one block ({block_size + 1})")
+        raise ValueError(f"validation text ({len(ids)} chars) is shorter than one block ({block_size + 1})")
     starts = torch.linspace(0, last, min(n_blocks, last + 1)).long()
-    return torch.stack([ids[s: s + block_size + 1].long() for s in starts.tolist()])
+    windows = [ids[s: s + block_size + 1] for s in starts.tolist()]
+    return torch.stack([w.long() if torch.is_tensor(w) else torch.from_numpy(np.array(w, dtype=np.int64))
+                        for w in windows])
 
 
 _BPC = None

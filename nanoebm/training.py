@@ -1,4 +1,4 @@
-"""How nanoebm trains: the character stream, contrastive divergence, the replay buffer and the Trainer.
+"""How nanoebm trains: contrastive divergence, the replay buffer and the Trainer (the data: nanoebm/data.py).
 
 `run_train.py` is the command line; this module is what it runs. The losses (refined CE, auxiliary System 1 CE,
 contrastive divergence) are documented in docs/DESIGN.md.
@@ -21,15 +21,13 @@ from configuration_nanoebm import NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM, inverse_softplus
 from nanoebm.card import RUN_RECORD
 from nanoebm.cli import UsageError
-from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.corpus import load_bpc_metric
+from nanoebm.data import build_data  # noqa: F401  (run_train.main calls training.build_data)
 from nanoebm.folders import check_model_folder, loading
-from tokenization_char import CharTokenizer
 
 logger = logging.get_logger(__name__)
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
                        "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
-# read from the config at every forward, so a continued model takes a new value by setting it there; the step size
-# also lives in the weights (alpha = softplus(think_lr_raw)), where continuing puts it too (set_step_size)
 THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "think_lr_random_scale",
                    "think_samples", "think_samples_noise_std", "softmax_temperature",
                    "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
@@ -46,167 +44,6 @@ KEPT_ON_CONTINUE = {
     "dropout": "the saved model's layers are built with it",
     "correction_scale_init": "it initialises a gate the saved model has already trained",
 }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: a character stream from datasets, random-offset training blocks, fixed validation blocks
-
-
-class RandomOffsetBlocks(torch.utils.data.Dataset):
-    """Every offset of the training text is one example: a shuffled epoch visits each window once, in random
-    order (nanoGPT draws random offsets; fixed chunk boundaries would see block_size times fewer windows)."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int):
-        self.ids, self.block_size = ids, block_size
-
-    def __len__(self):
-        return self.ids.numel() - self.block_size
-
-    def __getitem__(self, i):
-        chunk = self.ids[i: i + self.block_size + 1].long()
-        return {"input_ids": chunk[:-1], "shift_labels": chunk[1:]}
-
-
-class StreamBlocks(torch.utils.data.IterableDataset):
-    """Consecutive blocks of a streamed text data set, shuffled through a buffer (for corpora larger than RAM).
-    `encode` turns a row's text into ids (text_encoder)."""
-
-    def __init__(self, stream, encode, block_size, column, seed=0, buffer=1000):
-        self.stream, self.encode, self.block_size, self.column = stream, encode, block_size, column
-        self.seed, self.buffer = seed, buffer
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        pending, pool = [], []
-        for row in self.stream:
-            pending.extend(self.encode(row[self.column] + "\n"))
-            while len(pending) > self.block_size:
-                chunk = torch.tensor(pending[: self.block_size + 1])
-                del pending[: self.block_size]
-                pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
-                if len(pool) >= self.buffer:
-                    yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
-        while pool:
-            yield pool.pop(int(torch.randint(len(pool), (1,), generator=generator)))
-
-
-def check_text_column(columns, data_args):
-    """UsageError unless the data set has the column --text_column names (listing the ones it has)."""
-    if data_args.text_column not in columns:
-        shown = ", ".join(repr(c) for c in columns) or "none"
-        raise UsageError(f"--dataset_name {data_args.dataset_name} has no column {data_args.text_column!r} (its "
-                         f"columns: {shown}): name the one that holds the text with --text_column")
-
-
-def load_text(data_args):
-    """The whole text of the source (non-streaming), read through `datasets`."""
-    from datasets import load_dataset
-
-    if data_args.dataset_name:
-        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
-        check_text_column(dataset.column_names, data_args)
-        return "\n".join(dataset[data_args.text_column])
-    import datasets
-
-    path = resolve_data_path(data_args.data_path)
-    shown = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # one file read whole: a bar of "1 examples" says nothing
-    try:
-        dataset = load_dataset("text", data_files=str(path), sample_by="document", split="train")
-    finally:
-        if shown:
-            datasets.enable_progress_bars()
-    return "".join(dataset["text"])
-
-
-def text_encoder(tokenizer, unk_token=None):
-    """text -> ids of `tokenizer`'s characters. A character outside them maps to `unk_token` (--unk_token) where one
-    is given, else stops the run with one message naming the characters and the flag."""
-    chars = tokenizer.get_vocab()  # with the pad token, which the constructor drops
-    if unk_token is not None:
-        try:
-            mapped = CharTokenizer(vocab=chars, unk_token=unk_token)
-        except ValueError:
-            raise UsageError(f"--unk_token {unk_token!r} is not a character of the model's {tokenizer.vocab_size}-"
-                             f"character vocabulary: pick one of them, e.g. ' '") from None
-        return lambda text: mapped(text)["input_ids"]
-
-    def encode(text):
-        try:
-            return tokenizer(text)["input_ids"]
-        except ValueError:
-            unknown = sorted(set(text) - chars.keys())
-            if not unknown:
-                raise
-            shown = ", ".join(repr(c) for c in unknown[:10]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10
-                                                                 else "")
-            hint = repr(" ") if " " in chars else repr(next(iter(chars)))
-            raise UsageError(f"the text has characters outside the model's {tokenizer.vocab_size}-character "
-                             f"vocabulary: {shown}. Clean the text, or map them to a vocabulary character with "
-                             f"--unk_token {hint}") from None
-
-    return encode
-
-
-def build_data(data_args, tokenizer, block_size, seed):
-    """Returns (train dataset, validation blocks (N, block_size + 1), tokenizer). `tokenizer`: a continued model's
-    (None builds one from the text); it is returned as the model keeps it, without --unk_token."""
-    if data_args.text_column != "text" and not data_args.dataset_name:
-        raise UsageError(f"--text_column {data_args.text_column!r} names a column of --dataset_name: a --data_path "
-                         f"file is read as plain text")
-    if data_args.streaming:
-        return stream_data(data_args, tokenizer, block_size, seed)
-    if data_args.unk_token is not None and tokenizer is None:
-        raise UsageError("--unk_token maps characters outside a saved model's vocabulary (--model_name_or_path) or "
-                         "a streamed one (--streaming): a new model's vocabulary holds every character of its text")
-    text = load_text(data_args)
-    if tokenizer is None:
-        tokenizer = CharTokenizer.from_corpus(text)
-    ids = text_encoder(tokenizer, data_args.unk_token)(text)
-    ids = torch.tensor(ids, dtype=torch.int32 if tokenizer.vocab_size > 32767 else torch.int16)
-    split = int(len(ids) * data_args.train_fraction)
-    train_ids, val_ids = ids[:split], ids[split:]
-    for name, part in (("training", train_ids), ("validation", val_ids)):
-        if part.numel() < block_size + 2:
-            raise ValueError(
-                f"the {name} part of the corpus has {part.numel()} characters, fewer than one block "
-                f"(block_size={block_size} + 1): use a longer text or a smaller --block_size"
-            )
-    return RandomOffsetBlocks(train_ids, block_size), fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
-
-
-def stream_data(data_args, tokenizer, block_size, seed):
-    """build_data for --streaming: the vocabulary (without a tokenizer) from the first --vocab_scan_chars characters,
-    validation from the first characters of the stream (skipped in training)."""
-    from datasets import load_dataset
-
-    source = data_args.dataset_name or "text"
-    files = None if data_args.dataset_name else str(resolve_data_path(data_args.data_path))
-    open_stream = lambda: load_dataset(source, data_args.dataset_config_name, data_files=files, split="train",  # noqa: E731
-                                       streaming=True)
-    first = next(iter(open_stream()), None)
-    if first is None:
-        raise UsageError(f"--dataset_name {source} holds no rows" if data_args.dataset_name else f"{files} is empty")
-    check_text_column(list(first), data_args)
-    column = data_args.text_column
-    if tokenizer is None:
-        seen, scanned = set(), 0
-        for row in open_stream():
-            seen.update(row[column] + "\n")
-            scanned += len(row[column]) + 1
-            if scanned >= data_args.vocab_scan_chars:
-                break
-        tokenizer = CharTokenizer.from_chars(sorted(seen))
-    encode = text_encoder(tokenizer, data_args.unk_token)
-    val_chars, val_text, rows_held = data_args.eval_blocks * (block_size + 1), "", 0
-    for row in open_stream():
-        val_text += row[column] + "\n"
-        rows_held += 1
-        if len(val_text) >= val_chars:
-            break
-    val_ids = torch.tensor(encode(val_text))
-    train = StreamBlocks(open_stream().skip(rows_held), encode, block_size, column, seed)
-    return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +207,29 @@ class EBMTrainer(Trainer):
                                          seed=self.args.seed + 1000 * self.args.process_index + 7)
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
+
+    # -- data: nanoebm.data's data sets bring their own order and sharding ------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        """RandomOffsetBlocks orders its windows itself, in O(1) memory, seeded like the Trainer's own sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if hasattr(dataset, "order"):
+            return dataset.order(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self):
+        """A stream that divides itself between ranks (StreamBlocks: each reads its own rows) is neither dispatched
+        from rank 0 nor sharded again by accelerate."""
+        if not getattr(self.train_dataset, "shards_itself", False) or self.args.world_size == 1:
+            return super().get_train_dataloader()
+        config = self.accelerator.dataloader_config
+        dispatch, config.dispatch_batches = config.dispatch_batches, False
+        try:
+            loader = super().get_train_dataloader()
+        finally:
+            config.dispatch_batches = dispatch
+        loader.dataset.num_processes, loader.dataset.process_index = 1, 0  # accelerate's IterableDatasetShard
+        return loader
 
     # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
 

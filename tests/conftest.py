@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("NANOEBM_CACHE", tempfile.mkdtemp(prefix="nanoebm-test-cache-"))  # prepared corpora, per session
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from configuration_nanoebm import NanoEBMConfig  # noqa: E402

@@ -261,12 +261,12 @@ def test_vocab_file_constructor(tmp_path, small):
 def test_save_pretrained_round_trip(tmp_path, small, no_network):
     out = tmp_path / "tok"
     small.save_pretrained(out)
-    assert {"vocab.json", "tokenizer_config.json", "tokenization_char.py"} <= set(os.listdir(out))
+    assert {"vocab.json", "tokenizer_config.json", "tokenization_char.py", "tokenizer.json"} <= set(os.listdir(out))
     # vocab.json stays the character set; the pad token lives in tokenizer_config.json
     assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == characters(small)
     config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_char.CharTokenizer"
-    assert config["tokenizer_class"] == "CharTokenizer"
+    assert config["tokenizer_class"] == "TokenizersBackend"  # AutoTokenizer without trust_remote_code: the fast twin
     assert config["clean_up_tokenization_spaces"] is False
     assert config["pad_token"] == PAD_TOKEN
     assert config["added_tokens_decoder"][str(small.vocab_size)]["content"] == PAD_TOKEN
@@ -327,6 +327,8 @@ def test_folders_saved_before_the_pad_token_load(tmp_path, small, legacy, caplog
 
 
 def test_autotokenizer_remote_code_in_clean_subprocess(tmp_path, small):
+    """With trust_remote_code the folder's own CharTokenizer; without it the fast tokenizer of tokenizer.json, which
+    needs no code from the folder. Both give CharTokenizer's ids, decoding and padding."""
     saved = tmp_path / "saved"
     small.save_pretrained(saved)
     texts = ["Hello, world!\n", "Hi there. ab cd", " \n\n "]
@@ -340,35 +342,99 @@ def test_autotokenizer_remote_code_in_clean_subprocess(tmp_path, small):
             raise SystemExit("the checkout leaked into this process")
         except ImportError:
             pass
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(saved)!r}, trust_remote_code=True)
-        texts = {texts!r}
-        print(json.dumps({{
-            "cls": type(tok).__name__,
-            "module": type(tok).__module__,
-            "ids": [tok(t)["input_ids"] for t in texts],
-            "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
-            "len": len(tok),
-            "vocab_size": tok.vocab_size,
-            "pad": [tok.pad_token, tok.pad_token_id, tok.padding_side],
-            "padded": tok(["Hi", "Hello"], padding=True)["input_ids"],
-            "skipped": tok.decode(tok(["Hi", "Hi there"], padding=True)["input_ids"][0], skip_special_tokens=True),
-        }}))
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        results = []
+        for trust in (True, None):
+            tok = AutoTokenizer.from_pretrained({str(saved)!r}, trust_remote_code=trust)
+            texts = {texts!r}
+            results.append({{
+                "cls": type(tok).__name__,
+                "module": type(tok).__module__,
+                "fast": isinstance(tok, PreTrainedTokenizerFast),
+                "ids": [tok(t)["input_ids"] for t in texts],
+                "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
+                "len": len(tok),
+                "vocab_size": tok.vocab_size,
+                "pad": [tok.pad_token, tok.pad_token_id, tok.padding_side],
+                "padded": tok(["Hi", "Hello"], padding=True)["input_ids"],
+                "skipped": tok.decode(tok(["Hi", "Hi there"], padding=True)["input_ids"][0], skip_special_tokens=True),
+            }})
+        print(json.dumps(results))
         """
     )
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     proc = run_without_nanoebm(script, cwd=workdir, modules_cache=tmp_path / "modules", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["cls"] == "CharTokenizer"
-    assert result["module"].startswith("transformers_modules.")  # the copy saved in the folder
-    assert result["ids"] == expected
-    assert result["decoded"] == texts
-    assert result["len"] == len(small) == small.vocab_size + 1
-    assert result["vocab_size"] == small.vocab_size
+    remote, fast = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (remote["cls"], remote["fast"]) == ("CharTokenizer", False)
+    assert remote["module"].startswith("transformers_modules.")  # the copy saved in the folder
+    assert fast["fast"] and fast["module"].startswith("transformers.")  # no code from the folder
     n = small.vocab_size
-    assert result["pad"] == [PAD_TOKEN, n, "left"]
-    assert result["padded"] == small(["Hi", "Hello"], padding=True)["input_ids"]
-    assert result["padded"][0] == [n, n, n] + small.encode("Hi")
-    assert result["skipped"] == "Hi"
+    for result in (remote, fast):
+        assert result["ids"] == expected
+        assert result["decoded"] == texts
+        assert result["len"] == len(small) == small.vocab_size + 1
+        assert result["vocab_size"] == small.vocab_size
+        assert result["pad"] == [PAD_TOKEN, n, "left"]
+        assert result["padded"] == small(["Hi", "Hello"], padding=True)["input_ids"]
+        assert result["padded"][0] == [n, n, n] + small.encode("Hi")
+        assert result["skipped"] == "Hi"
+
+
+# -- the fast tokenizer: the same as CharTokenizer on any text -------------------------------------------------------
+
+# a vocabulary with what tends to break character tokenizers: whitespace of every kind, combining marks, characters
+# outside the BMP, the pieces of "<pad>", regex and JSON metacharacters
+ODD_CHARACTERS = sorted(set(SMALL_TEXT) | set("\t\r\x0b\x0c\u00a0\u2028\u3000<>pad/\\\"'.*+?[](){}|^$")
+                        | set("é\u0301中😀\x00"))
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """CharTokenizer and the fast tokenizer AutoTokenizer loads from its folder (no trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("twins")
+    slow = CharTokenizer.from_chars(ODD_CHARACTERS)
+    slow.save_pretrained(folder)
+    return slow, AutoTokenizer.from_pretrained(folder)
+
+
+def test_fast_tokenizer_equals_char_tokenizer_on_random_text(twins):
+    from hypothesis import given, settings, strategies as st
+
+    slow, fast = twins
+    pieces = st.one_of(st.sampled_from(ODD_CHARACTERS), st.just(PAD_TOKEN), st.sampled_from([" " * 3, "\n\n", " \n "]))
+    texts = st.lists(pieces, max_size=40).map("".join)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(texts, texts, st.lists(st.integers(0, slow.vocab_size), max_size=30))
+    def check(text, other, ids):
+        assert fast(text)["input_ids"] == slow(text)["input_ids"]
+        assert fast.decode(fast(text)["input_ids"]) == text
+        batch = [text, other]
+        assert fast(batch, padding=True)["input_ids"] == slow(batch, padding=True)["input_ids"]
+        assert fast(batch, padding=True)["attention_mask"] == slow(batch, padding=True)["attention_mask"]
+        for skip in (False, True):  # ids -> text, the pad (id vocab_size) among them
+            assert fast.decode(ids, skip_special_tokens=skip) == slow.decode(ids, skip_special_tokens=skip)
+
+    check()
+
+
+def test_fast_tokenizer_refuses_unknown_characters_or_maps_them_to_unk(tmp_path, twins):
+    from transformers import AutoTokenizer
+
+    slow, fast = twins
+    with pytest.raises(Exception, match="UNK|Missing"):
+        fast("Hi \u2603")
+    with pytest.raises(ValueError, match="outside"):
+        slow("Hi \u2603")
+    lossy = CharTokenizer.from_chars(ODD_CHARACTERS, unk_token=" ")
+    lossy.save_pretrained(tmp_path)
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    ids = lossy("Hi \u2603 \u2603")["input_ids"]
+    assert fast("Hi \u2603 \u2603")["input_ids"] == ids
+    # the unk character stays text: skipping special tokens drops only the pad
+    assert fast.decode(ids, skip_special_tokens=True) == lossy.decode(ids, skip_special_tokens=True) == "Hi    "
+    assert CharTokenizer.from_pretrained(tmp_path).unk_token == " "
