@@ -308,3 +308,9 @@ def test_energy_bowl_starts_where_the_descent_started(think_init, corpus_ids):
     bowl = energy_bowl(model, ids, target=30, window_start=5, think_steps=2, think_lr=1.0)
     assert torch.equal(torch.get_rng_state(), state)
     assert abs(bowl["J0"] - bowl["J_k"][0]) < 1e-5 and abs(bowl["t_k"][0]) < 1e-6 and len(bowl["J_k"]) == 3
+    if think_init == "base_energy":  # v0 is System 1: the move to t = 1 is the refined logits' distance from it
+        with torch.no_grad():
+            out = model(ids[:, 5:30], use_cache=False, think_steps=2, think_lr=1.0, think_samples=1)
+        refined, system1 = out.logits[0, -1], out.system1_logits[0, -1]
+        move = (refined - refined.mean()) - (system1 - system1.mean())  # a constant per position is no move
+        assert bowl["move"] == pytest.approx(float(move.norm()), rel=1e-3)
