@@ -618,9 +618,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             last = k == steps
             if last and not record_final:
                 break
-            if detach_refine and k > 0:
+            held = v  # where a position that has stopped stays (with the graph of the step that brought it there)
+            if detach_refine and 0 < k < steps:  # never the returned v_K itself
                 v = v.detach()
-            held = v
             if self.training and cfg.langevin_noise > 0 and not last:
                 v = v + cfg.langevin_noise * torch.randn_like(v)
             if autograd_step and not last:

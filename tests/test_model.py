@@ -174,6 +174,22 @@ def test_early_stop_is_per_position_and_keeps_every_step(corpus_ids):
     assert torch.equal(trace[..., 1:] == trace[..., :-1], torch.arange(1, 7) > expected[..., None])
 
 
+def test_detach_refine_and_early_stop_keep_the_gradient_of_the_last_move():
+    """detach_refine cuts the graph between steps, never after the last one: forward's loss on v_K trains. A position
+    that stopped early repeats its v_k with the graph of the step that made it, so a loss on v_K trains as one on v_k."""
+    model = make_model(landscape="mixture", correction_scale=1.0).train()
+    ids = torch.randint(0, 65, (2, 12))
+    scale = model.energy_head.correction_scale
+    out = model(ids, shift_labels=ids, think_steps=3, detach_refine=True)
+    assert torch.autograd.grad(out.loss, scale)[0] != 0
+    model.config.energy_convergence_threshold = 1e9  # every position stops after its first step
+    out = model(ids, shift_labels=ids, think_steps=3, detach_refine=True)
+    assert len(out.step_logits) == 3 and torch.equal(out.step_logits[-1], out.step_logits[0])
+    (last,) = torch.autograd.grad(out.loss, scale, retain_graph=True)
+    (first,) = torch.autograd.grad(model.next_token_loss(out.step_logits[0], shift_labels=ids), scale)
+    assert last != 0 and torch.allclose(last, first, rtol=1e-4)
+
+
 def test_bad_forward_inputs():
     model = make_model().eval()
     with pytest.raises(ValueError, match="empty"):
