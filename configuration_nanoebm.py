@@ -64,7 +64,9 @@ class NanoEBMConfig(PreTrainedConfig):
             (mirror descent on the simplex), so rare tokens move as fast as likely ones: with a fixed landscape
             v <- (1 - alpha) v - alpha E. Needs mixture_stopgrad=true.
         think_init_noise_std: std of Gaussian noise added to the start (and of the "random" start).
-        energy_convergence_threshold: stop thinking once max |J_k - J_{k-1}| falls below it; 0 never stops early.
+        energy_convergence_threshold: each position stops moving once its own |J_k - J_{k-1}| falls below it (its
+            logits and J then repeat, so there are always think_steps steps, and a row's result never depends on
+            the rows batched with it); thinking ends when every position has stopped. 0 never stops early.
         use_thinking: whether forward and generate think by default (false = System 1).
     """
 

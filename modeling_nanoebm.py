@@ -423,10 +423,11 @@ def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, w
 class NanoEBMCausalLMOutput(ModelOutput):
     """
     loss: next-token cross-entropy of `logits` (when labels are given).
-    logits: the scores decoding sees: refined by thinking, or System 1 when thinking is off.
+    logits: the scores decoding sees: refined by thinking, or System 1 when thinking is off. Refined logits have
+        System 1's mean over the vocabulary at every position, so raw values are comparable between the systems.
     system1_logits: -E_base, the one-pass prediction.
     energies: E_base, the base energy of every candidate token.
-    step_logits: the logits after each thinking step (v_1 .. v_K).
+    step_logits: the logits after each thinking step (v_1 .. v_K), on the same scale as `logits`.
     energy_trace: J at v_0 .. v_K, shape (..., K + 1); J_0 - J_K is the energy gap thinking bought.
     landscape: the belief-dependent energy function of this batch (only with `return_landscape=True`).
     """
@@ -557,12 +558,31 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         # centred like every later iterate, so the trust region |v - v0| measures real moves, not a shift
         return v0 - v0.mean(-1, keepdim=True)
 
+    def descent_start(self, base_energy, start=None, start_mask=None, samples=1):
+        """v0, centred: `initial_logits`, or `start` where `start_mask` is true; with `samples` = G copies of the
+        positions (sample-major), every copy after the first moved by `think_samples_noise_std` of noise."""
+        v0 = self.initial_logits(base_energy)
+        if start is not None:
+            start = start.to(v0.dtype)
+            v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
+        if samples > 1 and self.config.think_samples_noise_std > 0:
+            first = v0.shape[-2] // samples
+            noise = self.config.think_samples_noise_std * torch.randn_like(v0)
+            noise[..., :first, :] = 0
+            v0 = v0 + noise
+            v0 = v0 - v0.mean(-1, keepdim=True)
+        return v0
+
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
               detach_refine=False, start=None, start_mask=None, samples=1, second_order_last_only=False):
-        """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3). Returns (v_K, (v_1..v_K), J trace).
+        """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3). Returns (v_K, (v_1..v_K), J trace), the
+        logits centred (`forward` puts them back on System 1's scale).
 
         The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
         decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
+        With `energy_convergence_threshold` > 0 each position stops moving once its own |J_k - J_(k-1)| falls below
+        it: its later logits and J repeat, so there are always K steps and a row's result never depends on the other
+        rows of its batch; the loop ends when every position has stopped.
 
         Every position descends its own J (the objective is summed, never averaged, over positions). `ebt`, and
         `mixture_stopgrad=false`, differentiate J with autograd (through the backbone for ebt; second order when
@@ -580,21 +600,14 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
         alpha = self.think_lr if think_lr is None else think_lr
         create_graph = self.training if create_graph is None else create_graph
-        v0 = self.initial_logits(landscape.base)
-        if start is not None:
-            start = start.to(v0.dtype)
-            v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
-        if samples > 1 and cfg.think_samples_noise_std > 0:
-            first = v0.shape[-2] // samples
-            noise = cfg.think_samples_noise_std * torch.randn_like(v0)
-            noise[..., :first, :] = 0
-            v0 = v0 + noise
-            v0 = v0 - v0.mean(-1, keepdim=True)
+        v0 = self.descent_start(landscape.base, start, start_mask, samples)
         if self.training and cfg.think_lr_random_scale > 1:  # EBT: alpha * U[1/s, s] per row and position
             s = cfg.think_lr_random_scale
             alpha = alpha * (1 / s + (s - 1 / s) * torch.rand(*v0.shape[:-1], 1, device=v0.device))
-        v, steps_taken, trace, previous = v0, [], [], None
-        track = record_final or cfg.energy_convergence_threshold > 0
+        # frozen: the positions whose |J_k - J_(k-1)| fell below the threshold; they keep their logits from then on
+        v, steps_taken, trace, previous, frozen = v0, [], [], None, None
+        threshold = cfg.energy_convergence_threshold
+        track = record_final or threshold > 0
         if max_move > 0:
             low, high = v0 - max_move, v0 + max_move
         autograd_step = landscape.scalar is not None or (not cfg.mixture_stopgrad and landscape.correction is not None)
@@ -606,7 +619,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             last = k == steps
             if last and not record_final:
                 break
-            if detach_refine and k > 0:
+            held = v  # where a position that has stopped stays (with the graph of the step that brought it there)
+            if detach_refine and 0 < k < steps:  # never the returned v_K itself
                 v = v.detach()
             if self.training and cfg.langevin_noise > 0 and not last:
                 v = v + cfg.langevin_noise * torch.randn_like(v)
@@ -628,11 +642,17 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                     # natural: the same step preconditioned by the inverse Fisher of softmax(v / tau)
                     grad = centred / tau if cfg.think_gradient == "natural" else p * centred / tau
             if track:
-                trace.append(J.detach())
-                if cfg.energy_convergence_threshold > 0 and previous is not None:
-                    if (J.detach() - previous).abs().max() < cfg.energy_convergence_threshold:
+                J = J.detach() if frozen is None else torch.where(frozen, previous, J.detach())
+                trace.append(J)
+                if threshold > 0 and previous is not None:  # each position stops once its own J has settled
+                    settled = (J - previous).abs() < threshold
+                    frozen = settled if frozen is None else frozen | settled
+                    if bool(frozen.all()):  # the rest of the steps would repeat every position: write them out
+                        v = held
+                        steps_taken += [v] * (steps - len(steps_taken))
+                        trace += [J] * (steps + int(record_final) - len(trace))
                         break
-                previous = J.detach()
+                previous = J
             if last:
                 break
             v = v - alpha * grad
@@ -643,6 +663,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             v = v - v.mean(-1, keepdim=True)
             if autograd_step and not create_graph:
                 v = v.detach()
+            if frozen is not None:
+                v = torch.where(frozen[..., None], held, v)
             steps_taken.append(v)
         if steps_taken and not torch.isfinite(v).all():
             raise ThinkingDivergedError(
@@ -740,6 +762,12 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 step_logits = tuple(lowest_energy_sample(v, best) for v in step_logits)
                 if return_landscape:
                     landscape = self.build_landscape(kept, **context(1))
+            # the descent works on centred logits; shifted back by System 1's mean over the vocabulary, a descent that
+            # changed nothing returns System 1's logits at softmax_temperature 1, and processors that read raw values
+            # (repetition_penalty, output_scores) treat both systems alike. No softmax sees the shift, so it carries
+            # no gradient: the refined logits train exactly what they trained centred
+            shift = system1.detach().mean(-1, keepdim=True)
+            logits, step_logits = logits + shift, tuple(v + shift for v in step_logits)
         else:
             logits = system1
 

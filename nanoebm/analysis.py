@@ -134,8 +134,11 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
                     think_lr=think_lr, return_energy_trace=True, return_landscape=True, **one_descent)
         landscape = out.landscape
         seed()  # the forward's first draw is the start's
+        # the descent runs on centred logits, and the returned ones carry System 1's mean on top: moves are
+        # compared centred (a constant per position changes no J)
+        centred = lambda v: v.float() - v.float().mean(-1, keepdim=True)  # noqa: E731
         v0 = model.initial_logits(landscape.base)
-        d = out.logits.float() - v0
+        d = centred(out.logits) - v0
 
         def J_at(t):
             J = module.expected_energy(landscape, v0 + t * d, cfg.softmax_temperature, cfg.entropy_weight)[0]
@@ -152,7 +155,7 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
         bowl = [J_at(t) for t in ts.tolist()]
         last = d[0, -1]
         norm = float((last * last).sum())
-        iterates = [v0, *out.step_logits]
+        iterates = [v0, *map(centred, out.step_logits)]
         t_k = [float(((v[0, -1].float() - v0[0, -1]) * last).sum()) / norm if norm > 0 else 0.0 for v in iterates]
         J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
         biggest = float(last.abs().max())

@@ -324,8 +324,9 @@ class EBMTrainer(Trainer):
                                   device=self.args.device)
             extras = self.accelerator.reduce(extras, reduction="mean")
             logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
-            logs["perplexity"] = round(math.exp(min(logs["loss"], 50)), 4)
-            logs["bits_per_char"] = round(logs["loss"] / math.log(2), 5)
+            # of the prediction's CE: the total loss adds the auxiliary CE and the contrastive term
+            logs["perplexity_main"] = round(math.exp(min(logs["loss_main"], 50)), 4)
+            logs["bits_per_char_main"] = round(logs["loss_main"] / math.log(2), 5)
             model = self.accelerator.unwrap_model(self.model)
             logs["alpha"] = round(float(model.think_lr.detach()), 5)
             now, step = time.perf_counter(), self.state.global_step
@@ -366,14 +367,14 @@ class EBMTrainer(Trainer):
         per_rank = math.ceil(len(blocks) / world)
         for name, values in per_block.items():
             values = torch.cat(values) if values else torch.empty(0, device=self.args.device)
-            padded = torch.full((per_rank,), float("nan"), device=self.args.device)
-            padded[: values.numel()] = values
-            gathered = self.accelerator.gather(padded)
-            gathered = gathered[~torch.isnan(gathered)].cpu()
+            gathered = gather_uneven(self.accelerator, values, per_rank).cpu()
             if name.startswith("energy_gap"):
                 metrics[f"{metric_key_prefix}_{name}"] = round(float(gathered.mean()), 5)
                 continue
-            result = bpc.compute(nll=gathered.tolist())  # equal-length blocks: the mean of means is the mean
+            if torch.isnan(gathered).any():  # a diverged model: its metrics say so (the metric refuses NaN)
+                result = dict.fromkeys(("nats_per_char", "bits_per_char", "perplexity"), math.nan)
+            else:  # equal-length blocks: the mean of means is the mean
+                result = bpc.compute(nll=gathered.tolist())
             metrics[f"{metric_key_prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
             metrics[f"{metric_key_prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
             metrics[f"{metric_key_prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
@@ -447,6 +448,19 @@ class EBMTrainer(Trainer):
         else:
             logger.warning("the DDP wrapper is still referenced elsewhere: the process group is left for the "
                            "interpreter to close at exit")
+
+
+def gather_uneven(accelerator, values, width):
+    """Every process's 1-D `values` (at most `width` each, counts may differ), concatenated in process order.
+
+    Each process pads to `width` and sends a mask of which entries are real along with them, so padding is told
+    apart by the mask and never by the value: a NaN the model produced stays in the result."""
+    padded = torch.zeros(width, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    real = torch.zeros(width, dtype=torch.uint8, device=values.device)  # uint8: every backend gathers it
+    real[: values.numel()] = 1
+    padded, real = accelerator.gather(padded), accelerator.gather(real)
+    return padded[real.bool()]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -78,14 +78,17 @@ def test_gradients_reach_every_parameter_through_the_unrolled_descent(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["paper", "hybrid"])
-def test_descent_lowers_the_energy_step_by_step(trained, corpus_ids, recipe):
+@pytest.mark.parametrize("steps", [2, 6])
+def test_descent_lowers_the_energy_step_by_step(trained, corpus_ids, recipe, steps):
+    """The model's own descent (its trained step size), for the trained number of steps and for longer."""
     model = trained[recipe]
     ids = corpus_ids[2000:2032][None].repeat(4, 1)
     torch.manual_seed(0)
     with torch.no_grad():
-        trace = model(ids, think_steps=6, think_lr=float(model.think_lr) / 4).energy_trace  # (4, 32, 7)
+        trace = model(ids, think_steps=steps).energy_trace  # (4, 32, steps + 1)
+    assert trace.shape == (4, 32, steps + 1)
     assert (trace[..., -1] < trace[..., 0]).float().mean() > 0.95
-    assert (trace[..., 1:] <= trace[..., :-1] + 1e-5).float().mean() > 0.9
+    assert (trace[..., 1:] <= trace[..., :-1] + 1e-5).float().mean() > 0.95
 
 
 def test_thinking_improves_the_prediction_from_a_random_start(trained, corpus_ids):
@@ -139,7 +142,8 @@ def test_self_verification_keeps_the_lowest_final_energy(trained, corpus_ids):
     finals = trace[..., -1].unflatten(1, (4, 20))
     assert torch.allclose(verified.energy_trace[..., -1], finals.min(1).values)
     best = finals.argmin(1)
-    assert torch.equal(verified.logits, lowest_energy_sample(logits, best))
+    # think descends centred logits; forward returns them with System 1's mean
+    assert torch.equal(verified.logits, lowest_energy_sample(logits, best) + verified.system1_logits.mean(-1, True))
     assert verified.energies.shape == verified.logits.shape == single.logits.shape
     # the first sample starts where G = 1 starts: self-verification never ends higher than a single descent
     assert torch.allclose(finals[:, 0], single.energy_trace[..., -1], atol=1e-5)
@@ -304,3 +308,9 @@ def test_energy_bowl_starts_where_the_descent_started(think_init, corpus_ids):
     bowl = energy_bowl(model, ids, target=30, window_start=5, think_steps=2, think_lr=1.0)
     assert torch.equal(torch.get_rng_state(), state)
     assert abs(bowl["J0"] - bowl["J_k"][0]) < 1e-5 and abs(bowl["t_k"][0]) < 1e-6 and len(bowl["J_k"]) == 3
+    if think_init == "base_energy":  # v0 is System 1: the move to t = 1 is the refined logits' distance from it
+        with torch.no_grad():
+            out = model(ids[:, 5:30], use_cache=False, think_steps=2, think_lr=1.0, think_samples=1)
+        refined, system1 = out.logits[0, -1], out.system1_logits[0, -1]
+        move = (refined - refined.mean()) - (system1 - system1.mean())  # a constant per position is no move
+        assert bowl["move"] == pytest.approx(float(move.norm()), rel=1e-3)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
-from nanoebm.analysis import score_continuations
+from nanoebm.analysis import position_stats, score_continuations
 from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
 from run_generate import main
 
@@ -80,7 +80,7 @@ def subprocess_run(*argv, timeout=240):
 # end to end
 
 
-def test_cli_subprocess_streams_and_writes_json(model_dir, tmp_path):
+def test_cli_subprocess_streams_and_writes_json(model_dir, tmp_path, loaded, tokenizer):
     out_json = tmp_path / "sample.json"
     done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 40,
                           "--think_steps", 3, "--think_lr", 0.8, "--do_sample", "--top_k", 20, "--temperature", 0.9,
@@ -98,9 +98,25 @@ def test_cli_subprocess_streams_and_writes_json(model_dir, tmp_path):
     for token, char in zip(record["tokens"], record["text"]):
         assert token["char"] == char
         assert 0.0 <= token["p_system1"] <= 1.0 and 0.0 <= token["p_system2"] <= 1.0
-        assert math.isfinite(token["energy"]) and math.isfinite(token["energy_gap"]) and token["kl"] >= 0
+        assert math.isfinite(token["energy"]) and math.isfinite(token["energy_gap"])
     # thinking descends the expected energy: the gap J0 - JK is positive on average
     assert record["summary"]["mean_energy_gap"] > 0
+    # kl is KL(S2 || S1) of each character, computed here from the model's own distributions
+    ids = tokenizer("ROMEO:" + record["text"], return_tensors="pt")["input_ids"]
+    scores = score_continuations(loaded, ids, len("ROMEO:"), think_steps=3, think_lr=0.8)
+    expected = F.kl_div(scores["logp1"][0], scores["logp2"][0], log_target=True, reduction="none").sum(-1)
+    assert expected.mean() > 1e-5  # thinking moved the distributions: a KL of 0 would be wrong
+    kl = torch.tensor([token["kl"] for token in record["tokens"]])
+    assert torch.allclose(kl, expected, rtol=1e-2, atol=1e-6), (kl - expected).abs().max()
+
+
+def test_kl_is_of_system2_from_system1():
+    """KL(p2 || p1) = sum p2 log(p2 / p1), on distributions whose value is known."""
+    p1, p2 = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    scores = dict(logp1=p1.log()[None], logp2=p2.log()[None], targets=torch.tensor([[0]]),
+                  energy=torch.zeros(1, 1), trace=None)
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert float(position_stats(scores)["kl"][0]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_greedy_decoding_matches_model_generate(capsys, tmp_path, model_dir, loaded, tokenizer):

@@ -65,12 +65,19 @@ def test_forward_shapes_and_every_parameter_learns(landscape, stopgrad):
     assert silent == []
 
 
-def test_system1_when_thinking_is_off():
-    model = make_model().eval()
-    ids = torch.randint(0, 65, (1, 10))
-    out = model(ids, use_thinking=False)
+def test_system1_when_thinking_is_off(corpus_ids):
+    model = train_briefly(make_model(landscape="mixture", correction_scale=1.0), corpus_ids, steps=20)
+    ids = corpus_ids[100:116][None]
+    with torch.no_grad():
+        out = model(ids, use_thinking=False)
+        thought = model(ids, think_steps=2, think_lr=2.0)
+        model.config.use_thinking = False
+        off = model(ids, think_steps=2)
     assert torch.equal(out.logits, out.system1_logits) and out.step_logits == ()
-    assert not torch.allclose(model(ids, think_steps=2).logits, out.logits)
+    assert torch.equal(off.logits, out.system1_logits) and off.step_logits == ()
+    # thinking on changes the distribution itself, not a constant per position (which no softmax sees)
+    moved = (thought.logits.log_softmax(-1) - out.logits.log_softmax(-1)).abs().amax(-1)
+    assert moved.min() > 1e-4, moved
 
 
 def test_closed_form_gradient_equals_autograd_with_p_fixed():
@@ -119,8 +126,7 @@ def test_system1_is_the_fixed_point_of_a_fixed_landscape_when_lambda_equals_tau(
     model = trained["linear"]
     with torch.no_grad():
         out = model(corpus_ids[:32][None], think_steps=4)
-    s1 = out.system1_logits - out.system1_logits.mean(-1, keepdim=True)
-    assert torch.allclose(out.logits, s1, atol=1e-4)
+    assert torch.allclose(out.logits, out.system1_logits, atol=1e-4)
     assert torch.allclose(out.energy_trace[..., -1], out.energy_trace[..., 0], atol=1e-5)
 
 
@@ -139,6 +145,49 @@ def test_nan_during_thinking_names_the_knob():
     model = make_model(think_max_move=0.0).eval()
     with pytest.raises(ThinkingDivergedError, match="think_lr"):
         model(torch.randint(0, 65, (1, 8)), think_lr=1e39, think_steps=3)  # overflows float32
+
+
+def test_early_stop_is_per_position_and_keeps_every_step(corpus_ids):
+    """energy_convergence_threshold: each position stops once its own |J_k - J_(k-1)| is below it and then repeats
+    its logits and J, so a row's result never depends on the rows it is batched with and there are always K steps.
+    Here the first row's positions all settle within 3 steps, some of the second row's take 4."""
+    model = train_briefly(make_model(landscape="mixture", correction_scale=1.0), corpus_ids, steps=20)
+    rows = torch.stack([corpus_ids[100:116], corpus_ids[5000:5016]])
+    kw = dict(think_steps=6, think_lr=2.0)
+    with torch.no_grad():
+        full = model(rows, **kw)
+        model.config.energy_convergence_threshold = 3e-4
+        batch = model(rows, **kw)
+        alone = [model(row[None], **kw) for row in rows]
+    assert len(batch.step_logits) == 6 and batch.energy_trace.shape == (2, 16, 7)
+    for r in range(2):
+        assert torch.allclose(batch.logits[r], alone[r].logits[0], atol=1e-5)
+        assert torch.allclose(batch.energy_trace[r], alone[r].energy_trace[0], atol=1e-6)
+    # how many steps each position moves: up to the first k where its own J changed by less than the threshold
+    settled = full.energy_trace.diff(dim=-1).abs() < 3e-4
+    expected = torch.where(settled.any(-1), settled.float().argmax(-1) + 1, 6)
+    assert expected[0].max() == 3 and expected[1].max() == 4 and expected.min() == 1
+    steps = torch.stack(batch.step_logits, -1)
+    moved = torch.cat([torch.ones(2, 16, 1, dtype=torch.bool), (steps.diff(dim=-1) != 0).any(-2)], -1)
+    assert torch.equal(moved, torch.arange(6) < expected[..., None])  # moves until settled, never after
+    trace = batch.energy_trace
+    assert torch.equal(trace[..., 1:] == trace[..., :-1], torch.arange(1, 7) > expected[..., None])
+
+
+def test_detach_refine_and_early_stop_keep_the_gradient_of_the_last_move():
+    """detach_refine cuts the graph between steps, never after the last one: forward's loss on v_K trains. A position
+    that stopped early repeats its v_k with the graph of the step that made it, so a loss on v_K trains as one on v_k."""
+    model = make_model(landscape="mixture", correction_scale=1.0).train()
+    ids = torch.randint(0, 65, (2, 12))
+    scale = model.energy_head.correction_scale
+    out = model(ids, shift_labels=ids, think_steps=3, detach_refine=True)
+    assert torch.autograd.grad(out.loss, scale)[0] != 0
+    model.config.energy_convergence_threshold = 1e9  # every position stops after its first step
+    out = model(ids, shift_labels=ids, think_steps=3, detach_refine=True)
+    assert len(out.step_logits) == 3 and torch.equal(out.step_logits[-1], out.step_logits[0])
+    (last,) = torch.autograd.grad(out.loss, scale, retain_graph=True)
+    (first,) = torch.autograd.grad(model.next_token_loss(out.step_logits[0], shift_labels=ids), scale)
+    assert last != 0 and torch.allclose(last, first, rtol=1e-4)
 
 
 def test_bad_forward_inputs():
@@ -164,13 +213,46 @@ def test_cached_and_uncached_decoding_agree(trained, corpus_ids, landscape, thin
     assert torch.equal(cached, uncached)
 
 
-def test_thinking_changes_what_is_decoded(trained, corpus_ids):
-    model = trained["mixture"]
+def test_thinking_changes_what_is_decoded(corpus_ids):
+    model = train_briefly(make_model(landscape="mixture", correction_scale=1.0), corpus_ids, steps=20)
     prompt = corpus_ids[:8][None]
+    kw = dict(max_new_tokens=40, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    s1 = model.generate(prompt, use_thinking=False, **kw)
+    s2 = model.generate(prompt, think_steps=4, think_lr=3.0, **kw)
+    first = s1.scores[0].log_softmax(-1)  # the same prompt: the first distributions differ by thinking alone
+    assert (s2.scores[0].log_softmax(-1) - first).abs().max() > 1e-2
+    assert not torch.equal(s1.sequences, s2.sequences)
+
+
+def test_refined_logits_are_on_system1s_scale(trained, corpus_ids):
+    """System 2's logits carry System 1's mean over the vocabulary, so processors that read raw values treat the two
+    alike. At the fixed point (linear landscape, lambda = tau = 1, System 1 start) thinking changes nothing: its
+    logits are System 1's, and repetition_penalty, which divides positive and multiplies negative scores, acts on
+    them identically."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model = trained["linear"]
+    prompt = corpus_ids[:12][None]
     with torch.no_grad():
-        s1 = model(prompt, use_thinking=False).logits[:, -1]
-        s2 = model(prompt, think_steps=4).logits[:, -1]
-    assert (s2 - s1).abs().max() > 1e-2
+        out = model(prompt, think_steps=4)
+    assert out.system1_logits.mean(-1).abs().min() > 0.5  # a shift the centred descent would have lost
+    assert torch.allclose(out.logits, out.system1_logits, atol=1e-5)
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)
+    s1, s2 = out.system1_logits[:, -1], out.logits[:, -1]
+    assert torch.allclose(penalty(prompt, s2.clone()), penalty(prompt, s1.clone()), atol=1e-5)
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              repetition_penalty=1.5)
+    system1, system2 = model.generate(prompt, use_thinking=False, **kw), model.generate(prompt, think_steps=4, **kw)
+    assert torch.equal(system1.sequences, system2.sequences)
+    for a, b in zip(system1.scores, system2.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+    # a fresh model, and a landscape where thinking moves: the scores' scale (logsumexp) stays System 1's
+    for model in (make_model(), train_briefly(make_model(correction_scale=1.0), corpus_ids, steps=20)):
+        kw = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        a = model.generate(prompt, use_thinking=False, **kw).scores[0]
+        b = model.generate(prompt, think_steps=4, think_lr=2.0, **kw).scores[0]
+        assert torch.allclose(b.mean(-1), a.mean(-1), atol=1e-5)
+        assert (b.logsumexp(-1) - a.logsumexp(-1)).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("landscape", LANDSCAPES)
@@ -250,14 +332,16 @@ def test_coupled_thinking_works_under_inference_mode(landscape):
 
 
 def test_natural_gradient_is_a_damped_fixed_point_step():
-    """With lambda = tau the natural step on a fixed landscape is v <- (1 - alpha) v - alpha E (up to centring)."""
+    """With lambda = tau the natural step on a fixed landscape is v <- (1 - alpha) v - alpha E (up to a constant per
+    position: the returned logits have System 1's mean)."""
     model = make_model(landscape="linear", think_gradient="natural", entropy_weight=1.0, think_max_move=0.0,
                        think_init="zeros").eval()
     ids = torch.randint(0, 65, (2, 9))
     with torch.no_grad():
         out = model(ids, think_steps=1, think_lr=0.5)
     target = -0.5 * out.energies
-    assert torch.allclose(out.logits, target - target.mean(-1, keepdim=True), atol=1e-5)
+    expected = target - target.mean(-1, keepdim=True) + out.system1_logits.mean(-1, keepdim=True)
+    assert torch.allclose(out.logits, expected, atol=1e-5)
     with pytest.raises(ValueError, match="mixture_stopgrad"):
         tiny_config(think_gradient="natural", mixture_stopgrad=False)
 
@@ -270,7 +354,7 @@ def test_open_gate_starts_on_the_base_landscape_and_learns_at_once():
     model = make_model(landscape="mixture", correction_scale_init=0.5, entropy_weight=1.0).train()
     assert torch.tanh(model.energy_head.correction_scale).item() == pytest.approx(0.5)
     out = model(ids, labels=ids)
-    assert torch.allclose(out.logits, out.system1_logits - out.system1_logits.mean(-1, keepdim=True), atol=1e-5)
+    assert torch.allclose(out.logits, out.system1_logits, atol=1e-5)
     out.loss.backward()
     assert model.energy_head.mixture[-1].weight.grad.abs().sum() > 0
     shut = make_model(landscape="mixture").train()
@@ -291,7 +375,9 @@ def test_think_start_replaces_the_initial_logits_where_masked():
         moved = model(ids, think_steps=1, think_lr=1e-6, think_start=start, think_start_mask=mask).logits
         plain = model(ids, think_steps=1, think_lr=1e-6).logits
     assert torch.allclose(moved[0], plain[0])
-    assert torch.allclose(moved[1], start[1] - start[1].mean(-1, keepdim=True), atol=1e-4)
+    # the descent starts from the given logits, centred; what it returns carries System 1's mean
+    system1_mean = model(ids, use_thinking=False).logits.mean(-1, keepdim=True)
+    assert torch.allclose(moved[1], start[1] - start[1].mean(-1, keepdim=True) + system1_mean[1], atol=1e-4)
     with pytest.raises(ValueError, match="think_start_mask"):
         model(ids, think_start=start)
 

@@ -2,6 +2,7 @@
 folder, the research-code syntax and bad input."""
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from nanoebm import training
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
+from modeling_nanoebm import ThinkingDivergedError
 
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
         "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
@@ -144,6 +146,54 @@ def test_twenty_steps_lower_the_loss(tmp_path, small_corpus, kind):
     out, _ = train(tmp_path, small_corpus, *extra, callbacks=[history])
     assert len(history.losses) == 4 and history.losses[-1] < history.losses[0] - 0.05, history.losses
     assert (out / "model.safetensors").is_file()
+
+
+class Logs(TrainerCallback):
+    def __init__(self):
+        self.rows = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.rows.append(dict(logs))
+
+
+def test_logged_bits_per_char_and_perplexity_are_the_predictions(tmp_path, small_corpus):
+    """bits_per_char_main and perplexity_main are of loss_main, the refined logits' CE, not of the total loss, which
+    adds the auxiliary CE and the contrastive term."""
+    logs = Logs()
+    train(tmp_path, small_corpus, "--max_steps", "10", "--do_train", "true", "--contrastive_type", "cd",
+          "--contrastive_weight", "5.0", callbacks=[logs])
+    assert len(logs.rows) == 2
+    for row in logs.rows:
+        assert abs(row["loss"] - row["loss_main"]) > 2e-3, row  # far enough apart for the check to tell them apart
+        assert row["bits_per_char_main"] == pytest.approx(row["loss_main"] / math.log(2), abs=2e-5)
+        assert row["perplexity_main"] == pytest.approx(math.exp(row["loss_main"]), rel=1e-4)
+        assert "bits_per_char" not in row and "perplexity" not in row
+
+
+def test_early_stopped_thinking_trains_and_evaluates(tmp_path, small_corpus):
+    """A threshold every position meets after one step: all K steps are still there for evaluation to read, each
+    position repeating its first step, so thinking twice as long changes nothing."""
+    _, metrics = train(tmp_path, small_corpus, "--max_steps", "4", "--energy_convergence_threshold", "10")
+    assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith("eval_")), metrics
+    assert metrics["eval_system2_bpc"] == metrics["eval_system2_2x_bpc"]
+    assert metrics["eval_energy_gap"] == metrics["eval_energy_gap_2x"]
+
+
+def test_evaluation_keeps_a_diverged_models_nan(tmp_path, small_corpus):
+    trainer, model, _ = make_trainer(tmp_path, small_corpus)
+    # each process pads its values to one width for the gather; the padding is told apart by a mask, not a value,
+    # so a NaN the model produced survives (counts differ when the blocks do not split evenly)
+    gathered = training.gather_uneven(trainer.accelerator, torch.tensor([1.5, float("nan"), 2.5]), 5)
+    assert gathered.shape == (3,) and gathered[0] == 1.5 and gathered[1].isnan() and gathered[2] == 2.5
+    with torch.no_grad():
+        model.energy_head.token_bias[3] = float("nan")
+    model.config.use_thinking = False
+    metrics = trainer.evaluate()
+    assert math.isnan(metrics["eval_system1_bpc"]) and math.isnan(metrics["eval_loss"]), metrics
+    model.config.use_thinking = True  # thinking from a NaN start stops with the error that names the knobs
+    with pytest.raises(ThinkingDivergedError, match="think_lr"):
+        trainer.evaluate()
 
 
 class StopAt(TrainerCallback):
@@ -298,9 +348,17 @@ def test_presets():
     assert (gpu.model.n_layer, gpu.model.n_embd, gpu.training.per_device_train_batch_size, gpu.training.max_steps) \
         == (6, 384, 64, 5000)
     assert (cpu.model.n_layer, cpu.model.n_embd, cpu.training.learning_rate, cpu.training.max_steps) == (4, 128, 1e-3, 7)
-    machine = run_train.parse_args([])  # no flag: the preset follows the machine, and says why
-    assert (machine.preset, machine.preset_reason) == (("gpu", machine.preset_reason) if torch.cuda.is_available()
-                                                       else ("cpu", "no GPU here; --preset gpu for the research config"))
+
+
+def test_preset_follows_the_machine_and_says_why(monkeypatch):
+    """No --preset: gpu where a GPU is present (named), cpu otherwise or with --use_cpu; each says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = run_train.parse_args([])
+    assert (args.preset, args.preset_reason) == ("cpu", "no GPU here; --preset gpu for the research config")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU 80GB")
+    assert run_train.machine_preset([]) == ("gpu", "a GPU is present (Test GPU 80GB)")
+    assert run_train.machine_preset(["--use_cpu"]) == ("cpu", "--use_cpu")
 
 
 @pytest.mark.parametrize("argv,needle", [
