@@ -556,6 +556,8 @@ def main(argv=None, callbacks=None):
             raise UsageError(f"--block_size {data_args.block_size} differs from the saved model's "
                              f"block_size={block}: drop the flag to continue that model")
         data_args.block_size = block
+        if args.resume_from is not None:  # before the weights load: a refused state file is all this run prints
+            training.check_resume_state(args.resume_from, args.loss, saved, T.process_index)
         tokenizer = CharTokenizer.from_pretrained(model_args.model_name_or_path)
     elif data_args.block_size is None:
         data_args.block_size = PRESETS[args.preset]["block_size"]
