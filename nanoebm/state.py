@@ -67,6 +67,11 @@ def load_state(path, kind: str, spec: dict, ints: tuple[str, ...], optional: tup
     for name, tensor in tensors.items():
         if tensor.dtype != spec[name][0]:
             raise refuse(f"tensor {name!r} is {tensor.dtype}, expected {spec[name][0]}")
+        if spec[name] == generator_state_spec():
+            try:
+                torch.Generator().set_state(tensor)
+            except RuntimeError as error:
+                raise refuse(f"tensor {name!r} is not a random generator's state ({error})") from None
     values = header["ints"]
     if not isinstance(values, dict) or sorted(values) != sorted(ints) or \
             not all(type(values[k]) is int for k in ints):

@@ -253,6 +253,8 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
                                                                     "generator": generator}, {}),
         "wrong dtype": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7, dtype=torch.float64),
                                                                "generator": generator}, {}),
+        "a broken generator": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7),
+                                                                       "generator": torch.zeros_like(generator)}, {}),
         "no generator": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7)}, {}),
         "an extra tensor": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7),
                                                                    "generator": generator, "x": torch.zeros(1)}, {}),
@@ -267,6 +269,13 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
     save_state(replay_path, "replay", {"generator": generator}, {"count": 2, "cursor": 0})  # count without blocks
     with pytest.raises(StateFileError, match="count=2"):
         replay.read(replay_path, block_size=5, vocab_size=7)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    with pytest.raises(StateFileError, match="contrastive_state_0.safetensors is missing"):
+        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+    (checkpoint / "contrastive_state_0.pt").write_bytes(b"not read")
+    with pytest.raises(StateFileError, match="contrastive_state_0.pt is an older nanoebm's pickled"):
+        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
     header = {"format": "nanoebm-training-state", "version": 1, "kind": "replay", "ints": {"count": "0", "cursor": 0}}
     save_file({"generator": generator}, str(replay_path), metadata={"nanoebm": json.dumps(header)})
     with pytest.raises(StateFileError, match="integers"):
