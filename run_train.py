@@ -652,6 +652,10 @@ def saved_tokenizer(args: ParsedArguments):
     if data_args.block_size is not None:
         check_kept("block_size", data_args.block_size, block)
     data_args.block_size = block
+    if args.resume_from is not None:  # before the weights load: a refused state file is all this run prints
+        from nanoebm.training import check_resume_state
+
+        check_resume_state(args.resume_from, args.loss, saved, args.training.process_index)
     return CharTokenizer.from_pretrained(model_args.model_name_or_path)
 
 

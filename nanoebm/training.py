@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from configuration_nanoebm import NanoEBMConfig
@@ -24,6 +25,7 @@ from nanoebm.cli import UsageError
 from nanoebm.corpus import load_bpc_metric
 from nanoebm.data import build_data  # noqa: F401  (run_train.main calls training.build_data)
 from nanoebm.folders import check_model_folder, loading
+from nanoebm.state import REDO as STATE_REDO, StateFileError, generator_state_spec, load_state, save_state
 
 logger = logging.get_logger(__name__)
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
@@ -56,8 +58,11 @@ class ContrastiveSampler:
     cd starts chains at the System 1 logits of every position. pcd keeps `n_persistent` particles that move to a
     random set of positions each step and persist (Tieleman 2008). fast_pcd keeps `n_chains` chains that restart
     from the System 1 logits with probability `restart_prob` (persistent chains with restarts; not Tieleman &
-    Hinton's fast weights). The particles and the sampler's random generator are training state (`state_dict`).
+    Hinton's fast weights). The particles and the sampler's random generator are training state, saved in each
+    checkpoint (`save`, `read`).
     """
+
+    FILE = "contrastive_state_{}.safetensors"  # {}: the process index
 
     def __init__(self, args, vocab_size: int, temperature: float, seed: int):
         self.args, self.temperature = args, temperature
@@ -73,6 +78,16 @@ class ContrastiveSampler:
     def load_state_dict(self, state):
         self.particles = state["particles"]
         self.generator.set_state(state["generator"])
+
+    def save(self, path):
+        save_state(path, "contrastive", self.state_dict(), {})
+
+    def read(self, path, block_size: int, vocab_size: int):
+        """The state in `path`, checked: this run's particle count and vocabulary (StateFileError otherwise)."""
+        spec = {"generator": generator_state_spec()}
+        if self.particles is not None:
+            spec["particles"] = (torch.float32, (self.particles.shape[0], "V"))
+        return {"particles": None, **load_state(path, "contrastive", spec, (), sizes={"V": vocab_size})}
 
     def randn(self, shape, device):
         return torch.randn(shape, generator=self.generator).to(device)
@@ -129,6 +144,8 @@ class ThinkingReplay:
     """Blocks seen earlier, kept with the logits thinking refined them to. A replayed row resumes its descent from
     there, so training sees the landscape where a longer chain of steps would go (at the cost of fresh rows)."""
 
+    FILE = "replay_state_{}.safetensors"  # {}: the process index
+
     def __init__(self, size: int, prob: float, seed: int):
         self.size, self.prob = size, prob
         self.generator = torch.Generator().manual_seed(seed)
@@ -143,6 +160,23 @@ class ThinkingReplay:
         self.ids, self.labels, self.logits = state["ids"], state["labels"], state["logits"]
         self.count, self.cursor = state["count"], state["cursor"]
         self.generator.set_state(state["generator"])
+
+    def save(self, path):
+        state = self.state_dict()
+        save_state(path, "replay", {k: state[k] for k in ("ids", "labels", "logits", "generator")},
+                   {"count": self.count, "cursor": self.cursor})
+
+    def read(self, path, block_size: int, vocab_size: int):
+        """The state in `path`, checked: this buffer's size, the block size and the vocabulary."""
+        spec = {"ids": (torch.long, (self.size, "T")), "labels": (torch.long, (self.size, "T")),
+                "logits": (torch.float32, (self.size, "T", "V")), "generator": generator_state_spec()}
+        state = load_state(path, "replay", spec, ("count", "cursor"), optional=("ids", "labels", "logits"),
+                           sizes={"T": block_size, "V": vocab_size})
+        stored = 0 if state["ids"] is None else self.size
+        if not (0 <= state["count"] <= stored and 0 <= state["cursor"] < self.size):
+            raise StateFileError(f"{path} cannot be resumed from: count={state['count']}, cursor={state['cursor']} "
+                                 f"do not fit a buffer of {self.size} blocks; {STATE_REDO}")
+        return state
 
     def mix(self, input_ids, labels):
         """Replace some rows by replayed blocks: (input_ids, labels, start logits or None, row mask or None)."""
@@ -173,15 +207,49 @@ class ThinkingReplay:
         self.count = min(self.count + input_ids.shape[0], self.size)
 
 
+def make_buffers(ebm_args, vocab_size: int, temperature: float, seed: int) -> list:
+    """The contrastive sampler and the replay buffer these loss options keep (those that are on)."""
+    buffers = [ContrastiveSampler(ebm_args, vocab_size, temperature, seed)] if ebm_args.use_contrastive else []
+    if ebm_args.think_replay_prob > 0:
+        buffers.append(ThinkingReplay(ebm_args.think_replay_size, ebm_args.think_replay_prob, seed + 7))
+    return buffers
+
+
+def read_buffers(checkpoint, buffers, rank: int, block_size: int, vocab_size: int) -> list:
+    """[(buffer, its state in `checkpoint`)], each file checked first (StateFileError otherwise).
+
+    Never unpickles: an older nanoebm's .pt state files are refused, not read."""
+    states = []
+    for buffer in buffers:
+        path = os.path.join(checkpoint, buffer.FILE.format(rank))
+        if not os.path.isfile(path):
+            old = os.path.splitext(path)[0] + ".pt"
+            if os.path.isfile(old):
+                raise StateFileError(f"{old} is an older nanoebm's pickled training state, which nanoebm no longer "
+                                     f"loads (unpickling a file can run code); {STATE_REDO}")
+            kind = "contrastive" if isinstance(buffer, ContrastiveSampler) else "replay-buffer"
+            raise StateFileError(f"{path} is missing: this checkpoint was not saved by a {kind} run with the same "
+                                 f"number of processes; {STATE_REDO}")
+        states.append((buffer, buffer.read(path, block_size, vocab_size)))
+    return states
+
+
+def check_resume_state(checkpoint, ebm_args, config: dict, rank: int) -> None:
+    """Before a resumed run loads anything: refuse a checkpoint whose training-state files this run cannot use.
+
+    `config` is the checkpoint's config.json. The Trainer reads the same files again when it restores them."""
+    vocab_size, block_size = config.get("vocab_size"), config.get("block_size")
+    if not isinstance(vocab_size, int) or not isinstance(block_size, int):
+        return  # not a model folder: loading it says so
+    read_buffers(checkpoint, make_buffers(ebm_args, vocab_size, 1.0, seed=0), rank, block_size, vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The Trainer
 
 
 class EBMTrainer(Trainer):
     """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
-
-    CONTRASTIVE_STATE = "contrastive_state_{}.pt"
-    REPLAY_STATE = "replay_state_{}.pt"
 
     def __init__(self, *args, ebm_args, run_record: dict | None = None, **kwargs):
         """`ebm_args` are nanoebm's loss options (run_train.LossArguments); `run_record` ({"runs": [...]}, the
@@ -197,14 +265,10 @@ class EBMTrainer(Trainer):
             model.config.pad_token_id = model.generation_config.pad_token_id = pad
         super().__init__(*args, **kwargs)
         model = self.model
-        self.contrastive = None
-        if self.ebm.use_contrastive:
-            self.contrastive = ContrastiveSampler(self.ebm, model.config.vocab_size, model.config.softmax_temperature,
-                                                  seed=self.args.seed + 1000 * self.args.process_index)
-        self.replay = None
-        if self.ebm.think_replay_prob > 0:
-            self.replay = ThinkingReplay(self.ebm.think_replay_size, self.ebm.think_replay_prob,
-                                         seed=self.args.seed + 1000 * self.args.process_index + 7)
+        buffers = make_buffers(self.ebm, model.config.vocab_size, model.config.softmax_temperature,
+                               seed=self.args.seed + 1000 * self.args.process_index)
+        self.contrastive = next((b for b in buffers if isinstance(b, ContrastiveSampler)), None)
+        self.replay = next((b for b in buffers if isinstance(b, ThinkingReplay)), None)
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
 
@@ -398,31 +462,33 @@ class EBMTrainer(Trainer):
     # -- the contrastive particles and the replay buffer are training state ----------------------------------
 
     def _buffers(self):
-        return [(name, buffer) for name, buffer in ((self.CONTRASTIVE_STATE, self.contrastive),
-                                                     (self.REPLAY_STATE, self.replay)) if buffer is not None]
+        return [buffer for buffer in (self.contrastive, self.replay) if buffer is not None]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        for name, buffer in self._buffers():
-            torch.save(buffer.state_dict(), os.path.join(folder, name.format(self.args.process_index)))
+        for buffer in self._buffers():
+            buffer.save(os.path.join(folder, buffer.FILE.format(self.args.process_index)))
         if self.run_record is not None and self.is_world_process_zero():
             self.run_record["runs"][-1]["steps_done"] = self.state.global_step
             with open(os.path.join(folder, RUN_RECORD), "w") as handle:
                 json.dump(self.run_record, handle, indent=1)
 
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        for name, buffer in self._buffers():
-            path = os.path.join(checkpoint, name.format(self.args.process_index))
-            if not os.path.isfile(path):
-                kind = "contrastive" if buffer is self.contrastive else "replay-buffer"
-                raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a {kind} run "
-                                        f"with the same number of processes")
-            buffer.load_state_dict(torch.load(path, weights_only=False))
+    def _read_buffers(self, checkpoint):
+        config = self.accelerator.unwrap_model(self.model).config
+        return read_buffers(checkpoint, self._buffers(), self.args.process_index, config.block_size, config.vocab_size)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """A resumed run restores the buffers first: their files are checked before the Trainer reads anything, and
+        the buffers draw from their own generators, so when they are restored does not matter to the global RNG."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint:
+            for buffer, state in self._read_buffers(checkpoint):
+                buffer.load_state_dict(state)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- leaving a distributed run --------------------------------------------------------------------------
 

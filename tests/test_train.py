@@ -205,9 +205,12 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpus):
-    common = ["--max_steps", "8", "--save_steps", "4", "--contrastive_type", "pcd", "--do_train", "true",
-              "--keep_checkpoints", "true",
+@pytest.mark.parametrize("kind", ["pcd", "fast_pcd"])
+def test_exact_resume_including_the_persistent_chains_and_replay_buffers(tmp_path, small_corpus, kind):
+    """Interrupted at step 4 and resumed: the same weights, particles, generators and replay buffer, bit for bit.
+    fast_pcd restarts half its chains per step here, so restarts happen on both sides of the interruption."""
+    common = ["--max_steps", "8", "--save_steps", "4", "--contrastive_type", kind, "--do_train", "true",
+              "--keep_checkpoints", "true", "--n_chains", "6", "--restart_prob", "0.5",
               "--langevin_noise", "0.01", "--random_think_steps", "1-3", "--think_replay_prob", "0.5",
               "--think_replay_size", "16"]
     straight, _ = train(tmp_path / "a", small_corpus, *common)
@@ -224,12 +227,110 @@ def test_exact_resume_including_the_pcd_and_replay_buffers(tmp_path, small_corpu
     assert record[-1]["started_from"] == {"checkpoint": str(stopped / "checkpoints" / "checkpoint-4")}
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    buffers = [torch.load(folder / "checkpoints" / "checkpoint-8" / "contrastive_state_0.pt",
-                          weights_only=False)["particles"] for folder in (straight, resumed)]
-    assert torch.equal(*buffers)
-    replays = [torch.load(folder / "checkpoints" / "checkpoint-8" / "replay_state_0.pt", weights_only=False)
-               for folder in (straight, resumed)]
-    assert replays[0]["count"] == 16 and all(torch.equal(replays[0][k], replays[1][k]) for k in ("ids", "logits"))
+    for name in ("contrastive_state_0.safetensors", "replay_state_0.safetensors"):
+        states = [load_file(folder / "checkpoints" / "checkpoint-8" / name) for folder in (straight, resumed)]
+        assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    particles = load_file(straight / "checkpoints" / "checkpoint-8" / "contrastive_state_0.safetensors")["particles"]
+    assert particles.shape[0] == (6 if kind == "fast_pcd" else 100)
+
+
+def evil_pickle(marker):
+    """What an attacker would put in a checkpoint: a pickle whose loading runs a shell command (touching `marker`)."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    return pickle.dumps({"particles": Payload()})
+
+
+@pytest.mark.parametrize("planted", ["contrastive_state_0.pt", "contrastive_state_0.safetensors"])
+def test_resuming_a_checkpoint_with_a_planted_pickle_runs_nothing(tmp_path, small_corpus, planted):
+    """A checkpoint whose state file was replaced by a malicious pickle (under the older .pt name, or under the
+    current name): the resume refuses it with one line and exit status 2, and the pickle's command never runs."""
+    out, _ = train(tmp_path, small_corpus, "--max_steps", "4", "--save_steps", "2", "--contrastive_type", "pcd",
+                   "--do_train", "true", "--keep_checkpoints", "true", callbacks=[StopAt(2)])
+    for name in ("model.safetensors", "config.json", "nanoebm_run.json", "README.md", "all_results.json"):
+        (out / name).unlink()
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    (checkpoint / "contrastive_state_0.safetensors").unlink(missing_ok=True)  # (an older nanoebm wrote .pt)
+    marker = tmp_path / "payload-ran"
+    (checkpoint / planted).write_bytes(evil_pickle(marker))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--resume_from_checkpoint", str(checkpoint)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert not marker.exists(), "the planted pickle ran"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and str(checkpoint / planted) in done.stderr, done.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_path):
+    """Each way a state file can be wrong is one StateFileError naming the file; a good one round-trips exactly."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from nanoebm.state import StateFileError, save_state
+
+    args = SimpleNamespace(contrastive_type="pcd", n_persistent=4, buffer_init_std=1.0)
+    sampler = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=0)
+    sampler.randn((3,), "cpu")  # the generator has moved on from its seed
+    path = tmp_path / "contrastive_state_0.safetensors"
+    sampler.save(path)
+    fresh = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=1)
+    fresh.load_state_dict(fresh.read(path, block_size=5, vocab_size=7))
+    assert torch.equal(fresh.particles, sampler.particles)
+    assert torch.equal(fresh.generator.get_state(), sampler.generator.get_state())
+    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay_path = tmp_path / "replay_state_0.safetensors"
+    replay.save(replay_path)  # empty: no blocks stored yet
+    assert replay.read(replay_path, block_size=5, vocab_size=7)["ids"] is None
+    replay.push(torch.arange(15).view(3, 5), torch.arange(15).view(3, 5), torch.randn(3, 5, 7))
+    replay.save(replay_path)
+    state = replay.read(replay_path, block_size=5, vocab_size=7)
+    assert (state["count"], state["cursor"]) == (3, 3) and torch.equal(state["logits"], replay.logits)
+
+    generator = torch.Generator().get_state()
+    bad = {
+        "random bytes": lambda p: p.write_bytes(bytes(range(256)) * 4),
+        "empty": lambda p: p.write_bytes(b""),
+        "foreign safetensors": lambda p: save_file({"particles": torch.zeros(4, 7)}, str(p)),
+        "wrong particle count": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(5, 7),
+                                                                        "generator": generator}, {}),
+        "wrong vocabulary": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 9),
+                                                                    "generator": generator}, {}),
+        "wrong dtype": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7, dtype=torch.float64),
+                                                               "generator": generator}, {}),
+        "a broken generator": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7),
+                                                                       "generator": torch.zeros_like(generator)}, {}),
+        "no generator": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7)}, {}),
+        "an extra tensor": lambda p: save_state(p, "contrastive", {"particles": torch.zeros(4, 7),
+                                                                   "generator": generator, "x": torch.zeros(1)}, {}),
+        "replay state": lambda p: save_state(p, "replay", {"generator": generator}, {"count": 0, "cursor": 0}),
+    }
+    for what, write in bad.items():
+        write(path)
+        with pytest.raises(StateFileError) as caught:
+            fresh.read(path, block_size=5, vocab_size=7)
+        message = str(caught.value)
+        assert str(path) in message and "\n" not in message and "--resume_from_checkpoint" in message, what
+    save_state(replay_path, "replay", {"generator": generator}, {"count": 2, "cursor": 0})  # count without blocks
+    with pytest.raises(StateFileError, match="count=2"):
+        replay.read(replay_path, block_size=5, vocab_size=7)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    with pytest.raises(StateFileError, match="contrastive_state_0.safetensors is missing"):
+        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+    (checkpoint / "contrastive_state_0.pt").write_bytes(b"not read")
+    with pytest.raises(StateFileError, match="contrastive_state_0.pt is an older nanoebm's pickled"):
+        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+    header = {"format": "nanoebm-training-state", "version": 1, "kind": "replay", "ints": {"count": "0", "cursor": 0}}
+    save_file({"generator": generator}, str(replay_path), metadata={"nanoebm": json.dumps(header)})
+    with pytest.raises(StateFileError, match="integers"):
+        replay.read(replay_path, block_size=5, vocab_size=7)
 
 
 def test_replay_resumes_the_descent_from_stored_logits():
@@ -265,7 +366,7 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process sees its own data
     assert ranks[0]["weights"] == ranks[1]["weights"]  # and they end with the same model
     checkpoint = out / "checkpoints" / "checkpoint-6"
-    assert {"contrastive_state_0.pt", "contrastive_state_1.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert {f"contrastive_state_{r}.safetensors" for r in (0, 1)} <= {p.name for p in checkpoint.iterdir()}
     run = json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]  # the card knows how it was launched
     assert (run["processes"], run["global_batch"]) == (2, 16) and run["command"].startswith("accelerate launch")
     assert "--num_processes 2" in (out / "README.md").read_text()
