@@ -433,3 +433,101 @@ def test_help_explains_every_flag(capsys):
                  "--unk_token", "--plot", "--plot_position", "--output_json", "--compare", "--data_path",
                  "--eval_blocks", "--output_dir", "sample_top_p=P", "checkpoint=DIR"):
         assert flag in out, flag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# beam search, repetition control and the weights' precision (--num_beams, --repetition_penalty,
+# --no_repeat_ngram_size, --dtype)
+
+DECODING_FLAGS = dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=3)
+
+
+def test_beam_search_and_repetition_flags_reach_generate(model_dir, loaded, tokenizer, tmp_path):
+    ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+
+    def reference(**kw):
+        return tokenizer.decode(loaded.generate(ids, max_new_tokens=30, do_sample=False, **kw)[0, ids.shape[1]:])
+
+    expected = reference(**DECODING_FLAGS)
+    for name in DECODING_FLAGS:  # each flag changes the text: matching `expected` proves all three arrived
+        assert reference(**{k: v for k, v in DECODING_FLAGS.items() if k != name}) != expected, name
+    out_json = tmp_path / "beams.json"
+    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 30,
+                          "--num_beams", 3, "--repetition_penalty", 1.3, "--no_repeat_ngram_size", 3,
+                          "--device", "cpu", "--output_json", out_json)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out_json.read_text(encoding="utf-8"))
+    assert record["text"] == expected
+    assert done.stdout == "ROMEO:" + expected + "\n"  # beams cannot stream: printed once at the end
+    assert "beam search (3 beams)" in done.stderr and "repetition_penalty=1.3" in done.stderr
+    assert {k: record["settings"][k] for k in DECODING_FLAGS} == DECODING_FLAGS
+    text = "ROMEO:" + expected
+    trigrams = [text[i:i + 3] for i in range(len(text) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+
+
+def test_several_beams_are_returned_without_sampling(capsys, tmp_path, model_dir, loaded, tokenizer):
+    record, out, err = generate_json(capsys, tmp_path, model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
+                                     "--num_beams", 3, "--num_return_sequences", 2)
+    ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    beams = loaded.generate(ids, max_new_tokens=20, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert [s["text"] for s in record["samples"]] == [tokenizer.decode(row[ids.shape[1]:]) for row in beams]
+    assert "sample 2/2" in out
+
+
+def chosen_energies(model, tokenizer, text, prompt_len):
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        energies = model(ids, use_cache=False).energies[0, prompt_len - 1:-1]
+    return energies.gather(-1, ids[0, prompt_len:, None])[:, 0].float()
+
+
+def test_dtype_loads_the_weights_in_that_precision(model_dir, loaded, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out_json = tmp_path / "bf16.json"
+    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
+                          "--dtype", "bfloat16", "--device", "cpu", "--output_json", out_json)
+    assert done.returncode == 0, done.stderr
+    assert "in bfloat16" in done.stderr
+    record = json.loads(out_json.read_text(encoding="utf-8"))
+    assert record["settings"]["dtype"] == "bfloat16"
+    half = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert half.dtype == torch.bfloat16
+    text = "ROMEO:" + record["text"]
+    reported = torch.tensor([t["energy"] for t in record["tokens"]])
+    in_half = chosen_energies(half, tokenizer, text, 6)
+    in_full = chosen_energies(loaded, tokenizer, text, 6)
+    # the energies the CLI reports are those of bfloat16 weights, measurably not those of float32 ones
+    assert (reported - in_half).abs().max() < 0.25 * (reported - in_full).abs().max()
+    assert (reported - in_full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_beams", "0"], "--num_beams must be >= 1 (got 0)"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be > 0 (got 0.0)"),
+    (["--repetition_penalty", "-1.5"], "--repetition_penalty must be > 0 (got -1.5)"),
+    (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be >= 0 (got -1)"),
+    (["--dtype", "fp8"], "--dtype must be one of auto, float32, bfloat16, float16 (got 'fp8')"),
+    (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences 3 is more than --num_beams 2"),
+    (["--num_beams", "2", "--num_candidates", "3"], "use either --num_beams"),
+])
+def test_bad_decoding_flags(capsys, tmp_path, model_dir, argv, message):
+    out_json = tmp_path / "never.json"
+    code, out, err = run(capsys, "--model_name_or_path", model_dir, "--output_json", out_json, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and out == "" and not out_json.exists()
+
+
+def test_bad_decoding_flag_in_a_subprocess_is_one_line(model_dir):
+    done = subprocess_run("--model_name_or_path", model_dir, "--dtype", "half")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["run_generate.py: error: --dtype must be one of auto, float32, bfloat16, "
+                                        "float16 (got 'half')"]
+
+
+def test_help_explains_the_decoding_flags(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for flag in ("--num_beams", "--repetition_penalty", "--no_repeat_ngram_size", "--dtype"):
+        assert flag in out, flag
