@@ -34,7 +34,7 @@ from typing import Literal
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
 from nanoebm.cli import UsageError, reject_unknown, translate_research_syntax
-from nanoebm.compare import comparison_table, evaluate_model
+from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
 from nanoebm.plots import plot_comparison, write_plots
@@ -172,7 +172,9 @@ class GenerateArguments:
         default=None,
         metadata={"help": "Evaluate-and-compare mode: for each model folder report validation bits per character "
                           "of System 1 and System 2, the energy gap J0 - JK and decode tokens/s (System 1 and "
-                          "System 2, greedy, --max_new_tokens characters), as a table and a bar chart."},
+                          "System 2, greedy, --max_new_tokens characters), as a table and a bar chart. Every model "
+                          "is scored on the one --data_path text; the table says what each trained on (from its "
+                          "nanoebm_run.json) and a warning names those trained on another text."},
     )
     data_path: str | None = field(
         default=None,
@@ -522,9 +524,14 @@ def run_compare(args: GenerateArguments) -> int:
     for path, label in zip(args.compare, labels):
         model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
-        row["path"] = str(path)
+        row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
+    for row in rows:
+        if row["on_this_text"] is not True:
+            why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
+            note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
+                 f"on {corpus.name}, not on the text it learned")
     print(comparison_table(rows), flush=True)
     folder = Path(args.plot or args.output_dir) if (args.plot or args.output_dir) else None
     if folder is not None:

@@ -531,3 +531,70 @@ def test_help_explains_the_decoding_flags(capsys):
     assert code == 0
     for flag in ("--num_beams", "--repetition_penalty", "--no_repeat_ngram_size", "--dtype"):
         assert flag in out, flag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compare says what each model trained on
+
+
+def train_tiny(corpus, out):
+    import run_train
+
+    run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2", "--report_to",
+                    "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_steps", "1000",
+                    "--data_path", str(corpus), "--output_dir", str(out)])
+    return out
+
+
+def test_compare_labels_what_each_model_trained_on(capsys, tmp_path, model_dir, corpus_text):
+    shakespeare, reversed_lines = tmp_path / "shakespeare.txt", tmp_path / "reversed.txt"
+    shakespeare.write_text(corpus_text[:20000], encoding="utf-8")
+    reversed_lines.write_text("\n".join(corpus_text[:20000].splitlines()[::-1]), encoding="utf-8")  # same characters
+    here, other = train_tiny(shakespeare, tmp_path / "here"), train_tiny(reversed_lines, tmp_path / "other")
+    capsys.readouterr()  # the training runs' own output
+    out_json = tmp_path / "compare.json"
+    code, out, err = run(capsys, "--compare", here, other, model_dir, "--data_path", shakespeare, "--eval_blocks", 2,
+                         "--max_new_tokens", 4, "--output_json", out_json)
+    assert code == 0, err
+    rows = {r["model"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["models"]}
+    assert (rows["here"]["on_this_text"], rows["other"]["on_this_text"], rows[model_dir.name]["on_this_text"]) == (
+        True, False, None)
+    assert rows["other"]["trained_on"] == str(reversed_lines)
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in out.splitlines()[2:]}
+    assert table == {"here": "this text", "other": f"other: {reversed_lines}",
+                     model_dir.name: "? unknown (no nanoebm_run.json)"}
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 2 and "other trained on" in warnings[0] and "not on this text" in warnings[0]
+    assert f"{model_dir.name} trained on unknown" in warnings[1]
+
+
+def write_record(folder, *argvs):
+    folder.mkdir()
+    runs = [{"command": "python run_train.py", "argv": argv} for argv in argvs]
+    (folder / "nanoebm_run.json").write_text(json.dumps({"runs": runs}), encoding="utf-8")
+    return folder
+
+
+def test_training_text_reads_the_whole_lineage(tmp_path, monkeypatch):
+    from nanoebm.compare import training_text
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("hello")
+    (tmp_path / "b.txt").write_text("other")
+    monkeypatch.delenv("NANOEBM_DATA", raising=False)
+    cases = {
+        "file": ([["--data_path", str(corpus)]], str(corpus), True),
+        "equals": ([[f"--data_path={corpus}"]], str(corpus), True),
+        "continued": ([["--data_path", str(corpus)], ["--data_path", str(tmp_path / "b.txt")]],
+                      f"{corpus} then {tmp_path / 'b.txt'}", False),
+        "dataset": ([["--dataset_name", "data/jsonl"]], "data set data/jsonl", False),
+        "gone": ([["--data_path", "relative/where/training/ran.txt"]], "relative/where/training/ran.txt", None),
+        "default": ([["--max_steps", "5"]], "the default corpus ($NANOEBM_DATA or the tiny Shakespeare)", False),
+    }
+    for name, (argvs, label, verdict) in cases.items():
+        assert training_text(write_record(tmp_path / name, *argvs), corpus) == dict(
+            trained_on=label, on_this_text=verdict), name
+    # the default corpus is the one the same resolution finds here
+    monkeypatch.setenv("NANOEBM_DATA", str(corpus))
+    assert training_text(tmp_path / "default", corpus)["on_this_text"] is True
