@@ -598,3 +598,57 @@ def test_training_text_reads_the_whole_lineage(tmp_path, monkeypatch):
     # the default corpus is the one the same resolution finds here
     monkeypatch.setenv("NANOEBM_DATA", str(corpus))
     assert training_text(tmp_path / "default", corpus)["on_this_text"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the energy bowl picture: the title and the shading speak of the same per-logit trust region; names never overlap
+
+
+def drawn_bowl(bowl):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoebm.plots import _plot_bowl
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    _plot_bowl(ax, bowl)
+    fig.canvas.draw()
+    return fig, ax, fig.canvas.get_renderer()
+
+
+@pytest.mark.parametrize("steps, lr", [(4, 3.0), (12, 40.0)])
+def test_energy_bowl_title_and_shading_agree_and_names_do_not_overlap(loaded, tokenizer, corpus_text, steps, lr):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from nanoebm.analysis import energy_bowl
+    from nanoebm.plots import move_summary
+
+    ids = torch.tensor([tokenizer(corpus_text[:40])["input_ids"]])
+    bowl = energy_bowl(loaded, ids, target=30, window_start=0, think_steps=steps, think_lr=lr)
+    fig, ax, renderer = drawn_bowl(bowl)
+    names = [t for t in ax.texts if t.get_text().startswith("v")]
+    assert names[0].get_text() in {f"v{k}" for k in range(steps)} | {f"vK=v{steps}"}
+    boxes = [Text.get_window_extent(t, renderer) for t in names]  # the names alone, without their lines
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), [t.get_text() for t in names]
+    # the title reports the largest move of one logit, the quantity the trust region bounds
+    limit = loaded.config.think_max_move
+    with torch.no_grad():
+        out = loaded(ids[:, :30], use_cache=False, think_steps=steps, think_lr=lr)
+        v0 = loaded.initial_logits(out.energies[:, -1:])
+    vK = out.logits[:, -1:].float()
+    move = float((vK - vK.mean(-1, keepdim=True) - v0).abs().max())
+    assert bowl["max_move"] == pytest.approx(move, rel=1e-4)
+    assert move_summary(bowl) == f"max_y |vK - v0| = {move:.3g} (trust region {limit:.3g} per logit)"
+    shaded = [p.get_window_extent(renderer).transformed(ax.transData.inverted()) for p in ax.patches]
+    if steps == 12:  # the descent pressed against the trust region: shading from where some logit leaves it
+        assert bowl["trust_t"] == pytest.approx(limit / move, rel=1e-4) and bowl["trust_t"] < bowl["ts"][-1]
+        assert [round(box.x0, 4) for box in shaded] == [round(bowl["trust_t"], 4)]
+        assert any(f"think_max_move = {limit:.3g}" in t.get_text() for t in ax.get_legend().get_texts())
+    else:
+        assert bowl["trust_t"] > bowl["ts"][-1] and not shaded
+    plt.close(fig)
