@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -128,6 +128,9 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
+    # activation checkpointing of the backbone's blocks (NanoEBMModel.run_block), switched on by transformers'
+    # gradient_checkpointing_enable / the Trainer's --gradient_checkpointing
+    supports_gradient_checkpointing = True
     # forward takes **kwargs; without this the Trainer would divide the loss by the accumulation steps twice
     accepts_loss_kwargs = False
 
@@ -191,6 +194,7 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.gradient_checkpointing = False  # set, with _gradient_checkpointing_func, by gradient_checkpointing_enable
         self.post_init()
 
     def get_input_embeddings(self):
@@ -233,6 +237,9 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         if T == 0:
             raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
         use_cache = use_cache if use_cache is not None else (getattr(self.config, "use_cache", True) and not self.training)
+        if use_cache and self.checkpointing():  # the backward pass re-runs each block: it would write the cache twice
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: not caching")
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -253,7 +260,8 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            x, own_kv = block(x, attn_mask, rotary, cache if use_cache else None)
+            x, own_kv = self.run_block(block, x, attn_mask, rotary, cache if use_cache else None,
+                                       reads_context=return_context_kv)
             if return_context_kv:
                 context_kv.append(own_kv)
         x = self.ln_f(x)
@@ -283,8 +291,36 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
             mask = mask & torch.cat((key_valid.bool(), own), dim=1)[:, None, None, :]
         x, rotary = self.embed(embeds, position_ids)
         for block, kv in zip(self.h, context_kv):
-            x, _ = block(x, mask, rotary, None, kv)
+            x, _ = self.run_block(block, x, mask, rotary, context_kv=kv, reads_context=True)
         return self.ln_f(x)
+
+    def checkpointing(self) -> bool:
+        """Activation checkpointing applies when it is on, in training, with gradients to compute (never decoding)."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def run_block(self, block, x, mask, rotary, cache=None, context_kv=None, reads_context=False):
+        """One block; under activation checkpointing its activations are recomputed in the backward pass instead of
+        kept. `reads_context`: gradients must also flow through the real tokens' keys and values that provisional
+        tokens read (soft tokens, ebt), and the descent differentiates through the block with torch.autograd.grad
+        (twice in training). Only the non-reentrant checkpoint (transformers' default) does both; its preserved RNG
+        state replays the same dropout."""
+        if not self.checkpointing():
+            return block(x, mask, rotary, cache, context_kv)
+        options = getattr(self._gradient_checkpointing_func, "keywords", None)  # a partial of torch's checkpoint
+        if reads_context and options is not None and options.get("use_reentrant", True):  # torch's default: True
+            raise ValueError(
+                f"gradient_checkpointing_kwargs use_reentrant=True cannot carry the gradients that "
+                f"landscape={self.config.landscape!r} needs (through the context's keys and values and the thinking "
+                f"descent): use use_reentrant=False, the default"
+            )
+        kernels = _cur_sdpa_kernel_backends()  # the replay runs the attention kernels this forward ran (the descent's
+        # second order needs the math one, chosen around the forward but not around the backward that replays it)
+
+        def replay(*inputs):
+            with sdpa_kernel(kernels):
+                return block(*inputs)
+
+        return self._gradient_checkpointing_func(replay, x, mask, rotary, None, context_kv)
 
 
 def real_token_ids(input_ids, attention_mask, vocab_size):

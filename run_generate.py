@@ -35,7 +35,7 @@ from typing import Literal
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
                          unk_token_field)
-from nanoebm.compare import comparison_table, evaluate_model
+from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
 from nanoebm.plots import plot_comparison, write_plots
@@ -101,6 +101,19 @@ class GenerateArguments:
         metadata={"help": "Nucleus sampling: keep the smallest set of characters whose probability reaches p, "
                           "0 < p <= 1 (with --do_sample). Research syntax: sample_top_p=P."},
     )
+    num_beams: int = field(
+        default=1,
+        metadata={"help": "Beam search over this many beams (>= 1; 1: none); with --do_sample, beam sampling. "
+                          "Printed at the end (streaming cannot follow beams)."},
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Divide the positive and multiply the negative scores of characters already in the text "
+                          "by this (> 0; 1: off; above 1 discourages repeats)."},
+    )
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"help": "Never produce the same run of this many characters twice (>= 0; 0: off)."}
+    )
     seed: int = field(default=1337, metadata={"help": "Random seed (sampling is reproducible for a given seed)."})
     num_return_sequences: int = field(
         default=1, metadata={"help": "Independent samples to print (needs --do_sample); printed at the end."}
@@ -128,6 +141,11 @@ class GenerateArguments:
     device: Literal["auto", "cpu", "cuda", "mps"] = field(
         default="auto", metadata={"help": "Where to run: auto picks cuda, then mps, then cpu."}
     )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Precision of the weights (from_pretrained's dtype): auto (as saved), float32, bfloat16 "
+                          "or float16."},
+    )
     unk_token: str | None = unk_token_field()
     plot: str | None = field(
         default=None,
@@ -151,7 +169,9 @@ class GenerateArguments:
         default=None,
         metadata={"help": "Evaluate-and-compare mode: for each model folder report validation bits per character "
                           "of System 1 and System 2, the energy gap J0 - JK and decode tokens/s (System 1 and "
-                          "System 2, greedy, --max_new_tokens characters), as a table and a bar chart."},
+                          "System 2, greedy, --max_new_tokens characters), as a table and a bar chart. Every model "
+                          "is scored on the one --data_path text; the table says what each trained on (from its "
+                          "nanoebm_run.json) and a warning names those trained on another text."},
     )
     data_path: str | None = field(
         default=None,
@@ -182,6 +202,9 @@ RESEARCH_KEYS = {
 }
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: what from_pretrained's dtype accepts by name
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown where there is one (not "default: None"), the epilog's layout kept."""
 
@@ -202,6 +225,8 @@ examples:
   run_generate.py --model_name_or_path out --think_steps 4 --top_k 64 --do_sample --temperature 1.2 --top_p 0.9
   run_generate.py --model_name_or_path out --no_thinking                      # System 1, greedy
   run_generate.py --model_name_or_path out --do_sample --num_candidates 8 --select min_energy
+  run_generate.py --model_name_or_path out --num_beams 4 --repetition_penalty 1.3 --no_repeat_ngram_size 4
+  run_generate.py --model_name_or_path out --dtype bfloat16
   run_generate.py --model_name_or_path out --plot plots --output_json sample.json
   run_generate.py --compare out-a out-b --eval_blocks 20 --plot plots
   run_generate.py checkpoint=out use_thinking=true think_steps=4 topk=64 sample=true sample_temp=1.2 sample_top_p=0.9
@@ -243,7 +268,7 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError("--compare takes the model folders itself: drop --model_name_or_path")
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
-    for name in ("temperature", "top_p", "think_lr"):
+    for name in ("temperature", "top_p", "think_lr", "repetition_penalty"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number (got {value})")
@@ -263,9 +288,22 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError("--num_return_sequences and --num_candidates must be >= 1")
     if args.num_return_sequences > 1 and args.num_candidates > 1:
         raise UsageError("use either --num_return_sequences (print every sample) or --num_candidates (keep the best)")
-    if args.num_return_sequences > 1 and not args.do_sample:
-        raise UsageError("--num_return_sequences > 1 needs --do_sample (greedy decoding returns the same text every "
-                         "time)")
+    if args.num_beams < 1:
+        raise UsageError(f"--num_beams must be >= 1 (got {args.num_beams}); 1 means no beam search")
+    if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
+        raise UsageError(f"--num_return_sequences {args.num_return_sequences} is more than --num_beams "
+                         f"{args.num_beams}: beam search returns at most one sequence per beam")
+    if args.num_return_sequences > 1 and not args.do_sample and args.num_beams == 1:
+        raise UsageError("--num_return_sequences > 1 needs --do_sample or --num_beams (greedy decoding returns the "
+                         "same text every time)")
+    if args.num_beams > 1 and args.num_candidates > 1:
+        raise UsageError("use either --num_beams (beam search) or --num_candidates (sample, keep the lowest energy)")
+    if not args.repetition_penalty > 0:
+        raise UsageError(f"--repetition_penalty must be > 0 (got {args.repetition_penalty}); 1 means no penalty")
+    if args.no_repeat_ngram_size < 0:
+        raise UsageError(f"--no_repeat_ngram_size must be >= 0 (got {args.no_repeat_ngram_size}); 0 means off")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {args.dtype!r})")
     if args.num_candidates > 1 and not args.do_sample:
         note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
         args.do_sample = True
@@ -303,9 +341,9 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def load_model(path: str, device, unk_token: str | None = None):
-    """(model, tokenizer) from a saved folder, through the Auto classes (the folder's own code); UsageError with the
-    reason otherwise (nanoebm/folders.py)."""
+def load_model(path: str, device, unk_token: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer) from a saved folder, through the Auto classes (the folder's own code), weights in `dtype`;
+    UsageError with the reason otherwise (nanoebm/folders.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, _, weights = check_model_folder(path)
@@ -314,7 +352,7 @@ def load_model(path: str, device, unk_token: str | None = None):
             folder, trust_remote_code=True, **({"unk_token": unk_token} if unk_token is not None else {})
         )
     with loading(folder, weights):
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
     if tokenizer.vocab_size > model.config.vocab_size:  # characters only: the pad id lies outside the vocabulary
         raise UsageError(f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} characters but the model only "
                          f"{model.config.vocab_size} ids")
@@ -338,7 +376,8 @@ def read_prompt(args: GenerateArguments) -> str:
 
 def generation_kwargs(args: GenerateArguments, thinking: dict, n: int) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_return_sequences=n,
-                  use_thinking=thinking["use_thinking"])
+                  use_thinking=thinking["use_thinking"], num_beams=args.num_beams,
+                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.think_steps is not None:
         kwargs["think_steps"] = args.think_steps
     if args.think_lr is not None:
@@ -355,7 +394,7 @@ def run_generate(args: GenerateArguments) -> int:
     from transformers import TextStreamer, set_seed
 
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model_name_or_path, device, args.unk_token)
+    model, tokenizer = load_model(args.model_name_or_path, device, args.unk_token, args.dtype)
     prompt = read_prompt(args)
     if prompt == "":
         note("empty prompt: starting from a newline '\\n'")
@@ -363,13 +402,18 @@ def run_generate(args: GenerateArguments) -> int:
     prompt_ids = encode(tokenizer, prompt)
     thinking = resolved_thinking(model, args)
     n = max(args.num_return_sequences, args.num_candidates)
-    stream = args.stream and n == 1
+    stream = args.stream and n == 1 and args.num_beams == 1
     mode = (f"System 2 ({thinking['think_steps']} thinking steps, alpha={thinking['think_lr']:.4g})"
             if thinking["use_thinking"] and thinking["think_steps"] > 0 else "System 1 (no thinking)")
     decoding = (f"sampling (T={args.temperature}, top_k={args.top_k or 'off'}, top_p={args.top_p}, seed={args.seed})"
                 if args.do_sample else "greedy")
+    if args.num_beams > 1:
+        decoding = f"beam search ({args.num_beams} beams), {decoding}"
+    if args.repetition_penalty != 1.0 or args.no_repeat_ngram_size:
+        decoding += (f", repetition_penalty={args.repetition_penalty}, "
+                     f"no_repeat_ngram_size={args.no_repeat_ngram_size or 'off'}")
     note(f"{Path(args.model_name_or_path).name}: {mode}, {decoding}, {args.max_new_tokens} characters"
-         + (f" x {n}" if n > 1 else "") + f" on {device}")
+         + (f" x {n}" if n > 1 else "") + f" on {device}" + (f" in {args.dtype}" if args.dtype != "auto" else ""))
 
     set_seed(args.seed)
     input_ids = torch.tensor([prompt_ids], device=device)
@@ -484,11 +528,16 @@ def run_compare(args: GenerateArguments) -> int:
          f"speed over {args.max_new_tokens} characters, greedy, on {device}")
     rows = []
     for path, label in zip(args.compare, labels):
-        model, tokenizer = load_model(path, device, args.unk_token)
+        model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
-        row["path"] = str(path)
+        row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
+    for row in rows:
+        if row["on_this_text"] is not True:
+            why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
+            note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
+                 f"on {corpus.name}, not on the text it learned")
     print(comparison_table(rows), flush=True)
     folder = Path(args.plot or args.output_dir) if (args.plot or args.output_dir) else None
     if folder is not None:

@@ -7,7 +7,6 @@ Importing it costs no torch or transformers (they are imported where they are us
 
 from __future__ import annotations
 
-import math
 import sys
 
 from nanoebm.cli import UsageError
@@ -104,7 +103,8 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
     past the bottom of J along the line when that lies further out (at most t = 40).
 
     Returns ts and J(v(t)), J0 = J(v0); the thinking iterates projected on the line (t_k) with their energies J_k
-    (the model's own energy trace); and the trust region |v - v0| <= think_max_move as an interval of t. One
+    (the model's own energy trace); the largest move of one logit, max_y |vK - v0|; and where along the line the
+    trust region ends (trust_t: every logit within think_max_move of v0 for |t| <= trust_t, None without one). One
     descent (no self-verification); v0 is the start that descent drew (random starts and init noise are replayed
     from the same seed inside a forked RNG, so the caller's random state on the CPU and on CUDA is untouched; on
     other devices, such as MPS, the seed stays set).
@@ -160,5 +160,6 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
         J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
         biggest = float(last.abs().max())
         trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
-    return dict(ts=ts.tolist(), J=bowl, J0=J0, t_k=t_k[:len(J_k)], J_k=J_k, move=math.sqrt(norm), trust_t=trust)
+    return dict(ts=ts.tolist(), J=bowl, J0=J0, t_k=t_k[:len(J_k)], J_k=J_k, max_move=biggest,
+                think_max_move=cfg.think_max_move, trust_t=trust)
 

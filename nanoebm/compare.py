@@ -5,10 +5,12 @@ and decode speed for one loaded model, and the Markdown table of several. torch 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from nanoebm.analysis import encode, resolved_thinking
+from nanoebm.card import read_record
 from nanoebm.cli import UsageError
-from nanoebm.corpus import fixed_blocks, load_bpc_metric
+from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
 
 
 def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
@@ -61,17 +63,64 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
     )
 
 
+def training_text(folder, corpus: Path) -> dict:
+    """What the model in `folder` trained on, from its run record (every run of its lineage), and whether that is
+    `corpus`, the text --compare scores it on: trained_on (a label) and on_this_text (True, False, or None when the
+    record cannot say: no record, or a recorded path that does not exist here)."""
+    record = read_record(folder)
+    if record is None:
+        return dict(trained_on="unknown (no nanoebm_run.json)", on_this_text=None)
+    labels, verdicts = [], []
+    for run in record["runs"]:
+        argv = run.get("argv")
+        if not isinstance(argv, list):
+            label, same = "unknown (no command recorded)", None
+        elif last_value(argv, "dataset_name") is not None:
+            label, same = f"data set {last_value(argv, 'dataset_name')}", False
+        else:
+            path = last_value(argv, "data_path")
+            label = path if path is not None else "the default corpus ($NANOEBM_DATA or the tiny Shakespeare)"
+            same = same_file(path, corpus)
+        if label not in labels:
+            labels.append(label)
+        verdicts.append(same)
+    on_this_text = False if False in verdicts else None if None in verdicts else True
+    return dict(trained_on=" then ".join(labels), on_this_text=on_this_text)
+
+
+def last_value(argv: list, name: str):
+    """The last value of --name in a recorded command line (`--name v` or `--name=v`), or None."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(f"--{name}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def same_file(recorded, corpus: Path):
+    """Whether a recorded --data_path (None: the default, resolved here as it was at training) is `corpus`; None
+    when the recorded file is not here (a relative path was relative to where training ran)."""
+    try:
+        found = resolve_data_path(recorded) if recorded is not None else resolve_data_path()
+    except FileNotFoundError:
+        return None
+    return found.resolve() == corpus.resolve()
+
+
 def comparison_table(rows: list[dict]) -> str:
     """The rows of evaluate_model as a Markdown table."""
-    header = ("| model | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 | energy gap J0-JK "
-              "| tok/s System 1 | tok/s System 2 |")
-    lines = [header, "|" + "---|" * 9]
+    header = ("| model | trained on | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 "
+              "| energy gap J0-JK | tok/s System 1 | tok/s System 2 |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         gap = f"{r['energy_gap']:.4g}" if r["energy_gap"] is not None else "-"
+        trained = {True: "this text", False: f"other: {r['trained_on']}", None: f"? {r['trained_on']}"}
         lines.append(
-            f"| {r['model']} | {r['landscape']} | {r['think_steps']} | {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} "
-            f"| {r['bpc_system2'] - r['bpc_system1']:+.4f} | {gap} | {r['tokens_per_s_system1']:.1f} "
-            f"| {r['tokens_per_s_system2']:.1f} |"
+            f"| {r['model']} | {trained[r['on_this_text']]} | {r['landscape']} | {r['think_steps']} "
+            f"| {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} | {r['bpc_system2'] - r['bpc_system1']:+.4f} | {gap} "
+            f"| {r['tokens_per_s_system1']:.1f} | {r['tokens_per_s_system2']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -130,23 +130,46 @@ def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int
 
 
 def _plot_bowl(ax, bowl: dict):
+    """J along the line v0 -> vK, the thinking iterates on it, and the per-logit trust region |v_y - v0_y| <=
+    think_max_move shaded where it ends (beyond |t| = trust_t some logit has moved further)."""
     ax.plot(bowl["ts"], bowl["J"], color="tab:blue", lw=2, label="J(v0 + t (vK - v0))")
     if bowl["J_k"]:
         ax.scatter(bowl["t_k"], bowl["J_k"], color="tab:red", zorder=3, s=25, label="thinking iterates (projected)")
-        K = len(bowl["J_k"]) - 1
-        crowded = (bowl["ts"][-1] - bowl["ts"][0]) > 8  # iterates too close together to label each
-        for k, (t, J) in enumerate(zip(bowl["t_k"], bowl["J_k"])):
-            if not crowded or k in (0, K):
-                ax.annotate(f"v{k}" if k < K or K == 0 else f"vK=v{k}", (t, J), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-    if bowl.get("trust_t") is not None and bowl["trust_t"] < bowl["ts"][-1]:
-        ax.axvspan(bowl["trust_t"], bowl["ts"][-1], color="grey", alpha=0.12, lw=0,
-                   label="outside the trust region |v - v0| <= think_max_move")
+    low, high = ax.get_ylim()  # autoscaled to the curve and the points; room above for the legend, below for names
+    ax.set_ylim(low - (0.3 if bowl["J_k"] else 0.0) * (high - low), high + 0.3 * (high - low))
+    if bowl["J_k"]:
+        _name_iterates(ax, bowl["t_k"], bowl["J_k"])
+    trust, (first, last) = bowl.get("trust_t"), (bowl["ts"][0], bowl["ts"][-1])
+    if trust is not None:
+        label = f"outside the trust region: some logit moved > think_max_move = {bowl['think_max_move']:.3g}"
+        for low, high in ((trust, last), (first, -trust)):
+            if low < high:
+                ax.axvspan(low, high, color="grey", alpha=0.12, lw=0, label=label)
+                label = None
     ax.axvline(0, color="grey", lw=0.5, ls=":")
     ax.axvline(1, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("t  (0 = System 1 logits v0, 1 = refined logits vK)")
     ax.set_ylabel("expected energy J")
     ax.legend(fontsize=7, loc="upper right")
+
+
+def _name_iterates(ax, t_k, J_k, most: int = 6):
+    """Name the iterates in the band left under the curve, evenly spaced in the order of their t, each with a line
+    to its point: iterates close together on the line would print their names over one another. A long descent
+    names v0, vK and a few between (at most `most`)."""
+    K = len(t_k) - 1
+    named = sorted({0, K, *range(0, K + 1, max(1, math.ceil(K / (most - 1))))}, key=lambda k: (t_k[k], k))
+    for i, k in enumerate(named):
+        ax.annotate(f"v{k}" if k < K or K == 0 else f"vK=v{k}", xy=(t_k[k], J_k[k]),
+                    xytext=((i + 1) / (len(named) + 1), 0.06), textcoords="axes fraction", ha="center", fontsize=8,
+                    color="tab:red", arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.6, alpha=0.6))
+
+
+def move_summary(bowl: dict) -> str:
+    """The largest move of one logit and the per-logit trust region it answers to: what the shading marks."""
+    limit = bowl["think_max_move"]
+    bound = f"(trust region {limit:.3g} per logit)" if limit > 0 else "(no trust region)"
+    return f"max_y |vK - v0| = {bowl['max_move']:.3g} {bound}"
 
 
 @_plain_text
@@ -158,7 +181,7 @@ def plot_thinking_at_position(chars: str, index: int, logp1, logp2, vocab, chose
     _plot_distribution(ax, logp1, logp2, vocab, chosen)
     ax.set_title(f"next character after ...{context!s} (chose {show_char(vocab[chosen])!r})", fontsize=9)
     _plot_bowl(ax2, bowl)
-    ax2.set_title(f"energy bowl at generated character #{index} (|vK - v0| = {bowl['move']:.3g})", fontsize=9)
+    ax2.set_title(f"energy bowl at generated character #{index}\n{move_summary(bowl)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

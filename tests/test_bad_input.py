@@ -59,6 +59,10 @@ GENERATE_BAD = {
     "do_sample": NOT_A_BOOLEAN,
     "stream": NOT_A_BOOLEAN,
     "plot_position": st.one_of(NOT_AN_INTEGER, st.just("100000"), st.just("-100000")),
+    "num_beams": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
+    "repetition_penalty": st.one_of(NOT_A_NUMBER, NON_FINITE, NOT_POSITIVE),
+    "no_repeat_ngram_size": st.one_of(NOT_AN_INTEGER, NEGATIVE),
+    "dtype": st.sampled_from(["float64x", "int8", "", "half"]),
 }
 
 

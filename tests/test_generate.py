@@ -449,3 +449,222 @@ def test_help_explains_every_flag(capsys):
                  "--unk_token", "--plot", "--plot_position", "--output_json", "--compare", "--data_path",
                  "--eval_blocks", "--output_dir", "sample_top_p=P", "checkpoint=DIR"):
         assert flag in out, flag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# beam search, repetition control and the weights' precision (--num_beams, --repetition_penalty,
+# --no_repeat_ngram_size, --dtype)
+
+DECODING_FLAGS = dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=3)
+
+
+def test_beam_search_and_repetition_flags_reach_generate(model_dir, loaded, tokenizer, tmp_path):
+    ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+
+    def reference(**kw):
+        return tokenizer.decode(loaded.generate(ids, max_new_tokens=30, do_sample=False, **kw)[0, ids.shape[1]:])
+
+    expected = reference(**DECODING_FLAGS)
+    for name in DECODING_FLAGS:  # each flag changes the text: matching `expected` proves all three arrived
+        assert reference(**{k: v for k, v in DECODING_FLAGS.items() if k != name}) != expected, name
+    out_json = tmp_path / "beams.json"
+    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 30,
+                          "--num_beams", 3, "--repetition_penalty", 1.3, "--no_repeat_ngram_size", 3,
+                          "--device", "cpu", "--output_json", out_json)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out_json.read_text(encoding="utf-8"))
+    assert record["text"] == expected
+    assert done.stdout == "ROMEO:" + expected + "\n"  # beams cannot stream: printed once at the end
+    assert "beam search (3 beams)" in done.stderr and "repetition_penalty=1.3" in done.stderr
+    assert {k: record["settings"][k] for k in DECODING_FLAGS} == DECODING_FLAGS
+    text = "ROMEO:" + expected
+    trigrams = [text[i:i + 3] for i in range(len(text) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+
+
+def test_several_beams_are_returned_without_sampling(capsys, tmp_path, model_dir, loaded, tokenizer):
+    record, out, err = generate_json(capsys, tmp_path, model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
+                                     "--num_beams", 3, "--num_return_sequences", 2)
+    ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    beams = loaded.generate(ids, max_new_tokens=20, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert [s["text"] for s in record["samples"]] == [tokenizer.decode(row[ids.shape[1]:]) for row in beams]
+    assert "sample 2/2" in out
+
+
+def chosen_energies(model, tokenizer, text, prompt_len):
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        energies = model(ids, use_cache=False).energies[0, prompt_len - 1:-1]
+    return energies.gather(-1, ids[0, prompt_len:, None])[:, 0].float()
+
+
+def test_dtype_loads_the_weights_in_that_precision(model_dir, loaded, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out_json = tmp_path / "bf16.json"
+    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
+                          "--dtype", "bfloat16", "--device", "cpu", "--output_json", out_json)
+    assert done.returncode == 0, done.stderr
+    assert "in bfloat16" in done.stderr
+    record = json.loads(out_json.read_text(encoding="utf-8"))
+    assert record["settings"]["dtype"] == "bfloat16"
+    half = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert half.dtype == torch.bfloat16
+    text = "ROMEO:" + record["text"]
+    reported = torch.tensor([t["energy"] for t in record["tokens"]])
+    in_half = chosen_energies(half, tokenizer, text, 6)
+    in_full = chosen_energies(loaded, tokenizer, text, 6)
+    # the energies the CLI reports are those of bfloat16 weights, measurably not those of float32 ones
+    assert (reported - in_half).abs().max() < 0.25 * (reported - in_full).abs().max()
+    assert (reported - in_full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_beams", "0"], "--num_beams must be >= 1 (got 0)"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be > 0 (got 0.0)"),
+    (["--repetition_penalty", "-1.5"], "--repetition_penalty must be > 0 (got -1.5)"),
+    (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be >= 0 (got -1)"),
+    (["--dtype", "fp8"], "--dtype must be one of auto, float32, bfloat16, float16 (got 'fp8')"),
+    (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences 3 is more than --num_beams 2"),
+    (["--num_beams", "2", "--num_candidates", "3"], "use either --num_beams"),
+])
+def test_bad_decoding_flags(capsys, tmp_path, model_dir, argv, message):
+    out_json = tmp_path / "never.json"
+    code, out, err = run(capsys, "--model_name_or_path", model_dir, "--output_json", out_json, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and out == "" and not out_json.exists()
+
+
+def test_bad_decoding_flag_in_a_subprocess_is_one_line(model_dir):
+    done = subprocess_run("--model_name_or_path", model_dir, "--dtype", "half")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["run_generate.py: error: --dtype must be one of auto, float32, bfloat16, "
+                                        "float16 (got 'half')"]
+
+
+def test_help_explains_the_decoding_flags(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for flag in ("--num_beams", "--repetition_penalty", "--no_repeat_ngram_size", "--dtype"):
+        assert flag in out, flag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compare says what each model trained on
+
+
+def train_tiny(corpus, out):
+    import run_train
+
+    run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2", "--report_to",
+                    "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_steps", "1000",
+                    "--data_path", str(corpus), "--output_dir", str(out)])
+    return out
+
+
+def test_compare_labels_what_each_model_trained_on(capsys, tmp_path, model_dir, corpus_text):
+    shakespeare, reversed_lines = tmp_path / "shakespeare.txt", tmp_path / "reversed.txt"
+    shakespeare.write_text(corpus_text[:20000], encoding="utf-8")
+    reversed_lines.write_text("\n".join(corpus_text[:20000].splitlines()[::-1]), encoding="utf-8")  # same characters
+    here, other = train_tiny(shakespeare, tmp_path / "here"), train_tiny(reversed_lines, tmp_path / "other")
+    capsys.readouterr()  # the training runs' own output
+    out_json = tmp_path / "compare.json"
+    code, out, err = run(capsys, "--compare", here, other, model_dir, "--data_path", shakespeare, "--eval_blocks", 2,
+                         "--max_new_tokens", 4, "--output_json", out_json)
+    assert code == 0, err
+    rows = {r["model"]: r for r in json.loads(out_json.read_text(encoding="utf-8"))["models"]}
+    assert (rows["here"]["on_this_text"], rows["other"]["on_this_text"], rows[model_dir.name]["on_this_text"]) == (
+        True, False, None)
+    assert rows["other"]["trained_on"] == str(reversed_lines)
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in out.splitlines()[2:]}
+    assert table == {"here": "this text", "other": f"other: {reversed_lines}",
+                     model_dir.name: "? unknown (no nanoebm_run.json)"}
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 2 and "other trained on" in warnings[0] and "not on this text" in warnings[0]
+    assert f"{model_dir.name} trained on unknown" in warnings[1]
+
+
+def write_record(folder, *argvs):
+    folder.mkdir()
+    runs = [{"command": "python run_train.py", "argv": argv} for argv in argvs]
+    (folder / "nanoebm_run.json").write_text(json.dumps({"runs": runs}), encoding="utf-8")
+    return folder
+
+
+def test_training_text_reads_the_whole_lineage(tmp_path, monkeypatch):
+    from nanoebm.compare import training_text
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("hello")
+    (tmp_path / "b.txt").write_text("other")
+    monkeypatch.delenv("NANOEBM_DATA", raising=False)
+    cases = {
+        "file": ([["--data_path", str(corpus)]], str(corpus), True),
+        "equals": ([[f"--data_path={corpus}"]], str(corpus), True),
+        "continued": ([["--data_path", str(corpus)], ["--data_path", str(tmp_path / "b.txt")]],
+                      f"{corpus} then {tmp_path / 'b.txt'}", False),
+        "dataset": ([["--dataset_name", "data/jsonl"]], "data set data/jsonl", False),
+        "gone": ([["--data_path", "relative/where/training/ran.txt"]], "relative/where/training/ran.txt", None),
+        "default": ([["--max_steps", "5"]], "the default corpus ($NANOEBM_DATA or the tiny Shakespeare)", False),
+    }
+    for name, (argvs, label, verdict) in cases.items():
+        assert training_text(write_record(tmp_path / name, *argvs), corpus) == dict(
+            trained_on=label, on_this_text=verdict), name
+    # the default corpus is the one the same resolution finds here
+    monkeypatch.setenv("NANOEBM_DATA", str(corpus))
+    assert training_text(tmp_path / "default", corpus)["on_this_text"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the energy bowl picture: the title and the shading speak of the same per-logit trust region; names never overlap
+
+
+def drawn_bowl(bowl):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoebm.plots import _plot_bowl
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    _plot_bowl(ax, bowl)
+    fig.canvas.draw()
+    return fig, ax, fig.canvas.get_renderer()
+
+
+@pytest.mark.parametrize("steps, lr", [(4, 3.0), (12, 40.0)])
+def test_energy_bowl_title_and_shading_agree_and_names_do_not_overlap(loaded, tokenizer, corpus_text, steps, lr):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from nanoebm.analysis import energy_bowl
+    from nanoebm.plots import move_summary
+
+    ids = torch.tensor([tokenizer(corpus_text[:40])["input_ids"]])
+    bowl = energy_bowl(loaded, ids, target=30, window_start=0, think_steps=steps, think_lr=lr)
+    fig, ax, renderer = drawn_bowl(bowl)
+    names = [t for t in ax.texts if t.get_text().startswith("v")]
+    assert names[0].get_text() in {f"v{k}" for k in range(steps)} | {f"vK=v{steps}"}
+    boxes = [Text.get_window_extent(t, renderer) for t in names]  # the names alone, without their lines
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), [t.get_text() for t in names]
+    # the title reports the largest move of one logit, the quantity the trust region bounds
+    limit = loaded.config.think_max_move
+    with torch.no_grad():
+        out = loaded(ids[:, :30], use_cache=False, think_steps=steps, think_lr=lr)
+        v0 = loaded.initial_logits(out.energies[:, -1:])
+    vK = out.logits[:, -1:].float()
+    move = float((vK - vK.mean(-1, keepdim=True) - v0).abs().max())
+    assert bowl["max_move"] == pytest.approx(move, rel=1e-4)
+    assert move_summary(bowl) == f"max_y |vK - v0| = {move:.3g} (trust region {limit:.3g} per logit)"
+    shaded = [p.get_window_extent(renderer).transformed(ax.transData.inverted()) for p in ax.patches]
+    if steps == 12:  # the descent pressed against the trust region: shading from where some logit leaves it
+        assert bowl["trust_t"] == pytest.approx(limit / move, rel=1e-4) and bowl["trust_t"] < bowl["ts"][-1]
+        assert [round(box.x0, 4) for box in shaded] == [round(bowl["trust_t"], 4)]
+        assert any(f"think_max_move = {limit:.3g}" in t.get_text() for t in ax.get_legend().get_texts())
+    else:
+        assert bowl["trust_t"] > bowl["ts"][-1] and not shaded
+    plt.close(fig)
