@@ -7,7 +7,9 @@ the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is 
 """
 
 import math
-from contextlib import nullcontext
+import os
+import stat
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -131,14 +133,16 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry)."""
+        """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry),
+        whose files get the modes the umask gives (the Trainer's saves come through here too)."""
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_nanoebm.NanoEBMConfig",
             "AutoModel": "modeling_nanoebm.NanoEBMModel",
             "AutoModelForCausalLM": "modeling_nanoebm.NanoEBMForCausalLM",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with ordinary_file_modes(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -168,6 +172,42 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.token_bias)
         elif isinstance(module, NanoEBMForCausalLM):
             init.constant_(module.think_lr_raw, inverse_softplus(self.config.think_lr))
+
+
+@contextmanager
+def ordinary_file_modes(folder):
+    """Give the files written into `folder` inside this block the modes a plain `open()` would: a new file
+    0o666 minus the umask, a replaced one its old mode. safetensors (from 0.8) writes the weights to a temporary
+    file, created 0600, and renames it into place, so a model folder whose other files the umask made readable to
+    all (a cluster's shared disk, a web server) had weights only their owner could read."""
+    folder = str(folder)
+    before = {} if not os.path.isdir(folder) else {e.name: e.stat() for e in os.scandir(folder) if e.is_file()}
+    yield
+    fresh = 0o666 & ~current_umask()
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        now, old = entry.stat(), before.get(entry.name)
+        if old is not None and (old.st_ino, old.st_mode) == (now.st_ino, now.st_mode):
+            continue  # untouched, or rewritten in place (which keeps the mode)
+        mode = stat.S_IMODE(old.st_mode) if old is not None else fresh
+        if stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(entry.path, mode)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else by the usual set-and-restore
+    (briefly 0o077: a file another thread creates meanwhile is too private, never too open)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def residual_std(config):
@@ -464,6 +504,34 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize of the token embeddings (the energy head reads the same table), extended to the
+        other tensor sized by the vocabulary: the energy head's bias b_y. A new id starts as the average candidate:
+        with `mean_resizing` (the default) its embedding is the mean of the old ones (transformers) and its bias the
+        mean of theirs, and E_base is linear in (e_y, b_y), so its base energy is the mean of the old vocabulary's at
+        every position: far below the likely characters (it is never the argmax) until training moves it. Without
+        `mean_resizing` it starts as in a fresh model (embedding N(0, initializer_range), bias 0)."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        bias, size = self.energy_head.token_bias, embeddings.weight.shape[0]
+        if embeddings.weight.grad is not None and embeddings.weight.grad.shape != embeddings.weight.shape:
+            embeddings.weight.grad = None  # a stale gradient of the old size would fail the next backward
+        if bias is not None and bias.shape[0] != size:
+            with torch.no_grad():
+                resized = torch.full((size,), float(bias.float().mean()) if mean_resizing else 0.0,
+                                     dtype=bias.dtype, device=bias.device)
+                kept = min(size, bias.shape[0])
+                resized[:kept] = bias[:kept]
+            self.energy_head.token_bias = nn.Parameter(resized, requires_grad=bias.requires_grad)
+        return embeddings
+
+    def padding_ids(self, pad_token_id=None) -> list[int]:
+        """Ids that are padding and inside the model's output, which a model sized `len(tokenizer)` (the characters
+        plus the pad) has: `pad_token_id` (a generate call's), the config's and the generation config's (the Trainer
+        aligns them with its tokenizer's). Decoding never chooses them; as labels they are ignored."""
+        named = (pad_token_id, getattr(self.config, "pad_token_id", None),
+                 getattr(self.generation_config, "pad_token_id", None))
+        return sorted({int(i) for i in named if isinstance(i, int) and 0 <= i < self.config.vocab_size})
+
     @property
     def think_lr(self) -> torch.Tensor:
         return F.softplus(self.think_lr_raw)
@@ -490,13 +558,16 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
-        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token."""
+        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token,
+        and the pad id never chosen: the model's, or the one this call names (pipelines pass the tokenizer's)."""
+        call = kwargs.get("pad_token_id", getattr(kwargs.get("generation_config"), "pad_token_id", None))
         with torch.no_grad():
             self._frozen_vocabulary = self.vocabulary_products()
+        self._decoding_padding = self.padding_ids(call)
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._frozen_vocabulary = None
+            self._frozen_vocabulary = self._decoding_padding = None
 
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""
@@ -748,10 +819,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                     landscape = self.build_landscape(kept, **context(1))
         else:
             logits = system1
+        padding = getattr(self, "_decoding_padding", None)
+        if padding:  # inside generate: the pad id is never chosen, whatever the decoding strategy
+            logits = logits.index_fill(-1, torch.tensor(padding, device=logits.device), torch.finfo(logits.dtype).min)
 
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = self.next_token_loss(logits, labels, shift_labels)
+            loss = self.next_token_loss(logits, labels, shift_labels, attention_mask, self.padding_ids())
         return NanoEBMCausalLMOutput(
             loss=loss, logits=logits, system1_logits=system1, energies=-system1, step_logits=step_logits,
             energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
@@ -759,14 +833,31 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
 
     @staticmethod
-    def next_token_loss(logits, labels=None, shift_labels=None):
-        """Mean next-token cross-entropy in nats; `labels` follow the HF convention, `shift_labels` are pre-shifted."""
+    def next_token_loss(logits, labels=None, shift_labels=None, attention_mask=None, padding_ids=()):
+        """Mean next-token cross-entropy in nats. `labels` follow the HF convention (aligned with the input, shifted
+        here), so a tokenizer's padded batch can be its own labels: a target is ignored where it or the position
+        predicting it is padding (attention_mask 0), as a row alone would score it. `shift_labels` are pre-shifted
+        (the training stream's). Either way -100 and `padding_ids` are ignored; any other id outside the vocabulary
+        is a ValueError (cross_entropy would fail deep inside, or assert on a GPU)."""
         if shift_labels is None:
             logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            if attention_mask is not None:
+                real = attention_mask[:, -labels.shape[1]:].bool()
+                shift_labels = shift_labels.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
         if logits.shape[1] != shift_labels.shape[1]:
             raise ValueError(
                 f"labels cover {shift_labels.shape[1]} positions but {logits.shape[1]} were scored "
                 f"(logits_to_keep must be 0 when computing a loss)"
+            )
+        for pad in padding_ids:
+            shift_labels = shift_labels.masked_fill(shift_labels == pad, -100)
+        V = logits.shape[-1]
+        outside = (shift_labels != -100) & ((shift_labels < 0) | (shift_labels >= V))
+        if outside.any():
+            bad = sorted(set(shift_labels[outside].tolist()))
+            raise ValueError(
+                f"labels hold {bad[:5]}, outside the vocabulary [0, {V}) (vocab_size={V}): use -100 where no target "
+                f"is scored (padding under attention_mask 0 and the pad id are ignored already)"
             )
         return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
 
@@ -795,7 +886,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         first = kwargs.pop("is_first_iteration", False)
         kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
-            attention_mask = (input_ids < self.config.vocab_size).long()
+            padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], device=input_ids.device)
+            attention_mask = ((input_ids < self.config.vocab_size) & ~torch.isin(input_ids, padding)).long()
         lengths = attention_mask.sum(-1)
         if first and int(lengths.max()) > block:
             logger.warning_once(f"a prompt has {int(lengths.max())} tokens, more than block_size={block}: only its "
