@@ -4,6 +4,10 @@ Every field keeps the name the research code gave it (see nanoebm's docs/DESIGN.
 here, on the model config, and not on the generation config, so that `generate(..., think_steps=4)` reaches `forward`.
 """
 
+import os
+import stat
+from contextlib import contextmanager
+
 from transformers import PreTrainedConfig
 
 LANDSCAPES = ("linear", "mixture", "soft_tokens", "ebt")
@@ -226,3 +230,45 @@ class NanoEBMConfig(PreTrainedConfig):
 
 
 NanoEBMConfig.register_for_auto_class()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving: the model's and the tokenizer's save_pretrained both write through this (it lives here because this is the
+# module both import without torch)
+
+
+@contextmanager
+def ordinary_file_modes(folder):
+    """Give the files written into `folder` inside this block the modes a plain `open()` would: a new file
+    0o666 minus the umask, a replaced one its old mode. safetensors (from 0.8) writes the weights to a temporary
+    file, created 0600, and renames it into place, so a model folder whose other files the umask made readable to
+    all (a cluster's shared disk, a web server) had weights only their owner could read; and transformers 5.5
+    copies the code files with their source's mode, whatever the umask."""
+    folder = str(folder)
+    before = {} if not os.path.isdir(folder) else {e.name: e.stat() for e in os.scandir(folder) if e.is_file()}
+    yield
+    fresh = 0o666 & ~current_umask()
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        now, old = entry.stat(), before.get(entry.name)
+        if old is not None and (old.st_ino, old.st_mode) == (now.st_ino, now.st_mode):
+            continue  # untouched, or rewritten in place (which keeps the mode)
+        mode = stat.S_IMODE(old.st_mode) if old is not None else fresh
+        if stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(entry.path, mode)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else by the usual set-and-restore
+    (briefly 0o077: a file another thread creates meanwhile is too private, never too open)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

@@ -7,9 +7,7 @@ the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is 
 """
 
 import math
-import os
-import stat
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,9 +22,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a saved model folder loaded with trust_remote_code (a package)
-    from .configuration_nanoebm import NanoEBMConfig
+    from .configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
 except ImportError:  # from a checkout, as a top-level module
-    from configuration_nanoebm import NanoEBMConfig
+    from configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
 
 logger = logging.get_logger(__name__)
 
@@ -172,42 +170,6 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.token_bias)
         elif isinstance(module, NanoEBMForCausalLM):
             init.constant_(module.think_lr_raw, inverse_softplus(self.config.think_lr))
-
-
-@contextmanager
-def ordinary_file_modes(folder):
-    """Give the files written into `folder` inside this block the modes a plain `open()` would: a new file
-    0o666 minus the umask, a replaced one its old mode. safetensors (from 0.8) writes the weights to a temporary
-    file, created 0600, and renames it into place, so a model folder whose other files the umask made readable to
-    all (a cluster's shared disk, a web server) had weights only their owner could read."""
-    folder = str(folder)
-    before = {} if not os.path.isdir(folder) else {e.name: e.stat() for e in os.scandir(folder) if e.is_file()}
-    yield
-    fresh = 0o666 & ~current_umask()
-    for entry in os.scandir(folder):
-        if not entry.is_file(follow_symlinks=False):
-            continue
-        now, old = entry.stat(), before.get(entry.name)
-        if old is not None and (old.st_ino, old.st_mode) == (now.st_ino, now.st_mode):
-            continue  # untouched, or rewritten in place (which keeps the mode)
-        mode = stat.S_IMODE(old.st_mode) if old is not None else fresh
-        if stat.S_IMODE(now.st_mode) != mode:
-            os.chmod(entry.path, mode)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux tells it (/proc), else by the usual set-and-restore
-    (briefly 0o077: a file another thread creates meanwhile is too private, never too open)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 def residual_std(config):
