@@ -23,10 +23,10 @@ class NanoEBMConfig(PreTrainedConfig):
         vocab_size: number of ids the model embeds and scores: the tokenizer's characters, `tokenizer.vocab_size`
             (65 for tiny Shakespeare; the CharTokenizer's pad id, 65, lies just outside). Sized `len(tokenizer)`
             (characters plus the pad) the pad id is one of the outputs: set `pad_token_id=tokenizer.pad_token_id`
-            and the model never chooses it when decoding and ignores it as a label (run_generate.py, pipelines and
-            nanoebm's Trainer pass the tokenizer's for you). `resize_token_embeddings` resizes the embeddings and
-            the energy head's bias together; a new id starts at the old vocabulary's mean energy
-            (NanoEBMForCausalLM._resize_token_embeddings).
+            (transformers' Trainer does it from its tokenizer) and generate never chooses it and the loss ignores it
+            as a label; run_generate.py also never generates an id its tokenizer cannot decode as a token.
+            `resize_token_embeddings` resizes the embeddings and the energy head's bias together; a new id starts
+            at the old vocabulary's mean energy (NanoEBMForCausalLM._resize_token_embeddings).
         block_size: longest context the model attends to; prompts beyond it are cropped from the left.
         n_layer, n_head, n_embd, dropout, bias: the GPT backbone (pre-LN blocks, GELU MLP of 4 * n_embd).
         position_embedding: "learned" (absolute, as nanoGPT) or "rope" (rotary; lets the KV-cached window slide

@@ -486,12 +486,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             self.energy_head.token_bias = nn.Parameter(resized, requires_grad=bias.requires_grad)
         return embeddings
 
-    def padding_ids(self, pad_token_id=None) -> list[int]:
-        """Ids that are padding and inside the model's output, which a model sized `len(tokenizer)` (the characters
-        plus the pad) has: `pad_token_id` (a generate call's), the config's and the generation config's (the Trainer
-        aligns them with its tokenizer's). Decoding never chooses them; as labels they are ignored."""
-        named = (pad_token_id, getattr(self.config, "pad_token_id", None),
-                 getattr(self.generation_config, "pad_token_id", None))
+    def padding_ids(self) -> list[int]:
+        """The pad id where it lies inside the model's output, as in a model sized `len(tokenizer)` (the characters
+        plus the pad): the config's `pad_token_id` (transformers' Trainer sets it from its tokenizer) or the
+        generation config's (nanoebm's Trainer records it there). Decoding never chooses it; as a label it is
+        ignored. A `pad_token_id` passed to one generate call keeps its transformers meaning (what fills a finished
+        row; it may be a character) and is not suppressed."""
+        named = (getattr(self.config, "pad_token_id", None), getattr(self.generation_config, "pad_token_id", None))
         return sorted({int(i) for i in named if isinstance(i, int) and 0 <= i < self.config.vocab_size})
 
     @property
@@ -521,11 +522,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token,
-        and the pad id never chosen: the model's, or the one this call names (pipelines pass the tokenizer's)."""
-        call = kwargs.get("pad_token_id", getattr(kwargs.get("generation_config"), "pad_token_id", None))
+        and the model's pad id never chosen (`padding_ids`)."""
         with torch.no_grad():
             self._frozen_vocabulary = self.vocabulary_products()
-        self._decoding_padding = self.padding_ids(call)
+        self._decoding_padding = self.padding_ids()
         try:
             return super().generate(*args, **kwargs)
         finally:

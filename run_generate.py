@@ -331,13 +331,14 @@ def read_prompt(args: GenerateArguments) -> str:
 
 
 def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, tokenizer) -> dict:
-    """generate's arguments. The model never chooses the pad id it is told of, and no id the tokenizer cannot decode
-    is chosen either (a model sized len(tokenizer) has the pad among its outputs, a resized one may have more)."""
+    """generate's arguments. Neither the tokenizer's pad id nor an id it lacks is ever generated: a model sized
+    len(tokenizer) has the pad among its outputs, one resized past the tokenizer has ids no token decodes to."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_return_sequences=n,
-                  use_thinking=thinking["use_thinking"], pad_token_id=tokenizer.pad_token_id)
-    undecodable = list(range(len(tokenizer), model.config.vocab_size))
-    if undecodable:
-        kwargs["suppress_tokens"] = undecodable
+                  use_thinking=thinking["use_thinking"])
+    never = {tokenizer.pad_token_id, *range(len(tokenizer), model.config.vocab_size)}
+    never = sorted(i for i in never if i is not None and i < model.config.vocab_size)
+    if never:
+        kwargs["suppress_tokens"] = never
     if args.think_steps is not None:
         kwargs["think_steps"] = args.think_steps
     if args.think_lr is not None:
