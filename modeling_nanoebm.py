@@ -848,7 +848,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         first = kwargs.pop("is_first_iteration", False)
         kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
-            padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], device=input_ids.device)
+            padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], dtype=torch.long,
+                                   device=input_ids.device)
             attention_mask = ((input_ids < self.config.vocab_size) & ~torch.isin(input_ids, padding)).long()
         lengths = attention_mask.sum(-1)
         if first and int(lengths.max()) > block:
