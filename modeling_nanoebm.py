@@ -471,7 +471,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         other tensor sized by the vocabulary: the energy head's bias b_y. A new id starts as the average candidate:
         with `mean_resizing` (the default) its embedding is the mean of the old ones (transformers) and its bias the
         mean of theirs, and E_base is linear in (e_y, b_y), so its base energy is the mean of the old vocabulary's at
-        every position: far below the likely characters (it is never the argmax) until training moves it. Without
+        every position: far below the likely characters (never System 1's argmax) until training moves it. Without
         `mean_resizing` it starts as in a fresh model (embedding N(0, initializer_range), bias 0)."""
         embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         bias, size = self.energy_head.token_bias, embeddings.weight.shape[0]
