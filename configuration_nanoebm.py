@@ -5,6 +5,9 @@ here, on the model config, and not on the generation config, so that `generate(.
 """
 
 import math
+import os
+import stat
+from contextlib import contextmanager
 
 from transformers import PreTrainedConfig
 
@@ -18,7 +21,13 @@ POSITION_EMBEDDINGS = ("learned", "rope")
 class NanoEBMConfig(PreTrainedConfig):
     r"""
     Args:
-        vocab_size: number of characters in the vocabulary (65 for tiny Shakespeare).
+        vocab_size: number of ids the model embeds and scores: the tokenizer's characters, `tokenizer.vocab_size`
+            (65 for tiny Shakespeare; the CharTokenizer's pad id, 65, lies just outside). Sized `len(tokenizer)`
+            (characters plus the pad) the pad id is one of the outputs: set `pad_token_id=tokenizer.pad_token_id`
+            (transformers' Trainer does it from its tokenizer) and generate never chooses it and the loss ignores it
+            as a label; run_generate.py also never generates an id its tokenizer cannot decode as a token.
+            `resize_token_embeddings` resizes the embeddings and the energy head's bias together; a new id starts
+            at the old vocabulary's mean energy (NanoEBMForCausalLM._resize_token_embeddings).
         block_size: longest context the model attends to; prompts beyond it are cropped from the left.
         n_layer, n_head, n_embd, dropout, bias: the GPT backbone (pre-LN blocks, GELU MLP of 4 * n_embd).
         position_embedding: "learned" (absolute, as nanoGPT) or "rope" (rotary; lets the KV-cached window slide
@@ -229,3 +238,45 @@ class NanoEBMConfig(PreTrainedConfig):
 
 
 NanoEBMConfig.register_for_auto_class()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving: the model's and the tokenizer's save_pretrained both write through this (it lives here because this is the
+# module both import without torch)
+
+
+@contextmanager
+def ordinary_file_modes(folder):
+    """Give the files written into `folder` inside this block the modes a plain `open()` would: a new file
+    0o666 minus the umask, a replaced one its old mode. safetensors (from 0.8) writes the weights to a temporary
+    file, created 0600, and renames it into place, so a model folder whose other files the umask made readable to
+    all (a cluster's shared disk, a web server) had weights only their owner could read; and transformers 5.5
+    copies the code files with their source's mode, whatever the umask."""
+    folder = str(folder)
+    before = {} if not os.path.isdir(folder) else {e.name: e.stat() for e in os.scandir(folder) if e.is_file()}
+    yield
+    fresh = 0o666 & ~current_umask()
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        now, old = entry.stat(), before.get(entry.name)
+        if old is not None and (old.st_ino, old.st_mode) == (now.st_ino, now.st_mode):
+            continue  # untouched, or rewritten in place (which keeps the mode)
+        mode = stat.S_IMODE(old.st_mode) if old is not None else fresh
+        if stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(entry.path, mode)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else by the usual set-and-restore
+    (briefly 0o077: a file another thread creates meanwhile is too private, never too open)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

@@ -23,9 +23,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a saved model folder loaded with trust_remote_code (a package)
-    from .configuration_nanoebm import NanoEBMConfig
+    from .configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
 except ImportError:  # from a checkout, as a top-level module
-    from configuration_nanoebm import NanoEBMConfig
+    from configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
 
 logger = logging.get_logger(__name__)
 
@@ -135,14 +135,16 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry)."""
+        """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry),
+        whose files get the modes the umask gives (the Trainer's saves come through here too)."""
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_nanoebm.NanoEBMConfig",
             "AutoModel": "modeling_nanoebm.NanoEBMModel",
             "AutoModelForCausalLM": "modeling_nanoebm.NanoEBMForCausalLM",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with ordinary_file_modes(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -502,6 +504,35 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize of the token embeddings (the energy head reads the same table), extended to the
+        other tensor sized by the vocabulary: the energy head's bias b_y. A new id starts as the average candidate:
+        with `mean_resizing` (the default) its embedding is the mean of the old ones (transformers) and its bias the
+        mean of theirs, and E_base is linear in (e_y, b_y), so its base energy is the mean of the old vocabulary's at
+        every position: far below the likely characters (never System 1's argmax) until training moves it. Without
+        `mean_resizing` it starts as in a fresh model (embedding N(0, initializer_range), bias 0)."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        bias, size = self.energy_head.token_bias, embeddings.weight.shape[0]
+        if embeddings.weight.grad is not None and embeddings.weight.grad.shape != embeddings.weight.shape:
+            embeddings.weight.grad = None  # a stale gradient of the old size would fail the next backward
+        if bias is not None and bias.shape[0] != size:
+            with torch.no_grad():
+                resized = torch.full((size,), float(bias.float().mean()) if mean_resizing else 0.0,
+                                     dtype=bias.dtype, device=bias.device)
+                kept = min(size, bias.shape[0])
+                resized[:kept] = bias[:kept]
+            self.energy_head.token_bias = nn.Parameter(resized, requires_grad=bias.requires_grad)
+        return embeddings
+
+    def padding_ids(self) -> list[int]:
+        """The pad id where it lies inside the model's output, as in a model sized `len(tokenizer)` (the characters
+        plus the pad): the config's `pad_token_id` (transformers' Trainer sets it from its tokenizer) or the
+        generation config's (nanoebm's Trainer records it there). Decoding never chooses it; as a label it is
+        ignored. A `pad_token_id` passed to one generate call keeps its transformers meaning (what fills a finished
+        row; it may be a character) and is not suppressed."""
+        named = (getattr(self.config, "pad_token_id", None), getattr(self.generation_config, "pad_token_id", None))
+        return sorted({int(i) for i in named if isinstance(i, int) and 0 <= i < self.config.vocab_size})
+
     @property
     def think_lr(self) -> torch.Tensor:
         return F.softplus(self.think_lr_raw)
@@ -528,13 +559,15 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
-        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token."""
+        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token,
+        and the model's pad id never chosen (`padding_ids`)."""
         with torch.no_grad():
             self._frozen_vocabulary = self.vocabulary_products()
+        self._decoding_padding = self.padding_ids()
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._frozen_vocabulary = None
+            self._frozen_vocabulary = self._decoding_padding = None
 
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
         """E(h, . | p) for the positions in `hidden` (B, n, d)."""
@@ -806,10 +839,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             logits, step_logits = logits + shift, tuple(v + shift for v in step_logits)
         else:
             logits = system1
+        padding = getattr(self, "_decoding_padding", None)
+        if padding:  # inside generate: the pad id is never chosen, whatever the decoding strategy
+            logits = logits.index_fill(-1, torch.tensor(padding, device=logits.device), torch.finfo(logits.dtype).min)
 
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = self.next_token_loss(logits, labels, shift_labels)
+            loss = self.next_token_loss(logits, labels, shift_labels, attention_mask, self.padding_ids())
         return NanoEBMCausalLMOutput(
             loss=loss, logits=logits, system1_logits=system1, energies=-system1, step_logits=step_logits,
             energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
@@ -817,14 +853,31 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
 
     @staticmethod
-    def next_token_loss(logits, labels=None, shift_labels=None):
-        """Mean next-token cross-entropy in nats; `labels` follow the HF convention, `shift_labels` are pre-shifted."""
+    def next_token_loss(logits, labels=None, shift_labels=None, attention_mask=None, padding_ids=()):
+        """Mean next-token cross-entropy in nats. `labels` follow the HF convention (aligned with the input, shifted
+        here), so a tokenizer's padded batch can be its own labels: a target is ignored where it or the position
+        predicting it is padding (attention_mask 0), as a row alone would score it. `shift_labels` are pre-shifted
+        (the training stream's). Either way -100 and `padding_ids` are ignored; any other id outside the vocabulary
+        is a ValueError (cross_entropy would fail deep inside, or assert on a GPU)."""
         if shift_labels is None:
             logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            if attention_mask is not None:
+                real = attention_mask[:, -labels.shape[1]:].bool()
+                shift_labels = shift_labels.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
         if logits.shape[1] != shift_labels.shape[1]:
             raise ValueError(
                 f"labels cover {shift_labels.shape[1]} positions but {logits.shape[1]} were scored "
                 f"(logits_to_keep must be 0 when computing a loss)"
+            )
+        for pad in padding_ids:
+            shift_labels = shift_labels.masked_fill(shift_labels == pad, -100)
+        V = logits.shape[-1]
+        outside = (shift_labels != -100) & ((shift_labels < 0) | (shift_labels >= V))
+        if outside.any():
+            bad = sorted(set(shift_labels[outside].tolist()))
+            raise ValueError(
+                f"labels hold {bad[:5]}, outside the vocabulary [0, {V}) (vocab_size={V}): use -100 where no target "
+                f"is scored (padding under attention_mask 0 and the pad id are ignored already)"
             )
         return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
 
@@ -853,7 +906,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         first = kwargs.pop("is_first_iteration", False)
         kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
         if attention_mask is None:
-            attention_mask = (input_ids < self.config.vocab_size).long()
+            padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], dtype=torch.long,
+                                   device=input_ids.device)
+            attention_mask = ((input_ids < self.config.vocab_size) & ~torch.isin(input_ids, padding)).long()
         lengths = attention_mask.sum(-1)
         if first and int(lengths.max()) > block:
             logger.warning_once(f"a prompt has {int(lengths.max())} tokens, more than block_size={block}: only its "

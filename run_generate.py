@@ -32,7 +32,7 @@ from typing import Literal
 # The pictures live in nanoebm.plots, the comparison in nanoebm.compare, what both share with generation (the
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
-from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
+from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
                          unk_token_field)
 from nanoebm.compare import comparison_table, evaluate_model, training_text
@@ -151,19 +151,19 @@ class GenerateArguments:
         default=None,
         metadata={"help": "Write PNG pictures into this folder: energy_trace.png (J across thinking steps per "
                           "position), thinking_at_position.png (distribution before/after thinking and the energy "
-                          "bowl), kl_strip.png (KL(S2 || S1) per character), energy_descent.png (summary). "
+                          "bowl), kl_strip.png (KL(S2 || S1) per generated token), energy_descent.png (summary). "
                           "With --compare: compare.png."},
     )
     plot_position: int | None = field(
         default=None,
-        metadata={"help": "Generated character (0-based; negative counts from the end) shown in "
+        metadata={"help": "Generated token (a character; 0-based, negative counts from the end) shown in "
                           "thinking_at_position.png (default: where thinking changed the distribution most)."},
     )
     output_json: str | None = field(
         default=None,
-        metadata={"help": "Write the prompt, the text, the settings and per-character System 1 / System 2 "
-                          "probabilities of the chosen character, its energy and the energy gap J0 - JK (with "
-                          "--compare: the comparison table)."},
+        metadata={"help": "Write the prompt, the text, the settings and, per generated token (a character), its "
+                          "System 1 / System 2 probability, its energy and the energy gap J0 - JK (with --compare: "
+                          "the comparison table)."},
     )
     compare: list[str] | None = field(
         default=None,
@@ -374,10 +374,16 @@ def read_prompt(args: GenerateArguments) -> str:
 # Generate mode
 
 
-def generation_kwargs(args: GenerateArguments, thinking: dict, n: int) -> dict:
+def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, tokenizer) -> dict:
+    """generate's arguments. Neither the tokenizer's pad id nor an id it lacks is ever generated: a model sized
+    len(tokenizer) has the pad among its outputs, one resized past the tokenizer has ids no token decodes to."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_return_sequences=n,
                   use_thinking=thinking["use_thinking"], num_beams=args.num_beams,
                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    never = {tokenizer.pad_token_id, *range(len(tokenizer), model.config.vocab_size)}
+    never = sorted(i for i in never if i is not None and i < model.config.vocab_size)
+    if never:
+        kwargs["suppress_tokens"] = never
     if args.think_steps is not None:
         kwargs["think_steps"] = args.think_steps
     if args.think_lr is not None:
@@ -421,11 +427,12 @@ def run_generate(args: GenerateArguments) -> int:
     started = time.perf_counter()
     with torch.no_grad():
         sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                   **generation_kwargs(args, thinking, n))
+                                   **generation_kwargs(args, thinking, n, model, tokenizer))
     elapsed = time.perf_counter() - started
     sequences = sequences.cpu()
     P = len(prompt_ids)
     texts = [tokenizer.decode(row[P:].tolist()) for row in sequences]
+    tokens = [token_strings(tokenizer, row[P:].tolist()) for row in sequences]  # what the pictures and JSON index
     tokens_per_s = n * args.max_new_tokens / max(elapsed, 1e-9)
 
     need_scores = args.num_candidates > 1 or args.plot or args.output_json
@@ -466,14 +473,15 @@ def run_generate(args: GenerateArguments) -> int:
     note(summary)
 
     if args.plot:
-        write_plots(model, sequences[chosen:chosen + 1].to(device), P, texts[chosen], scores, chosen, tokenizer,
+        write_plots(model, sequences[chosen:chosen + 1].to(device), P, tokens[chosen], scores, chosen, tokenizer,
                     args, Path(args.plot))
     if args.output_json:
         settings = {**{k: v for k, v in asdict(args).items() if k not in ("compare", "data_path", "eval_blocks",
                                                                           "output_dir")},
                     **thinking, "device": str(device), "landscape": model.config.landscape,
                     "block_size": model.config.block_size, "top_k": args.top_k or 0}
-        samples = [dict(text=texts[i], tokens=token_records(texts[i], stats[i])) for i in range(n)]
+        samples = [dict(text=texts[i], tokens=token_records(sequences[i, P:].tolist(), tokens[i], stats[i]))
+                   for i in range(n)]
         record = dict(prompt=prompt, text=texts[chosen], model=str(args.model_name_or_path), settings=settings,
                       tokens=samples[chosen]["tokens"], summary=summary_record(stats[chosen], elapsed, tokens_per_s),
                       selected=chosen)
@@ -485,11 +493,12 @@ def run_generate(args: GenerateArguments) -> int:
     return 0
 
 
-def token_records(text: str, s: dict) -> list[dict]:
-    gap = s["gap"].tolist() if s["gap"] is not None else [None] * len(text)
-    return [dict(char=c, p_system1=float(p1), p_system2=float(p2), energy=float(e), energy_gap=g, kl=float(k))
-            for c, p1, p2, e, g, k in zip(text, s["p1"].tolist(), s["p2"].tolist(), s["energy"].tolist(), gap,
-                                          s["kl"].tolist())]
+def token_records(ids: list[int], tokens: list[str], s: dict) -> list[dict]:
+    """One record per generated token: its id, its text ("char": a character, or a longer token) and its numbers."""
+    gap = s["gap"].tolist() if s["gap"] is not None else [None] * len(tokens)
+    return [dict(id=i, char=c, p_system1=float(p1), p_system2=float(p2), energy=float(e), energy_gap=g, kl=float(k))
+            for i, c, p1, p2, e, g, k in zip(ids, tokens, s["p1"].tolist(), s["p2"].tolist(), s["energy"].tolist(),
+                                             gap, s["kl"].tolist(), strict=True)]
 
 
 def summary_record(s: dict, elapsed: float, tokens_per_s: float) -> dict:

@@ -18,6 +18,11 @@ from collections.abc import Iterable
 from transformers.tokenization_python import AddedToken, PythonBackend
 from transformers.utils import PaddingStrategy, logging
 
+try:  # inside a saved folder loaded with trust_remote_code (a package)
+    from .configuration_nanoebm import ordinary_file_modes
+except ImportError:  # from a checkout, as a top-level module
+    from configuration_nanoebm import ordinary_file_modes
+
 logger = logging.get_logger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
@@ -373,6 +378,11 @@ class CharTokenizer(PythonBackend):
         with open(config_file, "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         return (*saved, fast_file)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The files written get the modes the umask gives, as the model's do (configuration_nanoebm.py)."""
+        with ordinary_file_modes(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         if not os.path.isdir(save_directory):

@@ -25,6 +25,20 @@ def encode(tokenizer, text: str, what: str = "the prompt") -> list[int]:
         raise UsageError(f"{what} cannot be encoded: {error} On the command line: --unk_token ' '.") from error
 
 
+def token_strings(tokenizer, ids) -> list[str]:
+    """The text of each token id: a character, or a longer token ('<pad>', one added with add_tokens), or '<id N>'
+    for an id the model has and the tokenizer lacks (a vocabulary resized past it). The pictures and the JSON index
+    these, one per position scored, never the characters of the decoded text, which a longer token would shift."""
+    strings = []
+    for i in ids:
+        try:
+            token = tokenizer.convert_ids_to_tokens(int(i))
+        except (ValueError, IndexError, KeyError):
+            token = None
+        strings.append(token if isinstance(token, str) else f"<id {int(i)}>")
+    return strings
+
+
 def thinking_module(model):
     """The modeling module the model was loaded from (the saved folder's copy), for `expected_energy`."""
     return sys.modules[type(model).__module__]
@@ -86,7 +100,7 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
 
 
 def position_stats(scores, row: int = 0) -> dict:
-    """Per-character numbers of one sequence of `score_continuations`."""
+    """Per-token numbers of one sequence of `score_continuations`."""
     logp1, logp2, targets = scores["logp1"][row], scores["logp2"][row], scores["targets"][row]
     chosen1 = logp1.gather(-1, targets[:, None])[:, 0]
     chosen2 = logp2.gather(-1, targets[:, None])[:, 0]

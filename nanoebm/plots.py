@@ -7,27 +7,28 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nanoebm.analysis import energy_bowl, note, position_stats, resolved_thinking
+from nanoebm.analysis import energy_bowl, note, position_stats, resolved_thinking, token_strings
 from nanoebm.cli import UsageError
 
 
-def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args, folder: Path) -> list[Path]:
+def write_plots(model, ids, P: int, tokens: list[str], scores, row: int, tokenizer, args, folder: Path) -> list[Path]:
     """The --plot pictures of sequence `row` of `scores` (score_continuations over ids, targets from P on) in folder:
-    kl_strip.png always; thinking_at_position.png, energy_trace.png and energy_descent.png when thinking ran."""
+    kl_strip.png always; thinking_at_position.png, energy_trace.png and energy_descent.png when thinking ran.
+    `tokens` are the generated tokens' strings (token_strings), one per scored position."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create --plot folder {folder}: {error}") from error
     s = position_stats(scores, row)
-    vocab = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
-    n = len(text)
+    vocab = token_strings(tokenizer, range(model.config.vocab_size))
+    n = len(tokens)
     if args.plot_position is not None:
         if not -n <= args.plot_position < n:
-            raise UsageError(f"--plot_position {args.plot_position} is outside the {n} generated characters")
+            raise UsageError(f"--plot_position {args.plot_position} is outside the {n} generated tokens")
         index = args.plot_position % n
     else:
         index = int(s["kl"].argmax())
-    written = [plot_kl_strip(text, s["kl"].tolist(), folder / "kl_strip.png")]
+    written = [plot_kl_strip(tokens, s["kl"].tolist(), folder / "kl_strip.png")]
     trace = scores["trace"][row] if scores["trace"] is not None else None
     if trace is None:
         steps = resolved_thinking(model, args)["think_steps"]
@@ -36,15 +37,16 @@ def write_plots(model, ids, P: int, text: str, scores, row: int, tokenizer, args
         bowl = energy_bowl(model, ids, P + index, int(scores["window_start"][index]), args.think_steps,
                            args.think_lr)
         written.append(plot_thinking_at_position(
-            text, index, scores["logp1"][row, index], scores["logp2"][row, index], vocab,
+            tokens, index, scores["logp1"][row, index], scores["logp2"][row, index], vocab,
             int(scores["targets"][row, index]), bowl, folder / "thinking_at_position.png"))
-        written.append(plot_energy_trace(trace, text, folder / "energy_trace.png"))
+        written.append(plot_energy_trace(trace, tokens, folder / "energy_trace.png"))
         written.append(plot_energy_descent(trace, bowl, index, folder / "energy_descent.png"))
     note("wrote " + ", ".join(str(p) for p in written))
     return written
 
 
 def show_char(c: str) -> str:
+    """A token as drawn: whitespace characters made visible, anything else as it is."""
     return {"\n": "↵", " ": "␣", "\t": "⇥"}.get(c, c)
 
 
@@ -72,7 +74,7 @@ def _plain_text(draw):
 
 
 @_plain_text
-def plot_energy_trace(trace, chars: str, path: Path, n_examples: int = 6) -> Path:
+def plot_energy_trace(trace, tokens: list[str], path: Path, n_examples: int = 6) -> Path:
     """J_k - J_0 across thinking steps for every generated position: the mean (with 10-90% band) and a few
     individual positions; and the gap J_0 - J_K along the text."""
     import torch
@@ -84,7 +86,7 @@ def plot_energy_trace(trace, chars: str, path: Path, n_examples: int = 6) -> Pat
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
     picks = sorted(set(torch.linspace(0, n - 1, min(n_examples, n)).round().long().tolist()))
     for i in picks:
-        ax.plot(steps, rel[i].tolist(), lw=1, alpha=0.7, marker=".", label=f"#{i} {show_char(chars[i])!r}")
+        ax.plot(steps, rel[i].tolist(), lw=1, alpha=0.7, marker=".", label=f"#{i} {show_char(tokens[i])!r}")
     lo, hi = torch.quantile(rel, 0.1, dim=0), torch.quantile(rel, 0.9, dim=0)
     ax.fill_between(steps, lo.tolist(), hi.tolist(), color="k", alpha=0.1, label="10-90% of positions")
     ax.plot(steps, rel.mean(0).tolist(), color="k", lw=2.5, marker="o", label=f"mean over {n} positions")
@@ -98,7 +100,7 @@ def plot_energy_trace(trace, chars: str, path: Path, n_examples: int = 6) -> Pat
     ax2.plot(range(n), gap, lw=0.8, color="tab:blue")
     ax2.fill_between(range(n), 0, gap, alpha=0.3, color="tab:blue")
     ax2.axhline(sum(gap) / n, color="k", ls="--", lw=1, label=f"mean gap {sum(gap) / n:.4g}")
-    ax2.set_xlabel("generated character")
+    ax2.set_xlabel("generated token")
     ax2.set_ylabel("gap J_0 - J_K")
     ax2.set_title("energy gap thinking bought, along the text")
     ax2.legend(fontsize=8)
@@ -173,7 +175,7 @@ def move_summary(bowl: dict) -> str:
 
 
 @_plain_text
-def plot_thinking_at_position(chars: str, index: int, logp1, logp2, vocab, chosen: int, bowl: dict,
+def plot_thinking_at_position(chars: list[str], index: int, logp1, logp2, vocab, chosen: int, bowl: dict,
                               path: Path) -> Path:
     plt = _pyplot()
     context = "".join(show_char(c) for c in chars[max(0, index - 24):index])
@@ -189,30 +191,33 @@ def plot_thinking_at_position(chars: str, index: int, logp1, logp2, vocab, chose
 
 
 @_plain_text
-def plot_kl_strip(chars: str, kl, path: Path, width: int = 64, max_chars: int = 1024) -> Path:
-    """A heat strip: each generated character on a cell coloured by KL(S2 || S1) at that position."""
+def plot_kl_strip(tokens: list[str], kl, path: Path, width: int = 64, max_tokens: int = 1024) -> Path:
+    """A heat strip: each generated token (a character, or a longer token) on a cell coloured by KL(S2 || S1) at
+    that position; `kl` holds one value per token."""
     import numpy as np
 
     plt = _pyplot()
     values = np.asarray(kl, dtype=float)
-    offset = max(0, len(chars) - max_chars)
-    chars, values = chars[offset:], values[offset:]
-    rows = math.ceil(len(chars) / width)
+    if len(values) != len(tokens):
+        raise ValueError(f"kl has {len(values)} values for {len(tokens)} tokens: one per token")
+    offset = max(0, len(tokens) - max_tokens)
+    tokens, values = tokens[offset:], values[offset:]
+    rows = math.ceil(len(tokens) / width)
     grid = np.full((rows, width), np.nan)
     grid.flat[:len(values)] = values
     fig, ax = plt.subplots(figsize=(width * 0.17 + 1.5, rows * 0.3 + 1.2))
     vmax = max(float(np.nanmax(values)) if len(values) else 0.0, 1e-9)
     image = ax.imshow(grid, cmap="YlOrRd", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
-    for i, c in enumerate(chars):
+    for i, token in enumerate(tokens):
         r, col = divmod(i, width)
         dark = values[i] > 0.6 * vmax
-        ax.text(col, r, show_char(c), ha="center", va="center", fontsize=7, color="white" if dark else "black",
-                family="DejaVu Sans Mono")
+        ax.text(col, r, show_char(token), ha="center", va="center", fontsize=7 if len(token) == 1 else 4,
+                color="white" if dark else "black", family="DejaVu Sans Mono")
     ax.set_xticks([])
     ax.set_yticks(range(rows))
     ax.set_yticklabels([str(offset + r * width) for r in range(rows)], fontsize=7)
     ax.set_title("how much thinking changed each choice: KL(System 2 || System 1) in nats"
-                 + (f" (last {max_chars} characters)" if offset else ""), fontsize=9)
+                 + (f" (last {max_tokens} tokens)" if offset else ""), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

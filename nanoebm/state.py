@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from configuration_nanoebm import ordinary_file_modes
 from nanoebm.cli import UsageError
 
 FORMAT = "nanoebm-training-state"
@@ -33,7 +34,8 @@ def save_state(path, kind: str, tensors: dict, ints: dict) -> None:
 
     header = {"format": FORMAT, "version": VERSION, "kind": kind, "ints": {k: int(v) for k, v in ints.items()}}
     present = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
-    save_file(present, str(path), metadata={"nanoebm": json.dumps(header)})
+    with ordinary_file_modes(Path(path).parent):  # safetensors writes through a temporary file made 0600
+        save_file(present, str(path), metadata={"nanoebm": json.dumps(header)})
 
 
 def load_state(path, kind: str, spec: dict, ints: tuple[str, ...], optional: tuple[str, ...] = (),

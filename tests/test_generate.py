@@ -668,3 +668,58 @@ def test_energy_bowl_title_and_shading_agree_and_names_do_not_overlap(loaded, to
     else:
         assert bowl["trust_t"] > bowl["ts"][-1] and not shaded
     plt.close(fig)
+
+
+# models whose outputs are more than the tokenizer's characters: sized len(tokenizer), resized, added tokens
+
+
+def favouring(vocab_size, *ids):
+    """An untrained model of `vocab_size` outputs whose lowest energy, everywhere, is at `ids`."""
+    model = make_model(vocab_size=vocab_size)
+    with torch.no_grad():
+        model.energy_head.token_bias[list(ids)] = -30.0
+    return model
+
+
+def test_model_sized_len_tokenizer_generates_plots_and_json_in_a_subprocess(tmp_path, tokenizer):
+    """vocab_size=len(tokenizer), the pad the model's favourite and named nowhere in the folder: run_generate passes
+    the tokenizer's pad id, so no '<pad>' is generated; the pictures and the JSON index tokens. Before, '<pad>' was
+    generated and plot_kl_strip failed with IndexError (it indexed the characters of the decoded text)."""
+    pad = tokenizer.pad_token_id
+    folder = save(favouring(len(tokenizer), pad), tokenizer, tmp_path / "sized-len-tokenizer")
+    assert len(tokenizer) == 66 and json.loads((folder / "config.json").read_text())["vocab_size"] == 66
+    plots, out_json = tmp_path / "plots", tmp_path / "sample.json"
+    done = subprocess_run("--model_name_or_path", folder, "--prompt", "ROMEO:", "--max_new_tokens", 30, "--device",
+                          "cpu", "--no_stream", "--plot", plots, "--output_json", out_json)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    for name in ("energy_trace.png", "thinking_at_position.png", "kl_strip.png", "energy_descent.png"):
+        assert_png(plots / name)
+    record = json.loads(out_json.read_text(encoding="utf-8"))
+    assert "<pad>" not in record["text"] and len(record["tokens"]) == 30
+    assert all(t["id"] != pad for t in record["tokens"])
+    assert "".join(t["char"] for t in record["tokens"]) == record["text"]
+
+
+@pytest.mark.parametrize("added", [True, False])
+def test_tokens_longer_than_a_character_and_ids_the_tokenizer_lacks(capsys, tmp_path, corpus_text, added):
+    """added: a token of three characters (add_tokens, then a model sized len(tokenizer)) is generated, and the JSON
+    and the pictures index it once. Not added: a model resized past the tokenizer never generates the id the tokenizer
+    cannot decode (before: ValueError 'id 66 is outside the vocabulary', a traceback)."""
+    from tokenization_char import CharTokenizer
+
+    tok = CharTokenizer.from_corpus(corpus_text)
+    if added:
+        tok.add_tokens(["<x>"])
+    characters = tok.vocab_size
+    favourite = characters + 1  # 66: the added token, or an id the tokenizer lacks
+    folder = save(favouring(67, tok.pad_token_id, favourite), tok, tmp_path / "model")
+    record, _, err = generate_json(capsys, tmp_path, folder, "--prompt", "ROMEO:", "--max_new_tokens", 12,
+                                   "--no_stream", "--plot", tmp_path / "plots", "--plot_position", -1)
+    ids = [t["id"] for t in record["tokens"]]
+    assert len(ids) == 12 and "".join(t["char"] for t in record["tokens"]) == record["text"]
+    if added:
+        assert ids == [favourite] * 12 and record["text"] == "<x>" * 12
+    else:
+        assert all(i < characters for i in ids)
+    assert_png(tmp_path / "plots" / "kl_strip.png")
+    assert_png(tmp_path / "plots" / "thinking_at_position.png")

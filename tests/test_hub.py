@@ -1,5 +1,6 @@
 """The HF surface: save_pretrained -> Auto classes with trust_remote_code from a folder alone, and pipeline."""
 
+import contextlib
 import json
 import os
 import textwrap
@@ -92,3 +93,90 @@ def test_pipeline_reaches_the_thinking_loop(saved):
     sampled = generator("ROMEO:", think_steps=4, top_k=64, do_sample=True, temperature=1.2, top_p=0.9,
                         max_new_tokens=10, return_full_text=False)[0]["generated_text"]
     assert len(sampled) == 10
+
+
+# -- vocabulary resizing round trip, and the modes of a saved folder's files -----------------------------------
+
+def test_resized_model_round_trips_through_trust_remote_code(saved, tmp_path):
+    """resize_token_embeddings(len(tokenizer) + 1) resizes every tensor sized by the vocabulary and config.vocab_size;
+    the saved folder loads in a clean process, generates the same ids, and its energy head has the new size."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _, tokenizer = saved
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    model.resize_token_embeddings(len(tokenizer) + 1)
+    resized = tmp_path / "resized"
+    model.save_pretrained(resized)
+    tokenizer.save_pretrained(resized)
+    assert json.loads((resized / "config.json").read_text())["vocab_size"] == len(tokenizer) + 1 == 67
+    ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)[0]
+    script = textwrap.dedent(f"""
+        import json
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(resized)!r}, trust_remote_code=True)
+        lm = AutoModelForCausalLM.from_pretrained({str(resized)!r}, trust_remote_code=True)
+        ids = tok("ROMEO:", return_tensors="pt")["input_ids"]
+        out = lm.generate(ids, max_new_tokens=20, do_sample=False)[0]
+        bias = lm.energy_head.token_bias.detach()
+        print(json.dumps(dict(ids=out.tolist(), vocab=lm.config.vocab_size, wte=lm.transformer.wte.weight.shape[0],
+                              bias=bias.shape[0], new_bias=bias[-2:].tolist())))
+    """)
+    done = run_without_nanoebm(script, cwd=tmp_path, modules_cache=tmp_path / "modules")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ids"] == expected.tolist()
+    assert result["vocab"] == result["wte"] == result["bias"] == 67
+    mean = float(model.energy_head.token_bias.detach()[:65].mean())
+    assert result["new_bias"] == pytest.approx([mean, mean], abs=1e-6)
+
+
+def file_modes(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+
+
+@contextlib.contextmanager
+def umask(mask):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_save_pretrained_files_follow_the_umask(tmp_path, mask, mode):
+    """safetensors writes the weights through a temporary file created 0600: model.safetensors was private while the
+    folder's other files were readable to all. Every file now gets what the umask gives; a replaced file keeps the
+    mode its owner gave it."""
+    folder = tmp_path / "model"
+    with umask(mask):
+        make_model().save_pretrained(folder)
+        CharTokenizer.from_corpus("abc").save_pretrained(folder)
+    modes = file_modes(folder)
+    assert "model.safetensors" in modes and set(modes.values()) == {mode}, modes
+    os.chmod(folder / "model.safetensors", 0o640)
+    with umask(mask):
+        make_model(seed=1).save_pretrained(folder)
+    assert file_modes(folder)["model.safetensors"] == 0o640
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_run_train_folders_follow_the_umask(tmp_path, corpus_text, mask, mode):
+    """Trainer.save_model and its checkpoints write through save_pretrained: a tiny run_train run's folder, and its
+    checkpoint, hold no file the umask would not give."""
+    import run_train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text[:20000])
+    out = tmp_path / "out"
+    with umask(mask):
+        run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+                        "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2",
+                        "--save_steps", "1", "--keep_checkpoints", "true", "--report_to", "none",
+                        "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--data_path", str(corpus),
+                        "--output_dir", str(out)])
+    modes = file_modes(out)
+    assert "model.safetensors" in modes and any("checkpoint-" in name and name.endswith("model.safetensors")
+                                                for name in modes)
+    assert set(modes.values()) == {mode}, modes

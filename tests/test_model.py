@@ -411,3 +411,111 @@ def test_initialisation_is_nanogpts_on_every_transformers_version():
         assert abs(float(proj.weight.std()) - 128 ** -0.5) < 5e-3
     assert float(head.mixture[0].weight.std()) == pytest.approx(0.02, abs=1e-3)
     assert not head.mixture[-1].weight.any() and abs(float(torch.tanh(head.correction_scale)) - 0.5) < 1e-6
+
+
+# -- vocabulary sizing: len(tokenizer), resize_token_embeddings, padded labels ------------------------------------
+
+@pytest.fixture(scope="module")
+def char_tokenizer(corpus_text):
+    from tokenization_char import CharTokenizer
+
+    return CharTokenizer.from_corpus(corpus_text)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_is_its_own_labels(char_tokenizer, side):
+    """A tokenizer's padded batch as labels scores every row as it would alone (positions and targets under
+    attention_mask 0 are ignored); before, the pad id reached cross_entropy: IndexError: Target 65 is out of bounds."""
+    model = make_model().eval()
+    texts = ["ROMEO:\nWhat light", "JULIET:", "O"]
+    char_tokenizer.padding_side = side
+    try:
+        batch = char_tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        char_tokenizer.padding_side = "left"
+    assert (batch["input_ids"] == char_tokenizer.pad_token_id).any()
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        total = count = 0
+        for text in texts:
+            ids = char_tokenizer(text, return_tensors="pt")["input_ids"]
+            if ids.shape[1] > 1:
+                total += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_labels_outside_the_vocabulary_are_one_value_error():
+    model = make_model().eval()
+    ids = torch.randint(0, 65, (2, 8))
+    for bad in (65, 70, -5):
+        labels = ids.clone()
+        labels[0, 3] = bad
+        for kwargs in (dict(labels=labels), dict(shift_labels=labels)):
+            with pytest.raises(ValueError) as err:
+                model(ids, **kwargs)
+            assert "labels" in str(err.value) and f"[{bad}]" in str(err.value) and "vocab_size=65" in str(err.value)
+    labels = ids.clone()
+    labels[:, :2] = -100  # the usual ignore index is still ignored
+    assert torch.isfinite(model(ids, labels=labels).loss)
+
+
+def test_a_model_sized_len_tokenizer_never_chooses_the_pad(char_tokenizer):
+    """vocab_size=len(tokenizer) makes the pad id an output; even with the pad the model's favourite, decoding never
+    picks it once the model knows its pad id (config.pad_token_id, as transformers' Trainer sets it, or the
+    generation config's, where nanoebm's Trainer keeps it), whatever the strategy, and the pad as a label is
+    ignored. A pad_token_id passed to one call keeps transformers' meaning (a filler; here a character)."""
+    pad = char_tokenizer.pad_token_id
+    model = make_model(vocab_size=len(char_tokenizer)).eval()
+    with torch.no_grad():  # the lowest energies everywhere: the pad, then the newline (id 0)
+        model.energy_head.token_bias[pad], model.energy_head.token_bias[0] = -30.0, -20.0
+    ids = char_tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    assert (model.generate(ids, max_new_tokens=8, do_sample=False)[0, 6:] == pad).all()  # nobody named it
+    for where in ("config", "generation_config"):
+        setattr(getattr(model, where), "pad_token_id", pad)
+        for kwargs in (dict(), dict(use_thinking=False), dict(do_sample=True), dict(num_beams=3),
+                       dict(pad_token_id=0)):
+            torch.manual_seed(0)
+            out = model.generate(ids, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **kwargs)
+            assert (out.sequences[0, 6:] == 0).all(), (where, kwargs)  # the favourite after the pad
+            assert all(float(step[:, pad].max()) == torch.finfo(step.dtype).min for step in out.logits)
+        setattr(getattr(model, where), "pad_token_id", None)
+    model.config.pad_token_id = pad
+    assert model(ids).logits[0, -1].argmax() == pad  # forward itself is not masked: the pad is a real output
+    labels = ids.clone()
+    labels[0, 3] = pad
+    kept = ids.clone()
+    kept[0, 3] = -100
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=labels).loss, model(ids, labels=kept).loss)
+
+
+def test_resize_token_embeddings_resizes_the_energy_head_too(corpus_ids):
+    """The energy head's bias is sized by the vocabulary too: before, generate after a resize failed in base_energy
+    (The size of tensor a (67) must match the size of tensor b (65)). A new id starts at the old vocabulary's mean
+    base energy at every position."""
+    model = train_briefly(make_model(think_lr=1.0), corpus_ids, steps=20)
+    ids = corpus_ids[:20][None]
+    with torch.no_grad():
+        before = model(ids).energies
+    model.resize_token_embeddings(67)
+    head = model.energy_head
+    assert model.config.vocab_size == 67 and model.transformer.wte.weight.shape[0] == 67
+    assert head.token_bias.shape == (67,) and head.token_bias.requires_grad
+    with torch.no_grad():
+        after = model(ids).energies
+    assert torch.allclose(after[..., :65], before, atol=1e-5)  # the old ids keep their energies
+    mean = before.mean(-1, keepdim=True).expand(-1, -1, 2)
+    assert torch.allclose(after[..., 65:], mean, atol=1e-4)  # the new ones start as the average candidate
+    assert after[..., 65:].min() > before.min(-1).values.max()  # above every position's favourite: never greedy's pick
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 25) and (out[0, 20:] < 65).all()
+    model(ids, labels=ids).loss.backward()  # and the new rows learn
+    assert head.token_bias.grad.shape == (67,) and head.token_bias.grad[65:].abs().sum() > 0
+    kept = head.token_bias.detach()[:60].clone()
+    model.resize_token_embeddings(60, mean_resizing=False)
+    assert head.token_bias.shape == (60,) and model.config.vocab_size == 60
+    assert torch.equal(head.token_bias.detach(), kept)
+    model.resize_token_embeddings(62, mean_resizing=False)
+    assert (model.energy_head.token_bias[60:] == 0).all()  # as a fresh model's
+    assert model.generate(ids[:, :5] % 60, max_new_tokens=3).shape == (1, 8)
