@@ -662,7 +662,7 @@ def saved_tokenizer(args: ParsedArguments):
 def opening_text(train_data, eval_blocks, tokenizer, n=200) -> str:
     """The first characters of the training text as the model reads them (a streamed corpus: of its validation
     part, which is the stream's start), so every one of them is a character the model can encode."""
-    from nanoebm.training import RandomOffsetBlocks
+    from nanoebm.data import RandomOffsetBlocks
 
     ids = train_data.ids[:n] if isinstance(train_data, RandomOffsetBlocks) else eval_blocks[0][:n]
     return tokenizer.decode(ids.tolist())
@@ -712,7 +712,7 @@ def main(argv=None, callbacks=None):
     from transformers import default_data_collator, set_seed
     from transformers.utils import logging
 
-    from nanoebm import training
+    from nanoebm import data, training
 
     logging.set_verbosity_warning()
     T, data_args, model_args = args.training, args.data, args.model
@@ -722,7 +722,7 @@ def main(argv=None, callbacks=None):
     tokenizer = saved_tokenizer(args)
     set_seed(T.seed)
     with T.main_process_first(desc="reading the corpus"):
-        train_data, eval_blocks, tokenizer = training.build_data(data_args, tokenizer, data_args.block_size, T.seed)
+        train_data, eval_blocks, tokenizer = data.build_data(data_args, tokenizer, data_args.block_size, T.seed)
     model = training.build_model(model_args, data_args, tokenizer, resuming=args.resume_from is not None)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)

@@ -146,7 +146,7 @@ def load_trained(folder, args):
 
     import run_train
     from modeling_nanoebm import NanoEBMForCausalLM
-    from nanoebm.training import build_data
+    from nanoebm.data import build_data
     from tokenization_char import CharTokenizer
 
     torch.set_num_threads(args.threads)

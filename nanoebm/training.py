@@ -23,7 +23,6 @@ from modeling_nanoebm import NanoEBMForCausalLM, inverse_softplus
 from nanoebm.card import RUN_RECORD
 from nanoebm.cli import UsageError
 from nanoebm.corpus import load_bpc_metric
-from nanoebm.data import build_data  # noqa: F401  (run_train.main calls training.build_data)
 from nanoebm.folders import check_model_folder, loading
 from nanoebm.state import REDO as STATE_REDO, StateFileError, generator_state_spec, load_state, save_state
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, default_data_collator
 
 import run_train
-from nanoebm import training
+from nanoebm import data, training
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
@@ -46,7 +46,7 @@ def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
     if "--contrastive_type" not in extra:
         extra = (*extra, "--use_contrastive", "false")
     parsed = run_train.parse_args([*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
-    train_data, blocks, tokenizer = training.build_data(parsed.data, None, 32, 0)
+    train_data, blocks, tokenizer = data.build_data(parsed.data, None, 32, 0)
     model = make_model(landscape=landscape, n_layer=1, correction_scale=0.5, think_lr=1.0)
     trainer = training.EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
                                   processing_class=tokenizer, data_collator=default_data_collator,
@@ -511,8 +511,8 @@ def test_diverging_training_is_one_message_naming_the_knobs(tmp_path, small_corp
 def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, damage):
     first, _ = train(tmp_path / "first", small_corpus, "--max_steps", "2", "--do_train", "true")
     weights = first / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(range(256)) * 8)
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else bytes(range(256)) * 8)
     done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--model_name_or_path", str(first),
                            "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "next")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -762,5 +762,5 @@ def test_a_data_set_without_the_text_column_lists_its_columns(tmp_path, small_co
     lines = [line for line in err.strip().splitlines() if "examples/s]" not in line]  # datasets' progress bars
     assert len(lines) == 1 and lines[0].startswith("run_train.py: error:") and not (tmp_path / "o").exists()
     parsed = run_train.parse_args([*argv, "--text_column", "content"])
-    train_data, blocks, tokenizer = training.build_data(parsed.data, None, 32, 0)
+    train_data, blocks, tokenizer = data.build_data(parsed.data, None, 32, 0)
     assert blocks.shape[1] == 33 and tokenizer.vocab_size > 30
