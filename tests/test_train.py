@@ -605,7 +605,9 @@ def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
 def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus, capsys):
     """The real command: --think_lr 2.0 --think_lr_learnable false, then back to learnable from the fixed folder."""
     common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--report_to", "none",
-              "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100"]
+              "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100",
+              "--entropy_weight", "0.5"]  # lambda < tau: System 1 is no longer the descent's fixed point, so every
+    # step moves and the step size gets a gradient whatever the (barely trained) correction gate of `saved` says
     fixed = tmp_path / "fixed"
     run_train.main(["--model_name_or_path", str(saved), "--output_dir", str(fixed), "--think_lr", "2.0",
                     "--think_lr_learnable", "false", "--use_soft_tokens", "false", *common])
