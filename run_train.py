@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
-from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
+from nanoebm.cli import (UsageError, check_unk_token, flag_value, raise_usage_error, reject_unknown, report,
                          translate_research_syntax, unk_token_field)
 from nanoebm.folders import check_model_folder
 from nanoebm.recipes import expand_recipe
@@ -328,17 +328,6 @@ def underscored(word):
         return word
     name, eq, value = word.partition("=")
     return "--" + name[2:].replace("-", "_") + eq + value
-
-
-def flag_value(argv, name):
-    """The last value given to --name in argv (either `--name v` or `--name=v`), or None."""
-    value = None
-    for i, word in enumerate(argv):
-        if word == f"--{name}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif word.startswith(f"--{name}="):
-            value = word.split("=", 1)[1]
-    return value
 
 
 def without_flag(argv, name):

@@ -63,6 +63,17 @@ def translate_research_syntax(argv, parser, renames, sections=()):
     return out
 
 
+def flag_value(argv, name):
+    """The last value given to --name in argv (either `--name v` or `--name=v`), or None."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(f"--{name}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
 def raise_usage_error(message):
     """argparse's `error` for both parsers: a bad value is one message, not the usage block and exit."""
     raise UsageError(f"{message} (see --help)")

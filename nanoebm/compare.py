@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nanoebm.analysis import encode, resolved_thinking
 from nanoebm.card import read_record
-from nanoebm.cli import UsageError
+from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
 
 
@@ -75,10 +75,10 @@ def training_text(folder, corpus: Path) -> dict:
         argv = run.get("argv")
         if not isinstance(argv, list):
             label, same = "unknown (no command recorded)", None
-        elif last_value(argv, "dataset_name") is not None:
-            label, same = f"data set {last_value(argv, 'dataset_name')}", False
+        elif flag_value(argv, "dataset_name") is not None:
+            label, same = f"data set {flag_value(argv, 'dataset_name')}", False
         else:
-            path = last_value(argv, "data_path")
+            path = flag_value(argv, "data_path")
             label = path if path is not None else "the default corpus ($NANOEBM_DATA or the tiny Shakespeare)"
             same = same_file(path, corpus)
         if label not in labels:
@@ -86,17 +86,6 @@ def training_text(folder, corpus: Path) -> dict:
         verdicts.append(same)
     on_this_text = False if False in verdicts else None if None in verdicts else True
     return dict(trained_on=" then ".join(labels), on_this_text=on_this_text)
-
-
-def last_value(argv: list, name: str):
-    """The last value of --name in a recorded command line (`--name v` or `--name=v`), or None."""
-    value = None
-    for i, word in enumerate(argv):
-        if word == f"--{name}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif word.startswith(f"--{name}="):
-            value = word.split("=", 1)[1]
-    return value
 
 
 def same_file(recorded, corpus: Path):

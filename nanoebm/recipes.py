@@ -3,6 +3,8 @@ puts these flags before the command line's own, so any flag given explicitly win
 (`bench/thinking.py`); what each value means is in docs/DESIGN.md.
 """
 
+from nanoebm.cli import flag_value
+
 EBT = ["--landscape", "ebt", "--think_max_move", "0", "--entropy_weight", "0"]
 # the paper's random start: logits ~ N(0, 1); the extra self-verification samples are i.i.d. draws like the first
 RANDOM_START = ["--think_init", "random", "--think_init_noise_std", "1.0", "--think_samples_noise_std", "0"]
@@ -30,12 +32,7 @@ RECIPES = {
 def expand_recipe(argv: list[str]) -> list[str]:
     """argv with the flags of its `--recipe NAME` (or `--recipe=NAME`) put first, so that the command line's own
     flags override them (`--recipe` itself stays: the run records it). Raises ValueError naming the allowed ones."""
-    recipe = None
-    for i, word in enumerate(argv):
-        if word == "--recipe" and i + 1 < len(argv):
-            recipe = argv[i + 1]
-        elif word.startswith("--recipe="):
-            recipe = word.split("=", 1)[1]
+    recipe = flag_value(argv, "recipe")
     if recipe is None:
         return argv
     if recipe not in RECIPES:
