@@ -94,17 +94,20 @@ def run_command(corpus: Path, workdir: Path, processes: int, streaming: bool) ->
             "--streaming", str(streaming).lower(), "--output_dir", str(workdir / "out")]
 
 
-def preparation(corpus: Path, env) -> dict:
-    """First run (cold cache), a later run (warm), and the old path, each in a fresh process."""
+def preparation(corpus: Path, env, old_path: bool) -> dict:
+    """First run (cold cache), a later run (warm), and the old path, each in a fresh process. The old path holds
+    about 50 bytes per character: past --old_path_max it would not fit in this machine's memory, and is not run."""
     build = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
              f"import run_train, tokenization_char; from nanoebm import data\n"
              f"args, started = run_train.DataArguments(data_path={str(corpus)!r}), time.perf_counter()\n"
              f"data.build_data(args, None, 64, 0); print(time.perf_counter() - started)")
     cold = measured([sys.executable, "-c", build], env)
     warm = measured([sys.executable, "-c", build], env)
-    old = measured([sys.executable, "-c", OLD_PATH.format(root=str(ROOT), path=str(corpus))], env)
-    return {name: (float(m["output"].strip().splitlines()[-1]), m["rss_gb"])
-            for name, m in (("prepare (first run)", cold), ("map (later runs)", warm), ("old in memory", old))}
+    runs = [("prepare (first run)", cold), ("map (later runs)", warm)]
+    if old_path:
+        runs.append(("old in memory", measured([sys.executable, "-c", OLD_PATH.format(root=str(ROOT),
+                                                                                       path=str(corpus))], env)))
+    return {name: (float(m["output"].strip().splitlines()[-1]), m["rss_gb"]) for name, m in runs}
 
 
 def pipeline_chars_per_second(corpus: Path, preset: str, streaming: bool, seconds: float = 3.0) -> float:
@@ -148,7 +151,8 @@ def report(size, prep, runs, speeds):
         print(f"{path:<30}{processes:>10}{m['seconds']:>9.1f}{m['rss_gb']:>22.2f}")
     print(f"\n{'characters/s (M)':<22}{'mapped input':>14}{'stream input':>14}{'model trains':>14}")
     for preset, (mapped, stream, model) in speeds.items():
-        print(f"{preset + ' preset':<22}{mapped / 1e6:>14.2f}{stream / 1e6:>14.2f}{model / 1e6:>14.4f}")
+        shown = f"{model / 1e6:>14.4f}" if model is not None else f"{'(above)':>14}"
+        print(f"{preset + ' preset':<22}{mapped / 1e6:>14.2f}{stream / 1e6:>14.2f}{shown}")
 
 
 def main():
@@ -156,7 +160,9 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["100MB", "1GB"])
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--presets", nargs="+", default=["cpu", "gpu"])
-    parser.add_argument("--model_steps", type=int, default=5, help="timed training steps per preset")
+    parser.add_argument("--model_steps", type=int, default=5, help="timed training steps per preset (measured "
+                        "once, on the first size: the model's speed does not depend on the corpus)")
+    parser.add_argument("--old_path_max", default="200MB", help="largest corpus the old in-memory path is run on")
     parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nanoebm-data-scale"))
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -165,15 +171,15 @@ def main():
                       TOKENIZERS_PARALLELISM="false")
     env = dict(os.environ)
     print("reproduce: python " + shlex.join(["bench/data_scale.py", *sys.argv[1:]]))
-    for size in map(parse_size, args.sizes):
+    for n, size in enumerate(map(parse_size, args.sizes)):
         corpus = make_corpus(workdir, size)
         subprocess.run(["rm", "-rf", str(workdir / "cache")], check=True)
-        prep = preparation(corpus, env)
+        prep = preparation(corpus, env, old_path=size <= parse_size(args.old_path_max))
         runs = {(("streamed" if streaming else "mapped"), n): measured(run_command(corpus, workdir, n, streaming), env)
                 for streaming in (False, True) for n in args.processes}
         speeds = {preset: (pipeline_chars_per_second(corpus, preset, False),
                            pipeline_chars_per_second(corpus, preset, True),
-                           model_chars_per_second(corpus, preset, workdir, args.model_steps))
+                           model_chars_per_second(corpus, preset, workdir, args.model_steps) if n == 0 else None)
                   for preset in args.presets}
         report(size, prep, runs, speeds)
         print(json.dumps({"size": size, "preparation": prep, "speeds": speeds,
