@@ -15,7 +15,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:  # private in torch: a saved folder must import whatever torch runs it, so its absence only costs the pinning
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+except ImportError:
+    _cur_sdpa_kernel_backends = None
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -315,11 +320,12 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
                 f"landscape={self.config.landscape!r} needs (through the context's keys and values and the thinking "
                 f"descent): use use_reentrant=False, the default"
             )
-        kernels = _cur_sdpa_kernel_backends()  # the replay runs the attention kernels this forward ran (the descent's
-        # second order needs the math one, chosen around the forward but not around the backward that replays it)
+        # the replay runs the attention kernels this forward ran (the descent's second order needs the math one,
+        # chosen around the forward but not around the backward that replays it)
+        kernels = _cur_sdpa_kernel_backends() if _cur_sdpa_kernel_backends is not None else None
 
         def replay(*inputs):
-            with sdpa_kernel(kernels):
+            with sdpa_kernel(kernels) if kernels is not None else nullcontext():
                 return block(*inputs)
 
         return self._gradient_checkpointing_func(replay, x, mask, rotary, None, context_kv)

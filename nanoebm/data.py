@@ -97,11 +97,12 @@ def checked_column(dataset, source: Source, columns=None):
     return dataset
 
 
-def datasets_stream(source: Source, num_shards: int = 64):
+def datasets_stream(source: Source, num_shards: int = 64, held: int = 0):
     """The source as a streamed `datasets` IterableDataset of `num_shards` shards or more (64 divides evenly between 1,
     2, 4, ... 64 readers, so each reads whole shards): a saved data set cut into shards, text files into byte ranges
     (FILE_RANGE bytes or less, read at disk speed; datasets' line-by-line text loader managed ~3 M characters/s),
-    a hub data set as the hub stores it."""
+    a hub data set as the hub stores it. `held`: what validation holds out of a local source before it is divided
+    (rows of a saved data set, bytes at the start of the first file), so no part reads it."""
     import datasets
 
     if source.kind == "hub":
@@ -109,13 +110,35 @@ def datasets_stream(source: Source, num_shards: int = 64):
                               source)
     if source.kind == "saved":
         dataset = open_dataset(source)
+        dataset = dataset.select(range(held, len(dataset))) if held else dataset
         return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
     ranges = []
-    for path in source.files:
-        size = path.stat().st_size
-        count = -(-max(size // FILE_RANGE, 1) // num_shards) * num_shards if len(source.files) == 1 else 1
-        ranges += [(str(path), size * i // count, size * (i + 1) // count) for i in range(count)]
-    return datasets.IterableDataset.from_generator(file_rows, gen_kwargs={"ranges": ranges})
+    for n, path in enumerate(source.files):
+        start, size = (held if n == 0 else 0), path.stat().st_size
+        count = max(-(-(size - start) // FILE_RANGE), 1)
+        ranges += [(str(path), start + (size - start) * i // count, start + (size - start) * (i + 1) // count)
+                   for i in range(count)]
+    while len(ranges) % num_shards:  # whole shards per reader: halve the longest range until the count divides
+        path, start, end = max(ranges, key=lambda r: r[2] - r[1])
+        ranges.remove((path, start, end))
+        ranges += [(path, start, (start + end) // 2), (path, (start + end) // 2, end)]
+    return datasets.IterableDataset.from_generator(file_rows, gen_kwargs={"ranges": sorted(ranges)})
+
+
+def head_lines(path: Path, chars: int) -> tuple[str, int]:
+    """The first whole lines of a text file that hold at least `chars` characters, and the byte where the rest of the
+    file starts (validation is held out there, before the file is divided between readers)."""
+    lines, count = [], 0
+    with open(path, "rb") as handle:
+        while count < chars and (raw := handle.readline()):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"--data_path {path} is not UTF-8 text ({error.reason}): convert it, e.g. "
+                                 f"iconv -f latin1 -t utf-8") from None
+            lines.append(line.replace("\r\n", "\n").replace("\r", "\n"))
+            count += len(lines[-1])
+        return "".join(lines), handle.tell()
 
 
 FILE_RANGE, FILE_ROW = 1 << 23, 1 << 16
@@ -478,6 +501,13 @@ class StreamBlocks(torch.utils.data.IterableDataset):
         index, parts = self.rank * workers + worker, self.world_size * workers
         stream = self.open_stream()
         if self.skip_rows:
+            if parts > 1:
+                from transformers.utils import logging
+
+                logging.get_logger(__name__).warning_once(
+                    f"validation holds out the first {self.skip_rows} rows of a hub stream read by {parts} processes "
+                    f"x workers: datasets divides that skip between them, so some of those rows may be trained on "
+                    f"(prepare the data set instead of streaming it, or validate on its own split)")
             stream = stream.skip(self.skip_rows)
         return (split_dataset_by_node(stream, rank=index, world_size=parts) if parts > 1 else stream), index, parts
 
@@ -573,13 +603,27 @@ def build_stream(source: Source, data_args, tokenizer, block_size, seed):
             raise ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
         tokenizer = new_tokenizer(sorted(seen))
     table = CharTable.of(tokenizer, data_args.unk_token)
-    wanted, held, rows_held = data_args.eval_blocks * (block_size + 1), [], 0
-    for row in open_stream():
-        held.append(row[column] + "\n")
-        rows_held, wanted = rows_held + 1, wanted - len(held[-1])
-        if wanted <= 0:
-            break
-    val_ids = torch.from_numpy(table.encode("".join(held), what=f"the corpus {source.where}").astype(np.int64))
+    val_text, training, skip = held_out(source, open_stream, column, data_args.eval_blocks * (block_size + 1))
+    val_ids = torch.from_numpy(table.encode(val_text, what=f"the corpus {source.where}").astype(np.int64))
     check_length("validation", val_ids.numel(), block_size)
-    train = StreamBlocks(open_stream, table, block_size, column, seed, skip_rows=rows_held)
+    train = StreamBlocks(training, table, block_size, column, seed, skip_rows=skip)
     return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
+
+
+def held_out(source: Source, open_stream, column: str, chars: int):
+    """(validation text: the stream's first `chars` characters or more, in whole rows or lines; the training stream's
+    opener, without them; rows the training stream must still skip). A local source leaves them out before it is
+    divided between readers. A hub stream can only skip them, and datasets divides a skip between the parts of a
+    divided stream, so with several processes or workers some held-out rows may be trained on (StreamBlocks warns)."""
+    if source.kind == "files":
+        text, start = head_lines(source.files[0], chars)
+        return text, functools.partial(datasets_stream, source, held=start), 0
+    rows, count = [], 0
+    for row in open_stream():
+        rows.append(row[column] + "\n")
+        count += len(rows[-1])
+        if count >= chars:
+            break
+    if source.kind == "saved":
+        return "".join(rows), functools.partial(datasets_stream, source, held=len(rows)), 0
+    return "".join(rows), open_stream, len(rows)

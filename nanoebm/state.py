@@ -74,7 +74,7 @@ def load_state(path, kind: str, spec: dict, ints: tuple[str, ...], optional: tup
                 torch.Generator().set_state(tensor)
             except RuntimeError as error:
                 raise refuse(f"tensor {name!r} is not a random generator's state ({error})") from None
-    values = header["ints"]
+    values = header.get("ints")
     if not isinstance(values, dict) or sorted(values) != sorted(ints) or \
             not all(type(values[k]) is int for k in ints):
         raise refuse(f"its integers are {values!r}, expected integer values for {sorted(ints)}")

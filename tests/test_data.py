@@ -165,7 +165,7 @@ def stream_rows(rows, block_size, world, workers, make_stream):
     return seen
 
 
-@pytest.mark.parametrize("kind,shards", [("saved", 8), ("saved", 1), ("files", 64)])
+@pytest.mark.parametrize("kind,shards", [("saved", 8), ("saved", 1), ("files", 64), ("folder", 64)])
 def test_two_processes_times_two_workers_read_every_block_once(tmp_path, kind, shards):
     """Rows of exactly one block each: every row is one block's input, except the last row of each of the 4 parts
     (its block would need one more character). 8 shards: each part reads 2 whole shards; 1 shard: every 4th row;
@@ -177,8 +177,12 @@ def test_two_processes_times_two_workers_read_every_block_once(tmp_path, kind, s
     assert all(len(r) + 1 == block for r in rows)
     Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "rows.txt").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-    source = data.Source("saved", str(tmp_path / "saved")) if kind == "saved" else \
-        data.Source("files", str(tmp_path / "rows.txt"), files=(tmp_path / "rows.txt",))
+    parts = [tmp_path / f"rows-{i}.txt" for i in range(3)]  # a folder of 3 files: 64 ranges between them
+    for i, part in enumerate(parts):
+        part.write_text("".join(r + "\n" for r in rows[i::3]), encoding="utf-8")
+    source = {"saved": data.Source("saved", str(tmp_path / "saved")),
+              "files": data.Source("files", str(tmp_path / "rows.txt"), files=(tmp_path / "rows.txt",)),
+              "folder": data.Source("files", str(tmp_path), files=tuple(parts))}[kind]
     seen = stream_rows(rows, block, world=2, workers=2, make_stream=functools.partial(data.datasets_stream, source,
                                                                                       shards))
     expected = [r + "\n" for r in rows]
@@ -187,7 +191,8 @@ def test_two_processes_times_two_workers_read_every_block_once(tmp_path, kind, s
 
 
 def test_a_stream_with_a_held_out_validation(tmp_path):
-    """A text file streams as 64 byte ranges of whole lines (rows); validation holds the first, training skips it."""
+    """A text file: validation holds its first whole lines (4 blocks of 17 characters or more), training streams the
+    rest as 64 byte ranges of whole lines, starting where validation ends."""
     text = TEXT * 60
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
@@ -195,11 +200,35 @@ def test_a_stream_with_a_held_out_validation(tmp_path):
     train, blocks, tokenizer = data.build_data(args, None, 16, 0)
     assert tokenizer.get_vocab() == CharTokenizer.from_corpus(TEXT).get_vocab()
     assert tokenizer.decode(blocks[0].tolist()) == text[:17]
-    first_row = text.encode().index(b"\n", len(text) // 64 - 1) + 1
-    assert train.skip_rows == 1 and tokenizer.decode(next(iter(train.blocks())).tolist()) == text[first_row:][:17]
+    first_row = text.index("\n", 4 * 17 - 1) + 1  # the end of the line that completes validation
+    assert train.skip_rows == 0 and tokenizer.decode(next(iter(train.blocks())).tolist()) == text[first_row:][:17]
     streamed = [block for block in train.blocks()]  # every line once, in order, in a single part
     assert "".join(tokenizer.decode(b[:-1].tolist()) for b in streamed) == text[first_row:][: 16 * len(streamed)]
     assert len(text) - first_row - 16 * len(streamed) <= 16  # only the last partial block is dropped
+
+
+@pytest.mark.parametrize("kind", ["files", "saved"])
+def test_a_streams_validation_is_never_trained_on(tmp_path, kind):
+    """Validation holds the stream's first rows; training, divided between 2 processes x 2 workers, reads every other
+    row once and none of those: they are left out of the source before it is divided (a skip would be divided too)."""
+    from datasets import Dataset
+
+    rows = [f"row {i:05d} " + "xyz"[i % 3] for i in range(203)]  # 12 characters with the newline: one block each
+    Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "rows.txt").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    where = {"data_path": str(tmp_path / "rows.txt")} if kind == "files" else {"dataset_name": str(tmp_path / "saved")}
+    train, blocks, _ = data.build_data(data_args(tmp_path, streaming=True, eval_blocks=3, **where), None, 12, 0)
+    held = 4  # 3 blocks of 13 characters need 4 rows
+    assert "".join(train.table.chars[i] for i in blocks.flatten().tolist()).startswith(rows[0])
+    seen = []
+    for rank in range(2):
+        part = data.StreamBlocks(train.open_stream, train.table, 12, train.column, seed=1, buffer=7, rank=rank,
+                                 world_size=2, batch_rows=5, skip_rows=train.skip_rows)
+        loader = torch.utils.data.DataLoader(part, batch_size=None, num_workers=2)
+        seen += ["".join(train.table.chars[i] for i in item["input_ids"].tolist()) for item in loader]
+    trained = {r + "\n" for r in rows[held:]}
+    assert not {r + "\n" for r in rows[:held]} & set(seen)
+    assert len(seen) == len(set(seen)) and set(seen) <= trained and len(seen) >= len(trained) - 4
 
 
 # -- bad input: one message, exit 2, nothing half-written ---------------------------------------------------------
