@@ -357,11 +357,13 @@ class EBMTrainer(Trainer):
         loss_aux = ce(outputs.system1_logits, shift_labels=labels)
         if steps > 0:
             refined = outputs.step_logits[-1:] if self.ebm.truncate_refine else outputs.step_logits
-            loss_main = torch.stack([ce(v, shift_labels=labels) for v in refined]).mean()
+            per_step = [ce(v, shift_labels=labels) for v in refined]
+            loss_main, loss_pred = torch.stack(per_step).mean(), per_step[-1]
             loss = (1 - self.ebm.aux_ce_weight) * loss_main + self.ebm.aux_ce_weight * loss_aux
         else:
-            loss_main = loss = loss_aux
-        logs = {"loss_main": loss_main, "loss_aux": loss_aux, "think_steps": steps}
+            loss_main = loss_pred = loss = loss_aux
+        # loss_pred: the CE of the logits decoding would use (v_K, or System 1 when the step did not think)
+        logs = {"loss_main": loss_main, "loss_pred": loss_pred, "loss_aux": loss_aux, "think_steps": steps}
         if steps > 0 and want_trace:
             trace = outputs.energy_trace
             logs.update(energy_initial=trace[..., 0].mean(), energy_final=trace[..., -1].mean(),
@@ -388,8 +390,8 @@ class EBMTrainer(Trainer):
             extras = self.accelerator.reduce(extras, reduction="mean")
             logs.update({k: round(float(v), 5) for k, v in zip(sorted(self._sums), extras)})
             # of the prediction's CE: the total loss adds the auxiliary CE and the contrastive term
-            logs["perplexity_main"] = round(math.exp(min(logs["loss_main"], 50)), 4)
-            logs["bits_per_char_main"] = round(logs["loss_main"] / math.log(2), 5)
+            logs["perplexity_pred"] = round(math.exp(min(logs["loss_pred"], 50)), 4)
+            logs["bits_per_char_pred"] = round(logs["loss_pred"] / math.log(2), 5)
             model = self.accelerator.unwrap_model(self.model)
             logs["alpha"] = round(float(model.think_lr.detach()), 5)
             now, step = time.perf_counter(), self.state.global_step

@@ -158,16 +158,18 @@ class Logs(TrainerCallback):
 
 
 def test_logged_bits_per_char_and_perplexity_are_the_predictions(tmp_path, small_corpus):
-    """bits_per_char_main and perplexity_main are of loss_main, the refined logits' CE, not of the total loss, which
-    adds the auxiliary CE and the contrastive term."""
+    """bits_per_char_pred and perplexity_pred are of loss_pred, the CE of the last refined logits (what decoding
+    uses), not of the total loss, which adds the auxiliary CE and the contrastive term, nor of loss_main, the mean over
+    the thinking steps."""
     logs = Logs()
     train(tmp_path, small_corpus, "--max_steps", "10", "--do_train", "true", "--contrastive_type", "cd",
-          "--contrastive_weight", "5.0", callbacks=[logs])
+          "--contrastive_weight", "5.0", "--entropy_weight", "0.5", callbacks=[logs])  # lambda < tau: the steps move
     assert len(logs.rows) == 2
     for row in logs.rows:
-        assert abs(row["loss"] - row["loss_main"]) > 2e-3, row  # far enough apart for the check to tell them apart
-        assert row["bits_per_char_main"] == pytest.approx(row["loss_main"] / math.log(2), abs=2e-5)
-        assert row["perplexity_main"] == pytest.approx(math.exp(row["loss_main"]), rel=1e-4)
+        assert abs(row["loss"] - row["loss_pred"]) > 2e-3, row  # far enough apart for the check to tell them apart
+        assert abs(row["loss_main"] - row["loss_pred"]) > 1e-5, row
+        assert row["bits_per_char_pred"] == pytest.approx(row["loss_pred"] / math.log(2), abs=2e-5)
+        assert row["perplexity_pred"] == pytest.approx(math.exp(row["loss_pred"]), rel=1e-4)
         assert "bits_per_char" not in row and "perplexity" not in row
 
 
