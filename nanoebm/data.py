@@ -285,7 +285,9 @@ def cache_root(data_args) -> Path:
     fallback = Path(tempfile.gettempdir()) / f"nanoebm-data-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     for folder in (wanted, fallback):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, **({"mode": 0o700} if folder == fallback else {}))
+            if folder == fallback:
+                check_own(folder)
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as error:
@@ -298,6 +300,14 @@ def cache_root(data_args) -> Path:
                                                  f"at a writable folder to keep the prepared ids)")
         return folder
     raise ValueError(f"{problem}: point --data_cache_dir or ${CACHE_ENV} at a writable folder")
+
+
+def check_own(folder: Path):
+    """OSError unless `folder` is this user's and no one else may write into it: the fallback lies in the shared temp
+    dir, where another user could create it first and plant ids whose sidecar matches a corpus."""
+    info = folder.stat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise OSError(f"it is not this user's own folder (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)})")
 
 
 def read_json(path: Path):
