@@ -290,3 +290,12 @@ def test_the_trainer_orders_windows_without_listing_them(tmp_path, corpus):
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"][:, 1:], batch["shift_labels"][:, :-1])
+
+
+def test_validation_blocks_of_a_large_corpus_are_whole():
+    """Evenly spaced offsets past 2^24 characters (a 1 GB corpus's validation part) stay inside the text: float32
+    offsets rounded the last one up, and its window came out one short."""
+    from nanoebm.corpus import fixed_blocks
+
+    ids = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=np.uint8), shape=(100_000_001,), strides=(0,))
+    assert fixed_blocks(ids, 64, 200).shape == (200, 65)
