@@ -56,7 +56,7 @@ class NanoEBMConfig(PreTrainedConfig):
         think_samples_noise_std: std of the Gaussian noise added to the start of every sample after the first (the
             first starts exactly where `think_init` says); with think_init="random" every sample draws its own start
             anyway, and 0 keeps the draws i.i.d. Default 0: from a System 1 start, no noise measured (0.03 to 1.0)
-            made the lowest-energy sample better than one descent, and 1.0 made it 7-21% worse (BENCHMARKS.md).
+            made the lowest-energy sample better than one descent, and 1.0 made it 5-27% worse (BENCHMARKS.md).
         softmax_temperature: tau in p = softmax(v / tau) and v0 = -E_base / tau.
         entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p). The default lambda = tau makes
             J = tau * KL(p || softmax(-E / tau)) + const: System 1 is the minimum of a fixed landscape, so thinking
