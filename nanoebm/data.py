@@ -97,6 +97,15 @@ def checked_column(dataset, source: Source, columns=None):
     return dataset
 
 
+def joined_rows(rows) -> str:
+    """A batch of a data set's rows as text: each row followed by a newline (how nanoebm reads every data set)."""
+    return "".join(row + "\n" for row in rows)
+
+
+def empty_corpus(source: Source) -> ValueError:
+    return ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
+
+
 def datasets_stream(source: Source, num_shards: int = 64, held: int = 0):
     """The source as a streamed `datasets` IterableDataset of `num_shards` shards or more (64 divides evenly between 1,
     2, 4, ... 64 readers, so each reads whole shards): a saved data set cut into shards, text files into byte ranges
@@ -170,7 +179,7 @@ def text_chunks(source: Source, chunk_chars: int = CHUNK_CHARS):
     if source.kind != "files":
         rows = max(1, chunk_chars // 1000)
         for batch in open_dataset(source).iter(batch_size=rows):
-            yield "".join(text + "\n" for text in batch[source.column])
+            yield joined_rows(batch[source.column])
         return
     for path in source.files:
         try:
@@ -363,7 +372,7 @@ def prepare(source: Source, tokenizer, data_args) -> Prepared:
             scanned = {"chars": chars, "length": n}
             write_atomically(chars_file, lambda h: h.write(json.dumps(scanned, ensure_ascii=False).encode()))
         if not scanned["chars"]:
-            raise ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
+            raise empty_corpus(source)
         table = CharTable(scanned["chars"])
     else:
         table = CharTable.of(tokenizer, data_args.unk_token)
@@ -394,7 +403,7 @@ def write_ids(source: Source, table: CharTable, ids_file: Path, meta_file: Path,
     write_atomically(ids_file, write)
     if length == 0:
         ids_file.unlink(missing_ok=True)
-        raise ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
+        raise empty_corpus(source)
     meta = {**expected, "length": length, "text_blake2b": digest.hexdigest(), "source": source.where}
     write_atomically(meta_file, lambda h: h.write(json.dumps(meta, ensure_ascii=False).encode()))
     return meta
@@ -521,11 +530,12 @@ class StreamBlocks(torch.utils.data.IterableDataset):
             stream = stream.skip(self.skip_rows)
         return (split_dataset_by_node(stream, rank=index, world_size=parts) if parts > 1 else stream), index, parts
 
-    def blocks(self):
-        stream, _, _ = self.part()
+    def blocks(self, stream=None):
+        """Blocks of block_size + 1 ids of this part's rows (`stream`: the part, when the caller has opened it)."""
+        stream = self.part()[0] if stream is None else stream
         pending, size = np.zeros(0, dtype=self.table.dtype), self.block_size
         for batch in stream.iter(batch_size=self.batch_rows):
-            text = "".join(row + "\n" for row in batch[self.column])
+            text = joined_rows(batch[self.column])
             pending = np.concatenate([pending, self.table.encode(text, what="the stream")])
             count = (len(pending) - 1) // size
             for first in range(0, count, 1024):  # 1024 windows at a time bound the int64 copy
@@ -534,10 +544,10 @@ class StreamBlocks(torch.utils.data.IterableDataset):
             pending = pending[count * size:]
 
     def __iter__(self):
-        _, index, _ = self.part()
+        stream, index, _ = self.part()  # opened once: a hub stream's opening is a request
         draw = random.Random(self.seed * 1_000_003 + self.epoch * 1009 + index)
         pool = []
-        for chunk in self.blocks():
+        for chunk in self.blocks(stream):
             pool.append({"input_ids": chunk[:-1], "shift_labels": chunk[1:]})
             if len(pool) >= self.buffer:
                 yield self.take(pool, draw)
@@ -598,19 +608,19 @@ def build_stream(source: Source, data_args, tokenizer, block_size, seed):
     open_stream = functools.partial(datasets_stream, source)  # opened afresh by every epoch and every worker
     first = next(iter(open_stream()), None)
     if first is None:
-        raise ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
+        raise empty_corpus(source)
     checked_column(None, Source(source.kind, source.where, column=column), columns=list(first))
 
     if tokenizer is None:
         seen, scanned = set(), 0
         for batch in open_stream().iter(batch_size=256):
-            text = "".join(row + "\n" for row in batch[column])
+            text = joined_rows(batch[column])
             seen.update(text)
             scanned += len(text)
             if scanned >= data_args.vocab_scan_chars:
                 break
         if not seen:
-            raise ValueError(f"{source.where} is empty: a corpus needs at least one block of text")
+            raise empty_corpus(source)
         tokenizer = new_tokenizer(sorted(seen))
     table = CharTable.of(tokenizer, data_args.unk_token)
     val_text, training, skip = held_out(source, open_stream, column, data_args.eval_blocks * (block_size + 1))
