@@ -328,15 +328,12 @@ def validate(args: GenerateArguments) -> None:
 def resolve_device(name: str):
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if name == "mps" and not mps:
         raise UsageError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
     return torch.device(name)
 

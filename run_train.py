@@ -342,12 +342,6 @@ def without_flag(argv, name):
     return out
 
 
-def _cuda_available():
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def machine_preset(argv):
     import torch
 
@@ -453,6 +447,8 @@ def with_recipe(argv):
 
 
 def parse_args(argv=None) -> ParsedArguments:
+    import torch
+
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = translate_research_syntax(argv, new_parser(), renames=RESEARCH_KEYS, sections=("model", "data", "train"))
     argv = [underscored(word) for word in argv]
@@ -488,7 +484,8 @@ def parse_args(argv=None) -> ParsedArguments:
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
     if checkpoint is not None:
         training_args.resume_from_checkpoint = str(checkpoint)
-    if "--dataloader_pin_memory" not in full and not _cuda_available():
+    pinning = [w for w in full if w == "--dataloader_pin_memory" or w.startswith("--dataloader_pin_memory=")]
+    if not pinning and not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns every run otherwise)
     return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
                            checkpoint, full)

@@ -64,9 +64,9 @@ class CharTokenizer(PythonBackend):
       as five characters (it exists only as an id, made by padding). ``decode`` shows it as ``"<pad>"``,
       and ``decode(..., skip_special_tokens=True)`` (what ``pipeline("text-generation")`` uses) drops
       only ids outside the character vocabulary -- the padding -- and never a character.
-      ``pad_token`` can only be ``"<pad>"`` (or None, which means it): the old advice
-      ``pad_token=<a vocabulary character>`` (e.g. ``" "``, still found in saved folders) made that character
-      special, so skipping special tokens deleted every occurrence of it; such a value now logs a warning and
+      ``pad_token`` can only be ``"<pad>"`` (or None, which means it): a character as the pad,
+      ``pad_token=<a vocabulary character>`` (e.g. ``" "``, found in some saved folders), would make that character
+      special, so skipping special tokens would delete every occurrence of it; such a value logs a warning and
       ``"<pad>"`` is used.
     * Every other special token (``unk_token``, ...) must be an existing vocabulary character; anything
       else raises instead of growing the vocabulary.
@@ -292,7 +292,7 @@ class CharTokenizer(PythonBackend):
     def _get_padding_truncation_strategies(self, *args, **kwargs):
         if self.pad_token == PAD_TOKEN:
             return super()._get_padding_truncation_strategies(*args, **kwargs)
-        # The pad token was unset or replaced after construction (e.g. tok.pad_token = " ", the old advice).
+        # The pad token was unset or replaced after construction (e.g. tok.pad_token = " ").
         problem = (
             f"{type(self).__name__} pads with its dedicated {PAD_TOKEN!r} token (id {self.vocab_size}, outside the "
             f"character ids), but pad_token is now {self.pad_token!r}. Set tok.pad_token = {PAD_TOKEN!r}: a "

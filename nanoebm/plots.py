@@ -226,7 +226,7 @@ def plot_kl_strip(tokens: list[str], kl, path: Path, width: int = 64, max_tokens
 
 
 @_plain_text
-def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | None = None) -> Path:
+def plot_energy_descent(trace, bowl: dict, index: int, path: Path) -> Path:
     """The README picture: J_k - J_0 over thinking steps (mean and band over positions) and the bowl at one."""
     import torch
 
@@ -247,8 +247,6 @@ def plot_energy_descent(trace, bowl: dict, index: int, path: Path, title: str | 
     ax.legend(fontsize=7, loc="lower left")
     _plot_bowl(ax2, bowl)
     ax2.set_title(f"J along the line v0 -> vK at one position (#{index})", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

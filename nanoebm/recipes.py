@@ -7,7 +7,7 @@ from nanoebm.cli import flag_value
 
 EBT = ["--landscape", "ebt", "--think_max_move", "0", "--entropy_weight", "0"]
 # the paper's random start: logits ~ N(0, 1); the extra self-verification samples are i.i.d. draws like the first
-RANDOM_START = ["--think_init", "random", "--think_init_noise_std", "1.0", "--think_samples_noise_std", "0"]
+RANDOM_START = ["--think_init", "random", "--think_init_noise_std", "1.0"]
 
 RECIPES = {
     # Gladstone et al. 2025, System 2 training (job_scripts/nlp/pretrain/ebt_s2.sh): alpha 5 fixed, scaled per row

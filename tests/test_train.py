@@ -430,6 +430,13 @@ def test_research_syntax_maps_onto_the_flags():
     assert (research.loss.contrastive_type, ta.max_steps, research.model.think_steps) == ("pcd", 100, 6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning is turned off only without an accelerator")
+@pytest.mark.parametrize("spelling", [["--dataloader_pin_memory", "true"], ["--dataloader_pin_memory=true"]])
+def test_an_explicit_pin_memory_is_kept_in_both_spellings(spelling):
+    assert run_train.parse_args(["--preset", "cpu", *spelling]).training.dataloader_pin_memory is True
+    assert run_train.parse_args(["--preset", "cpu"]).training.dataloader_pin_memory is False  # no accelerator
+
+
 def test_a_flag_value_with_an_equals_sign_stays_a_value():
     args = run_train.parse_args(["--run_name", "lr=3e-4", "train.max_steps=7"]).training
     assert (args.run_name, args.max_steps) == ("lr=3e-4", 7)
