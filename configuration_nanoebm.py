@@ -7,7 +7,9 @@ here, on the model config, and not on the generation config, so that `generate(.
 import math
 import os
 import stat
+import textwrap
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from transformers import PreTrainedConfig
 
@@ -18,66 +20,100 @@ THINK_GRADIENTS = ("plain", "natural")
 POSITION_EMBEDDINGS = ("learned", "rope")
 
 
+class Option(NamedTuple):
+    """One model setting: its name, default and meaning, defined here once. The config's fields, its docstring,
+    run_train.py's and run_generate.py's flags and the run record are made from this table."""
+
+    name: str
+    default: object
+    help: str
+    type: type
+    choices: tuple = ()
+    kept: str = ""  # why continuing a saved model refuses another value ("": the flag takes effect)
+    aliases: tuple = ()  # the research code's names for it
+
+
+_SHAPED = "the saved weights are shaped and trained for it"
+_LANDSCAPE = "the energy landscape is part of the architecture the saved weights were trained with"
+
+OPTIONS = (
+    # the backbone
+    Option("vocab_size", 65, "ids the model embeds and scores: the tokenizer's characters, `tokenizer.vocab_size` "
+           "(run_train.py sets it from the tokenizer). Sized `len(tokenizer)` (characters plus the pad), set "
+           "`pad_token_id` too: generate then never chooses the pad and the loss ignores it as a label; "
+           "`resize_token_embeddings` resizes the embeddings and the energy head's bias together", int, kept=_SHAPED),
+    Option("block_size", 256, "longest context in characters; prompts beyond it are cropped from the left (decoding "
+           "continues past it: the window slides)", int, kept=_SHAPED, aliases=("max_position_embeddings",)),
+    Option("n_layer", 6, "transformer blocks (pre-LN, GELU MLP of 4 * n_embd)", int, kept=_SHAPED),
+    Option("n_head", 6, "attention heads", int, kept=_SHAPED),
+    Option("n_embd", 384, "model width", int, kept=_SHAPED),
+    Option("dropout", 0.1, "dropout probability", float, kept="the saved model's layers are built with it"),
+    Option("bias", True, "biases in linear layers and LayerNorms", bool, kept=_SHAPED),
+    Option("position_embedding", "learned", "'learned' (absolute, as nanoGPT) or 'rope' (rotary: the KV-cached window "
+           "slides past block_size without recomputation)", str, POSITION_EMBEDDINGS, kept=_SHAPED),
+    Option("rope_theta", 10000.0, "base of the rotary frequencies (position_embedding='rope')", float,
+           kept="the saved weights are trained with these frequencies"),
+    Option("initializer_range", 0.02, "std of the normal initialisation of the weights (the residual projections "
+           "get it divided by sqrt(2 * n_layer), as nanoGPT)", float,
+           kept="it initialises weights the saved model has already trained"),
+    # the energy
+    Option("d_energy", None, "width of the space where context and token projections meet (default: n_embd)", int,
+           kept=_SHAPED),
+    Option("use_token_bias", True, "add the per-token bias b_y to the energy", bool, kept=_SHAPED),
+    Option("landscape", "mixture", "how the energy depends on the current belief p: 'linear' (not at all), 'mixture' "
+           "(an MLP of the hidden state and the expected embedding), 'soft_tokens' (the backbone reads a provisional "
+           "token whose embedding is the expected embedding) or 'ebt' (the Energy-Based Transformer's scalar energy: "
+           "the backbone reads the candidate at position t + 1 and a Linear(n_embd, 1) head scores it; System 1 "
+           "stays the per-token head's -E_base)", str, LANDSCAPES, kept=_LANDSCAPE),
+    Option("use_soft_tokens", None, "the research code's switch for landscape='soft_tokens' (true sets it; false "
+           "turns soft_tokens back into mixture)", bool, kept=_LANDSCAPE),
+    Option("correction_scale_init", 0.0, "tanh(s) of the correction's gate at initialisation, in [0, 1): 0 shuts the "
+           "gate (the correction gets no gradient until s moves); above 0 (mixture only) the gate starts open and the "
+           "mixture MLP's output layer at zero, so a fresh model still thinks on the base landscape", float,
+           kept="it initialises a gate the saved model has already trained"),
+    # thinking: every one of these may change on a saved model
+    Option("use_thinking", True, "whether forward and generate think by default (false = System 1)", bool),
+    Option("think_steps", 2, "gradient steps K on the logits before a token is chosen", int,
+           aliases=("refine_steps",)),
+    Option("think_lr", 0.5, "step size alpha of the descent (a saved model keeps its learned alpha unless this is "
+           "given)", float, aliases=("alpha_value",)),
+    Option("think_lr_learnable", True, "make alpha a trained parameter", bool),
+    Option("think_lr_random_scale", 1.0, "s >= 1: while training, alpha is multiplied per row and position by a "
+           "factor drawn uniformly from [1/s, s], so the energy learns to be descended with any step near alpha; "
+           "1 disables", float),
+    Option("think_samples", 1, "self-verification: G starting points per position, each descended, the one with the "
+           "lowest final energy J_K kept; 1 = a single descent", int),
+    Option("think_samples_noise_std", 0.0, "std of the Gaussian noise on the start of every sample after the first "
+           "(the first starts where think_init says); with think_init='random' every sample draws its own start", float),
+    Option("softmax_temperature", 1.0, "tau in p = softmax(v / tau) and v0 = -E_base / tau", float),
+    Option("entropy_weight", 1.0, "lambda of the entropy bonus in J = E_p[E] - lambda * H(p); lambda = tau makes "
+           "J = tau * KL(p || softmax(-E / tau)) + const, so System 1 is the minimum of a fixed landscape and "
+           "thinking moves only where the belief-dependent correction says so", float),
+    Option("think_max_move", 0.25, "trust region: |v - v0| <= think_max_move per logit; 0 disables", float),
+    Option("absolute_clamp", 0.0, "|v| <= absolute_clamp; 0 disables", float),
+    Option("langevin_noise", 0.0, "std of the Gaussian noise added to v before each step while training (the step "
+           "then corrects it); 0 disables", float),
+    Option("mixture_stopgrad", True, "hold p fixed inside E(h, y | p) when differentiating J (closed-form gradient); "
+           "false differentiates through the landscape's dependence on p with autograd", bool),
+    Option("think_init", "base_energy", "start of the descent: 'base_energy' (System 1 logits), 'zeros' or 'random'",
+           str, THINK_INITS),
+    Option("think_gradient", "plain", "'plain' descends dJ/dv; 'natural' preconditions it by the inverse Fisher of "
+           "the softmax (mirror descent on the simplex: with a fixed landscape v <- (1 - alpha) v - alpha E); needs "
+           "mixture_stopgrad", str, THINK_GRADIENTS),
+    Option("think_init_noise_std", 0.0, "std of the Gaussian noise added to the start (and of the 'random' start)",
+           float),
+    Option("energy_convergence_threshold", 0.0, "each position stops moving once its own |J_k - J_(k-1)| falls "
+           "below it (its logits and J then repeat, so a row's result never depends on its batch mates); 0 never "
+           "stops early", float),
+)
+OPTION = {option.name: option for option in OPTIONS}
+
+
 class NanoEBMConfig(PreTrainedConfig):
-    r"""
-    Args:
-        vocab_size: number of ids the model embeds and scores: the tokenizer's characters, `tokenizer.vocab_size`
-            (65 for tiny Shakespeare; the CharTokenizer's pad id, 65, lies just outside). Sized `len(tokenizer)`
-            (characters plus the pad) the pad id is one of the outputs: set `pad_token_id=tokenizer.pad_token_id`
-            (transformers' Trainer does it from its tokenizer) and generate never chooses it and the loss ignores it
-            as a label; run_generate.py also never generates an id its tokenizer cannot decode as a token.
-            `resize_token_embeddings` resizes the embeddings and the energy head's bias together; a new id starts
-            at the old vocabulary's mean energy (NanoEBMForCausalLM._resize_token_embeddings).
-        block_size: longest context the model attends to; prompts beyond it are cropped from the left.
-        n_layer, n_head, n_embd, dropout, bias: the GPT backbone (pre-LN blocks, GELU MLP of 4 * n_embd).
-        position_embedding: "learned" (absolute, as nanoGPT) or "rope" (rotary; lets the KV-cached window slide
-            past `block_size` without recomputation).
-        d_energy: width of the space where context and token projections meet (defaults to n_embd).
-        use_token_bias: add the per-token bias b_y to the energy.
-        landscape: how the energy depends on the current belief p: "linear" (not at all), "mixture" (an MLP of
-            the hidden state and the expected embedding) or "soft_tokens" (the backbone reads a provisional token
-            whose embedding is the expected embedding). `use_soft_tokens=True` is the research code's spelling.
-            "ebt" (the Energy-Based Transformer's energy) replaces the per-token correction by a scalar: the backbone
-            reads the candidate (its expected embedding) at position t + 1 and a Linear(n_embd, 1) head scores it;
-            thinking differentiates that scalar through the backbone. System 1 stays the per-token head's -E_base.
-        correction_scale_init: tanh(s) of the correction's gate at initialisation, in [0, 1). 0 shuts the gate
-            (s = 0, docs/DESIGN.md; the correction gets no gradient until s moves). Above 0 (`mixture` only) the gate
-            starts open and the mixture MLP's output layer at zero instead: a fresh model still thinks on the base
-            landscape, and the correction learns from the first step. Soft tokens read the provisional token
-            through the context projection W_c, which is shared and cannot start at zero.
-        think_steps: gradient steps on the logits before a token is chosen (alias `refine_steps`).
-        think_lr: step size alpha of the descent (alias `alpha_value`).
-        think_lr_learnable: make alpha a trained parameter.
-        think_lr_random_scale: s >= 1; while training, alpha is multiplied per row and position by a factor drawn
-            uniformly from [1/s, s] (the EBT System 2 recipe uses 2), so the energy learns to be descended with
-            any step near alpha; 1 disables.
-        think_samples: self-verification: G starting points per position, each descended, the one with the lowest
-            final energy J_K kept (EBT's System 2 inference). 1 = a single descent.
-        think_samples_noise_std: std of the Gaussian noise added to the start of every sample after the first (the
-            first starts exactly where `think_init` says); with think_init="random" every sample draws its own start
-            anyway, and 0 keeps the draws i.i.d. Default 0: from a System 1 start, no noise measured (0.03 to 1.0)
-            made the lowest-energy sample better than one descent, and 1.0 made it 5-27% worse (BENCHMARKS.md).
-        softmax_temperature: tau in p = softmax(v / tau) and v0 = -E_base / tau.
-        entropy_weight: lambda of the entropy bonus in J = E_p[E] - lambda * H(p). The default lambda = tau makes
-            J = tau * KL(p || softmax(-E / tau)) + const: System 1 is the minimum of a fixed landscape, so thinking
-            moves only where the belief-dependent correction says so (the research code's 0.1 sharpens towards
-            argmin E and measured worse, see BENCHMARKS.md).
-        think_max_move: trust region, |v - v0| <= think_max_move per logit; 0 disables.
-        absolute_clamp: |v| <= absolute_clamp; 0 disables.
-        langevin_noise: std of the Gaussian noise added to v before each step while training (the step then corrects
-            it, so the final logits are not noisy; EBT uses 3); 0 disables.
-        mixture_stopgrad: hold p fixed inside E(h, y | p) when differentiating J (closed-form gradient);
-            false differentiates through the landscape's dependence on p with autograd.
-        think_init: start of the descent: "base_energy" (System 1 logits), "zeros" or "random".
-        think_gradient: "plain" descends dJ/dv; "natural" preconditions it by the inverse Fisher of the softmax
-            (mirror descent on the simplex), so rare tokens move as fast as likely ones: with a fixed landscape
-            v <- (1 - alpha) v - alpha E. Needs mixture_stopgrad=true.
-        think_init_noise_std: std of Gaussian noise added to the start (and of the "random" start).
-        energy_convergence_threshold: each position stops moving once its own |J_k - J_{k-1}| falls below it (its
-            logits and J then repeat, so there are always think_steps steps, and a row's result never depends on
-            the rows batched with it); thinking ends when every position has stopped. 0 never stops early.
-        use_thinking: whether forward and generate think by default (false = System 1).
-    """
+    """The configuration of a nanoebm model: one attribute per entry of `OPTIONS` (listed with their meanings under
+    Args below, made from that table). The research code's names are accepted as well: `refine_steps`,
+    `alpha_value`, `use_soft_tokens`, and `max_position_embeddings` for block_size (not kept as an attribute:
+    generate would then cap max_length at it, although decoding past block_size is supported)."""
 
     model_type = "nanoebm"
     attribute_map = {
@@ -86,94 +122,21 @@ class NanoEBMConfig(PreTrainedConfig):
         "num_attention_heads": "n_head",
     }
 
-    def __init__(
-        self,
-        vocab_size: int = 65,
-        block_size: int = 256,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_embd: int = 384,
-        dropout: float = 0.1,
-        bias: bool = True,
-        position_embedding: str = "learned",
-        rope_theta: float = 10000.0,
-        d_energy: int | None = None,
-        use_token_bias: bool = True,
-        landscape: str = "mixture",
-        use_soft_tokens: bool | None = None,
-        correction_scale_init: float = 0.0,
-        think_steps: int = 2,
-        think_lr: float = 0.5,
-        think_lr_learnable: bool = True,
-        think_lr_random_scale: float = 1.0,
-        think_samples: int = 1,
-        think_samples_noise_std: float = 0.0,
-        softmax_temperature: float = 1.0,
-        entropy_weight: float = 1.0,
-        think_max_move: float = 0.25,
-        absolute_clamp: float = 0.0,
-        langevin_noise: float = 0.0,
-        mixture_stopgrad: bool = True,
-        think_init: str = "base_energy",
-        think_gradient: str = "plain",
-        think_init_noise_std: float = 0.0,
-        energy_convergence_threshold: float = 0.0,
-        use_thinking: bool = True,
-        initializer_range: float = 0.02,
-        tie_word_embeddings: bool = False,
-        **kwargs,
-    ):
-        # the research code's names for the same knobs
-        if "refine_steps" in kwargs:
-            think_steps = kwargs.pop("refine_steps")
-        if "alpha_value" in kwargs:
-            think_lr = kwargs.pop("alpha_value")
-        # accepted as a name for block_size, but not kept as an attribute: generate would then cap max_length at it
-        # and remind that the text exceeded it, although decoding past block_size is supported (the window slides)
-        if "max_position_embeddings" in kwargs:
-            block_size = kwargs.pop("max_position_embeddings")
-        if use_soft_tokens is not None:
-            if use_soft_tokens and landscape not in ("mixture", "soft_tokens"):
-                raise ValueError(
-                    f"use_soft_tokens=True contradicts landscape={landscape!r}; set one of them "
-                    f"(landscape='soft_tokens' is the same as use_soft_tokens=True)"
-                )
-            if use_soft_tokens:
-                landscape = "soft_tokens"
-            elif landscape == "soft_tokens":
-                landscape = "mixture"
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.n_embd = n_embd
-        self.dropout = dropout
-        self.bias = bias
-        self.position_embedding = position_embedding
-        self.rope_theta = rope_theta
-        self.d_energy = d_energy if d_energy is not None else n_embd
-        self.use_token_bias = use_token_bias
-        self.landscape = landscape
-        self.correction_scale_init = correction_scale_init
-        self.think_steps = think_steps
-        self.think_lr = think_lr
-        self.think_lr_learnable = think_lr_learnable
-        self.think_lr_random_scale = think_lr_random_scale
-        self.think_samples = think_samples
-        self.think_samples_noise_std = think_samples_noise_std
-        self.softmax_temperature = softmax_temperature
-        self.entropy_weight = entropy_weight
-        self.think_max_move = think_max_move
-        self.absolute_clamp = absolute_clamp
-        self.langevin_noise = langevin_noise
-        self.mixture_stopgrad = mixture_stopgrad
-        self.think_init = think_init
-        self.think_gradient = think_gradient
-        self.think_init_noise_std = think_init_noise_std
-        self.energy_convergence_threshold = energy_convergence_threshold
-        self.use_thinking = use_thinking
-        self.initializer_range = initializer_range
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+    def __init__(self, **kwargs):
+        for option in OPTIONS:
+            for alias in option.aliases:
+                if alias in kwargs:
+                    kwargs[option.name] = kwargs.pop(alias)
+        values = {option.name: kwargs.pop(option.name, option.default) for option in OPTIONS}
+        values["landscape"] = landscape_of(values.pop("use_soft_tokens"), values["landscape"])
+        if values["d_energy"] is None:
+            values["d_energy"] = values["n_embd"]
+        if kwargs.pop("tie_word_embeddings", False):
+            raise ValueError("NanoEBMConfig.tie_word_embeddings=True is invalid: nanoebm has no output embedding to "
+                             "tie (its energy head scores the tokens with its own projection)")
+        for name, value in values.items():
+            setattr(self, name, value)
+        super().__init__(tie_word_embeddings=False, **kwargs)
         self.validate_nanoebm()
 
     @property
@@ -237,6 +200,29 @@ class NanoEBMConfig(PreTrainedConfig):
         return out
 
 
+def landscape_of(use_soft_tokens, landscape):
+    """The landscape the research code's `use_soft_tokens` switch means beside `landscape` (None: not given)."""
+    if use_soft_tokens is None:
+        return landscape
+    if use_soft_tokens and landscape not in ("mixture", "soft_tokens"):
+        raise ValueError(f"use_soft_tokens=True contradicts landscape={landscape!r}; set one of them "
+                         f"(landscape='soft_tokens' is the same as use_soft_tokens=True)")
+    if use_soft_tokens:
+        return "soft_tokens"
+    return "mixture" if landscape == "soft_tokens" else landscape
+
+
+def options_docstring() -> str:
+    """The config's Args section, from OPTIONS."""
+    lines = ["", "    Args:"]
+    for option in OPTIONS:
+        default = "n_embd" if option.name == "d_energy" else repr(option.default)
+        text = f"{option.name} ({option.type.__name__}, default {default}): {option.help}."
+        lines.append(textwrap.fill(text, 116, initial_indent=" " * 8, subsequent_indent=" " * 12))
+    return "\n".join(lines)
+
+
+NanoEBMConfig.__doc__ += options_docstring()
 NanoEBMConfig.register_for_auto_class()
 
 

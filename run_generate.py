@@ -32,6 +32,7 @@ from typing import Literal
 # The pictures live in nanoebm.plots, the comparison in nanoebm.compare, what both share with generation (the
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
+from configuration_nanoebm import OPTION
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
                          unk_token_field)
@@ -43,6 +44,15 @@ from nanoebm.plots import plot_comparison, write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
+
+
+def model_option(name):
+    """A flag for one of the model's thinking options (configuration_nanoebm.OPTIONS), for this run only: unset, the
+    model's own value holds."""
+    option = OPTION[name]
+    aliases = "".join(f" Research syntax also: {alias}=VALUE." for alias in option.aliases)
+    return field(default=None, metadata={"help": f"{option.help[0].upper()}{option.help[1:]} (default: the "
+                                                 f"model's own).{aliases}"})
 
 
 @dataclass
@@ -67,22 +77,9 @@ class GenerateArguments:
                           "'--use_thinking false' (or --no_thinking) decodes from System 1 (-E_base)."},
     )
     no_thinking: bool = field(default=False, metadata={"help": "Same as --use_thinking false."})
-    think_steps: int | None = field(
-        default=None,
-        metadata={"help": "Descent steps K per character (default: the model config's think_steps). "
-                          "Research syntax also: refine_steps=K."},
-    )
-    think_lr: float | None = field(
-        default=None,
-        metadata={"help": "Step size alpha (> 0) of the descent (default: the model's own, learned, alpha). "
-                          "Research syntax also: alpha_value=A."},
-    )
-    think_samples: int | None = field(
-        default=None,
-        metadata={"help": "Self-verification: descend from G starting points per character and keep the one whose "
-                          "energy ends lowest (default: the model config's think_samples, 1). The starts differ for "
-                          "random-start models; from a System 1 start only by the config's think_samples_noise_std."},
-    )
+    think_steps: int | None = model_option("think_steps")
+    think_lr: float | None = model_option("think_lr")
+    think_samples: int | None = model_option("think_samples")
     do_sample: bool = field(
         default=False,
         metadata={"help": "Sample from the (refined) distribution; without it decoding is greedy. "
@@ -197,8 +194,7 @@ RESEARCH_KEYS = {
     "sample": "do_sample",
     "sample_temp": "temperature",
     "sample_top_p": "top_p",
-    "refine_steps": "think_steps",
-    "alpha_value": "think_lr",
+    **{alias: name for name in ("think_steps", "think_lr", "think_samples") for alias in OPTION[name].aliases},
 }
 
 

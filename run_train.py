@@ -12,39 +12,27 @@ turns it off). A finished run writes a complete model folder; it never overwrite
 """
 
 import argparse
-import inspect
 import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
+from configuration_nanoebm import OPTIONS
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
-from nanoebm.cli import (UsageError, check_unk_token, flag_value, raise_usage_error, reject_unknown, report,
+from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
                          translate_research_syntax, unk_token_field)
 from nanoebm.folders import check_model_folder
-from nanoebm.recipes import expand_recipe
+from nanoebm.recipes import RECIPES
+from nanoebm.settings import COMMAND_LINE, DEFAULT, PRESETS, TRAINING_DEFAULTS, Setting, merge, recorded, values_from
 
 PROG = "run_train.py"
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
 CHECKPOINTS = "checkpoints"  # checkpoints live in <output_dir>/checkpoints/, apart from the model's own files
+MODEL_FILES = ("config.json", "model.safetensors", RUN_RECORD, "README.md", "all_results.json")  # a finished run's
 
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-
-PRESETS = {
-    # the research code's "common overrides" (docs/DESIGN.md): GPU-sized
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True, block_size=256,
-                per_device_train_batch_size=64, max_steps=5000, learning_rate=3e-4, warmup_steps=100,
-                eval_steps=500, save_steps=1000, logging_steps=50),
-    # nanoGPT's CPU config: a real result in minutes
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True, block_size=64,
-                per_device_train_batch_size=12, max_steps=2000, learning_rate=1e-3, warmup_steps=100,
-                eval_steps=250, save_steps=1000, logging_steps=50),
-}
-ARCHITECTURE_PRESET = ("n_layer", "n_head", "n_embd", "dropout", "bias", "block_size")
 # A resume repeats the run it resumes, so that it ends where that run would have. These flags may differ from that run:
 # they change where the results go, how the run is watched or where it runs, not what it computes. Any other flag
 # that differs is refused; continuing the checkpoint as a new run (--model_name_or_path CHECKPOINT) may change it.
@@ -58,9 +46,6 @@ LOGGER_NEEDS = {"azure_ml": "pip install azureml-core",
                 "flyte": "pip install flytekit flytekitplugins-deck-standard",
                 "mlflow": "pip install mlflow (and leave DISABLE_MLFLOW_INTEGRATION unset)",
                 "kubeflow": "it runs under a Kubeflow trainer, which sets KUBEFLOW_TRAINER_SERVER_URL"}
-# TrainingArguments defaults nanoebm changes for every preset (nanoGPT's AdamW and schedule)
-TRAINING_DEFAULTS = dict(output_dir="out", weight_decay=0.1, adam_beta2=0.95, lr_scheduler_type="cosine_with_min_lr",
-                         per_device_eval_batch_size=32, report_to="none")
 # the standard TrainingArguments flags --help shows (every other one works too: --help_training lists them)
 SHOWN_TRAINING_FLAGS = {
     "output_dir": "the model folder a finished run writes (checkpoints go to its checkpoints/ subfolder)",
@@ -76,52 +61,41 @@ SHOWN_TRAINING_FLAGS = {
     "report_to": "wandb, tensorboard, ... (or --wandb_project)", "run_name": "the run's name in the logger",
 }
 
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments: nanoebm's own in four dataclasses, the model's made from configuration_nanoebm.OPTIONS; every other
+# TrainingArguments flag works as well
+
 
 def opt(help_text, default=None, **kwargs):
     return field(default=default, metadata={"help": help_text}, **kwargs)
 
 
 @dataclass
-class ModelArguments:
+class StartArguments:
+    """Where the run's settings and weights start from (nanoebm/settings.py merges them)."""
+
     model_name_or_path: str | None = opt("continue from a saved nanoebm folder: its architecture and block size "
                                          "are kept (another value is refused), its preset and batch unless given; "
                                          "thinking flags take effect (--think_lr resets the learned step size)")
     preset: str | None = opt("defaults to start from: 'gpu' (the research code's: 6x384, block 256, batch 64, "
                              "5000 steps, lr 3e-4) or 'cpu' (nanoGPT's CPU config: 4x128, block 64, batch 12, 2000 "
                              "steps, lr 1e-3). Default: gpu on a machine with a GPU, else cpu")
-    n_layer: int | None = opt("transformer blocks")
-    n_head: int | None = opt("attention heads")
-    n_embd: int | None = opt("model width")
-    dropout: float | None = opt("dropout probability")
-    bias: bool | None = opt("biases in linear layers and LayerNorms")
-    position_embedding: str | None = opt("'learned' (nanoGPT) or 'rope' (free sliding window past block_size)")
-    d_energy: int | None = opt("width of the energy space")
-    use_token_bias: bool | None = opt("per-token energy bias b_y")
-    recipe: str | None = opt("a measured set of flags put before the command line's own (which win): ebt_system2 | "
-                             "ebt_system1 (the EBT paper's) | ebt_hybrid (System 1 start, EBT energy, cd); "
-                             "nanoebm/recipes.py lists them")
-    landscape: str | None = opt("how the energy depends on the belief: linear | mixture | soft_tokens | ebt (a "
-                                "scalar energy the backbone computes for the candidate)")
-    use_soft_tokens: bool | None = opt("the research code's switch for landscape=soft_tokens")
-    correction_scale_init: float | None = opt("tanh of the correction gate at init, [0, 1): 0 = gate shut; above 0 "
-                                              "the gate starts open and the correction's output layer at zero")
-    use_thinking: bool | None = opt("think during training and evaluation (false trains System 1 only)")
-    think_steps: int | None = opt("thinking steps K (alias refine_steps)")
-    think_lr: float | None = opt("thinking step size alpha (alias alpha_value)")
-    think_lr_learnable: bool | None = opt("learn alpha")
-    think_lr_random_scale: float | None = opt("training: alpha times U[1/s, s] per row and position (1 disables)")
-    think_samples: int | None = opt("self-verification: descend G starts per position, keep the lowest energy")
-    think_samples_noise_std: float | None = opt("noise on the starts of the samples after the first")
-    softmax_temperature: float | None = opt("tau in p = softmax(v / tau)")
-    entropy_weight: float | None = opt("lambda of the entropy bonus inside J")
-    think_max_move: float | None = opt("trust region around the initial logits (0 disables)")
-    absolute_clamp: float | None = opt("clamp |v| (0 disables)")
-    langevin_noise: float | None = opt("noise std added to the logits before each training thinking step")
-    mixture_stopgrad: bool | None = opt("closed-form gradient with p fixed inside E (false: autograd, coupled)")
-    think_init: str | None = opt("start of the descent: base_energy | zeros | random")
-    think_init_noise_std: float | None = opt("noise on the start of the descent")
-    think_gradient: str | None = opt("plain (dJ/dv) or natural (inverse-Fisher preconditioned: mirror descent)")
-    energy_convergence_threshold: float | None = opt("stop thinking early below this change of J (0 never)")
+    recipe: str | None = opt("a named set of values above the preset and below the command line's own flags: "
+                             "ebt_system2 | ebt_system1 (the EBT paper's) | ebt_hybrid (System 1 start, EBT energy, "
+                             "cd); nanoebm/recipes.py lists them")
+
+
+def model_field(option):
+    """A flag for one model option: None (not given) leaves the model's own value, a new model's default or a
+    continued model's saved one."""
+    metadata = {"help": option.help, **({"choices": list(option.choices)} if option.choices else {})}
+    return option.name, option.type | None, field(default=None, metadata=metadata)
+
+
+# every config option but vocab_size, which the tokenizer sets
+MODEL_OPTIONS = tuple(option for option in OPTIONS if option.name != "vocab_size")
+ModelArguments = make_dataclass("ModelArguments", [model_field(option) for option in MODEL_OPTIONS])
+ModelArguments.__doc__ = "The model's options (configuration_nanoebm.OPTIONS): a new model's, or a continued one's."
 
 
 @dataclass
@@ -132,7 +106,6 @@ class DataArguments:
     dataset_config_name: str | None = opt("its configuration")
     text_column: str = opt("the column holding the text", "text")
     streaming: bool = opt("stream the data instead of preparing it once (each process reads its own shard)", False)
-    block_size: int | None = opt("context length in characters (continuing: the saved model's)")
     train_fraction: float = opt("leading fraction of the text used for training; the rest validates", 0.9)
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
@@ -146,8 +119,7 @@ class DataArguments:
             raise UsageError(f"--train_fraction {self.train_fraction} is invalid: must be in (0, 1)")
         for name in ("eval_blocks", "vocab_scan_chars"):
             check_range(name, getattr(self, name), 1)
-        if self.block_size is not None:
-            check_range("block_size", self.block_size, 1)
+        check_unk_token(self.unk_token)
 
 
 @dataclass
@@ -169,8 +141,7 @@ class LossArguments:
                                        "fast_pcd (parallel persistent chains with restarts; no fast weights)")
     contrastive_k: int = opt("Langevin steps per negative", 1)
     contrastive_weight: float = opt("weight of the contrastive term", 0.1)
-    contrastive_reg_weight: float = opt("energy-magnitude stabiliser E_pos^2 + E_neg^2 (Du & Mordatch 2019); "
-                                        "0.01 let PCD inflate the energies (3.35 vs 2.72 bits/char), 1.0 did not", 1.0)
+    contrastive_reg_weight: float = opt("energy-magnitude stabiliser E_pos^2 + E_neg^2 (Du & Mordatch 2019)", 1.0)
     langevin_step_size: float = opt("Langevin step size", 0.01)
     langevin_noise_scale: float = opt("Langevin noise: sqrt(2 * step * scale) * N(0, 1)", 0.005)
     n_persistent: int = opt("pcd: persistent logit particles", 100)
@@ -185,7 +156,7 @@ class LossArguments:
             if self.use_contrastive is False:
                 raise UsageError("--contrastive_type was given with --use_contrastive false: drop one of them")
             self.use_contrastive = True
-        elif self.use_contrastive is not False:  # on by default: cd measured -1.1% bits/char (BENCHMARKS.md)
+        elif self.use_contrastive is not False:  # on by default (docs/DESIGN.md: the measured recipe trains with cd)
             self.contrastive_type, self.use_contrastive = "cd", True
         if not 0.0 <= self.think_replay_prob < 1.0:
             raise UsageError(f"--think_replay_prob {self.think_replay_prob} is invalid: must be in [0, 1)")
@@ -242,14 +213,13 @@ def parse_range(text):
     return lo, hi
 
 
-NANOEBM_ARGUMENTS = (ModelArguments, DataArguments, LossArguments, RunArguments)
+NANOEBM_ARGUMENTS = (StartArguments, ModelArguments, DataArguments, LossArguments, RunArguments)
 
 # the research code's key=value syntax: section prefixes dropped, a few keys renamed
 RESEARCH_KEYS = {
     "batch_size": "per_device_train_batch_size",
     "compile": "torch_compile",
-    "refine_steps": "think_steps",
-    "alpha_value": "think_lr",
+    **{alias: option.name for option in MODEL_OPTIONS for alias in option.aliases},
     "wandb_name": "run_name",
     "out_dir": "output_dir",
     "checkpoint": "model_name_or_path",
@@ -260,11 +230,12 @@ RESEARCH_KEYS = {
 # --help: nanoebm's options first, with their real defaults, without building TrainingArguments' parser
 
 
-def default_text(name, value, config_defaults):
+def default_text(name, value):
+    model_defaults = {option.name: option.default for option in OPTIONS}
     if name in PRESETS["gpu"]:
         return f"gpu preset {PRESETS['gpu'][name]}, cpu preset {PRESETS['cpu'][name]}"
-    if name in config_defaults:
-        shown = config_defaults[name]
+    if name in model_defaults:
+        shown = model_defaults[name]
         if shown is None:
             return "n_embd" if name == "d_energy" else None
         return repr(shown)
@@ -274,10 +245,6 @@ def default_text(name, value, config_defaults):
 
 
 def help_text() -> str:
-    from configuration_nanoebm import NanoEBMConfig  # the model's defaults, shown as they are
-
-    config_defaults = {k: p.default for k, p in inspect.signature(NanoEBMConfig.__init__).parameters.items()
-                       if p.default is not inspect.Parameter.empty}
     parser = argparse.ArgumentParser(
         prog=PROG, add_help=False,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=118),
@@ -285,82 +252,80 @@ def help_text() -> str:
         description=__doc__.split("\n\n", 1)[1],
         epilog="Every other transformers TrainingArguments flag works as well (--bf16, --gradient_accumulation_steps, "
                f"--fsdp, ...): `python {PROG} --help_training` lists them.\nResearch syntax: key=value words "
-               "(model.think_steps=4 train.max_steps=100 data.batch_size=64) map onto the flags.\nExit status: 0 "
-               "done, 2 bad input (one message, no traceback), 1 training diverged (NaN loss: the message names "
-               "the knobs).",
+               "(model.think_steps=4 train.max_steps=100 data.batch_size=64) map onto the flags.\nSettings merge in "
+               "this order, each over the ones before: defaults < --preset < --recipe < the folder continued or the "
+               "run resumed < the command line; nanoebm_run.json records each value and where it came from.\nExit "
+               "status: 0 done, 2 bad input (one message, no traceback), 1 training diverged (NaN loss: the message "
+               "names the knobs).",
     )
-    titles = {ModelArguments: "model (a new model; continuing or resuming keeps the saved architecture)",
+    titles = {StartArguments: "start", ModelArguments: "model (a new model; continuing or resuming keeps the saved "
+                                                       "architecture)",
               DataArguments: "data", LossArguments: "losses", RunArguments: "results"}
     for cls in NANOEBM_ARGUMENTS:
         group = parser.add_argument_group(titles[cls])
         for f in fields(cls):
-            shown = default_text(f.name, f.default, config_defaults)
+            shown = default_text(f.name, f.default)
             tail = f" (default: {shown})" if shown is not None else ""
             group.add_argument(f"--{f.name}", metavar="", help=f.metadata.get("help", "") + tail)
     group = parser.add_argument_group("standard training options nanoebm sets (TrainingArguments)")
     for name, text in SHOWN_TRAINING_FLAGS.items():
-        shown = default_text(name, None, {})
+        shown = default_text(name, None)
         group.add_argument(f"--{name}", metavar="", help=text + (f" (default: {shown})" if shown else ""))
     return parser.format_help()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parsing: the preset follows the machine; continuing or resuming starts from what it continues
+# Parsing: the command line is read once, into the values it gives; nanoebm/settings.py merges them over the
+# defaults, the preset, the recipe and what a continued or resumed run brings
 
 
 @dataclass
 class ParsedArguments:
+    start: StartArguments
     model: "ModelArguments"
-    data: "DataArguments"
-    loss: "LossArguments"
-    run: "RunArguments"
+    data: DataArguments
+    loss: LossArguments
+    run: RunArguments
     training: object  # transformers.TrainingArguments
     argv: list  # the command line as given (after the key=value translation)
     preset: str
     preset_reason: str
+    settings: dict  # name -> Setting(value, source): what the run record keeps
     resume_from: Path | None = None
-    effective_argv: list | None = None  # what the run really parsed: a continuation's flags, then argv
 
 
-def underscored(word):
-    """`--model-name-or-path=x` -> `--model_name_or_path=x` (argparse takes both; the pre-parse reads one)."""
-    if not word.startswith("--"):
-        return word
-    name, eq, value = word.partition("=")
-    return "--" + name[2:].replace("-", "_") + eq + value
+def new_parser():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG, allow_abbrev=False)
+    parser.error = raise_usage_error  # a bad value is one message, not the whole usage
+    return parser
 
 
-def without_flag(argv, name):
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == f"--{name}":
-            skip = True
-        elif not word.startswith(f"--{name}="):
-            out.append(word)
-    return out
+def given_values(parser, argv) -> dict:
+    """{name: value} of the options the command line gives, typed by the parser; nothing else (no defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, remaining = parser.parse_known_args(argv)
+    reject_unknown(parser, remaining)
+    return vars(namespace)
 
 
-def machine_preset(argv):
+def machine_preset(use_cpu: bool):
     import torch
 
-    from transformers.hf_argparser import string_to_bool
-
-    given = [w for w in argv if w == "--use_cpu" or w.startswith("--use_cpu=")]
-    value = flag_value(argv, "use_cpu")  # `--use_cpu` alone, or followed by another flag, means true
-    if given and (value is None or value.startswith("--") or argv[-1:] == ["--use_cpu"] or string_to_bool(value)):
+    if use_cpu:
         return "cpu", "--use_cpu"
     if torch.cuda.is_available():
         return "gpu", f"a GPU is present ({torch.cuda.get_device_name(0)})"
     return "cpu", "no GPU here; --preset gpu for the research config"
 
 
-def resolve_checkpoint(value, argv):
+def resolve_checkpoint(value, output_dir):
     """--resume_from_checkpoint: a checkpoint folder, or 'last' / 'true' for the newest in --output_dir."""
     if str(value).lower() in ("last", "true"):
-        run_dir = Path(flag_value(argv, "output_dir") or TRAINING_DEFAULTS["output_dir"])
-        found = by_step([*(run_dir / CHECKPOINTS).glob("checkpoint-*"), *run_dir.glob("checkpoint-*")])
+        run_dir = Path(output_dir or TRAINING_DEFAULTS["output_dir"])
+        found = checkpoints_in(run_dir)
         if not found:
             raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint in {run_dir / CHECKPOINTS}")
         return found[-1]
@@ -371,39 +336,150 @@ def resolve_checkpoint(value, argv):
     return path
 
 
-def by_step(checkpoints):
-    """Checkpoint folders, oldest first (checkpoint-500 before checkpoint-1500)."""
-    return sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+def checkpoints_in(folder: Path):
+    """A run folder's checkpoint folders (in its checkpoints/, or beside its files), oldest first."""
+    found = [*(folder / CHECKPOINTS).glob("checkpoint-*"), *folder.glob("checkpoint-*")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
 
 
-def continuation_prefix(argv):
-    """Flags that put a continued or resumed run where its source left off; the command line overrides them.
-
-    Resuming a checkpoint repeats the interrupted run's own command (so its preset, batch, steps and schedule
-    hold) and writes into that run's folder; continuing a saved folder keeps its preset and batch."""
-    resume = flag_value(argv, "resume_from_checkpoint")
-    if resume is not None and str(resume).lower() not in ("false", "none"):
-        checkpoint = resolve_checkpoint(resume, argv)
-        record = read_record(checkpoint)
-        # the checkpoint is the model (architecture, block size, tokenizer): a folder the run once continued may
-        # be gone, and the Trainer restores the checkpoint's weights anyway
-        model = ["--model_name_or_path", str(checkpoint)]
-        if record is not None:
-            run = record["runs"][-1]
-            original = without_flag(without_flag(run.get("argv", []), "resume_from_checkpoint"), "model_name_or_path")
-            return ["--preset", run["preset"], *original, "--output_dir", run["output_dir"], *model], checkpoint
+def resumed_layer(checkpoint: Path, parser) -> dict:
+    """The settings of the run a checkpoint belongs to, so that a resume repeats it: from its run record, else
+    (a checkpoint without one) its batch size."""
+    record = read_record(checkpoint)
+    if record is None:
         state = json_file(checkpoint / "trainer_state.json")
-        if state.get("train_batch_size"):
-            model += ["--per_device_train_batch_size", str(state["train_batch_size"])]
-        return model, checkpoint
-    folder = flag_value(argv, "model_name_or_path")
-    if folder is not None:
-        record = read_record(folder)
-        if record is not None:
-            run = record["runs"][-1]
-            return ["--preset", run["preset"], "--per_device_train_batch_size", str(run["per_device_train_batch_size"]),
-                    "--gradient_accumulation_steps", str(run["gradient_accumulation_steps"])], None
-    return [], None
+        batch = state.get("train_batch_size")
+        return {**saved_options(checkpoint), "model_name_or_path": str(checkpoint),
+                **({"per_device_train_batch_size": batch} if batch else {})}
+    run = record["runs"][-1]
+    if "settings" in run:
+        values = {name: entry["value"] for name, entry in run["settings"].items()}
+    else:  # a record that kept the command line only: its values, as they merge today
+        values = merged_values(given_values(parser, run.get("argv", [])), run["preset"])
+    values.pop("resume_from_checkpoint", None)
+    # the checkpoint is the model (architecture, block size, tokenizer): a folder the run once continued may be gone
+    return {"output_dir": run["output_dir"], **values, "preset": run["preset"], "model_name_or_path": str(checkpoint)}
+
+
+def saved_options(folder) -> dict:
+    """The model options a saved folder's config.json holds ({} when it cannot be read: check_model_folder says
+    why, when the model is read)."""
+    import json
+
+    try:
+        saved = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {option.name: saved[option.name] for option in MODEL_OPTIONS if isinstance(saved, dict) and option.name in saved}
+
+
+def continued_layer(folder) -> dict:
+    """What continuing a saved folder keeps unless given: its model options, and its run's preset and batch."""
+    layer = saved_options(folder)
+    record = read_record(folder)
+    if record is not None:
+        run = record["runs"][-1]
+        layer.update(preset=run["preset"], per_device_train_batch_size=run["per_device_train_batch_size"],
+                     gradient_accumulation_steps=run["gradient_accumulation_steps"])
+    return layer
+
+
+def layers_for(given: dict, preset: str, source: tuple[str, dict] | None) -> list:
+    """The settings' layers, lowest first: defaults < preset < recipe < continued or resumed < the command line."""
+    recipe = given.get("recipe", (source[1] if source else {}).get("recipe"))
+    if recipe is not None and recipe not in RECIPES:
+        raise UsageError(f"--recipe {recipe!r} is unknown: allowed {sorted(RECIPES)}")
+    layers = [(DEFAULT, defaults()), (f"preset {preset}", PRESETS[preset])]
+    if recipe is not None:
+        layers.append((f"recipe {recipe}", RECIPES[recipe]))
+    if source is not None:
+        layers.append(source)
+    return [*layers, (COMMAND_LINE, given)]
+
+
+def defaults() -> dict:
+    """nanoebm's defaults beyond each dataclass's own: the Trainer's (nanoGPT's AdamW and schedule), and no pinned
+    memory without an accelerator (torch warns every run otherwise)."""
+    import torch
+
+    return {**TRAINING_DEFAULTS, **({} if torch.cuda.is_available() else {"dataloader_pin_memory": False})}
+
+
+def merged_values(given: dict, preset: str) -> dict:
+    return {name: s.value for name, s in merge(layers_for(given, preset, None)).items()}
+
+
+def build_arguments(settings: dict[str, Setting], whole_model: bool = False) -> list:
+    """The argument dataclasses from the merged settings. The model's options come only from the layers above the
+    model a run continues or resumes (which keeps the rest), so a continued model is changed only where asked;
+    `whole_model` takes them from every layer (to compare two runs' settings)."""
+    from transformers import TrainingArguments
+
+    built = []
+    for cls in (*NANOEBM_ARGUMENTS, TrainingArguments):
+        names = {f.name for f in fields(cls) if f.init}
+        skip = ("continued", "resumed") if cls is ModelArguments and not whole_model else ()
+        built.append(cls(**values_from(settings, names, skip)))
+    return built
+
+
+def parse_args(argv=None) -> ParsedArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = new_parser()
+    argv = translate_research_syntax(argv, parser, renames=RESEARCH_KEYS, sections=("model", "data", "train"))
+    given = given_values(parser, argv)
+    checkpoint, source = None, None
+    resume = given.get("resume_from_checkpoint")
+    if resume is not None and str(resume).lower() not in ("false", "none"):
+        checkpoint = resolve_checkpoint(resume, given.get("output_dir"))
+        source = (f"resumed {checkpoint}", resumed_layer(checkpoint, parser))
+    elif given.get("model_name_or_path"):
+        source = (f"continued {given['model_name_or_path']}", continued_layer(given["model_name_or_path"]))
+        if "vocab_scan_chars" in given:
+            raise UsageError("--vocab_scan_chars sizes a new model's vocabulary: a continued model keeps its own")
+    preset, reason = choose_preset(given, source)
+    settings = merge(layers_for(given, preset, source))
+    parsed = build_arguments(settings)
+    if checkpoint is not None and read_record(checkpoint) is not None:
+        check_resume_flags(preset, source, settings)
+    training_args = parsed[-1]
+    check_loggers(training_args.report_to)
+    check_training_numbers(training_args)
+    settle_training(training_args, parsed[4], checkpoint)
+    return ParsedArguments(*parsed, argv=argv, preset=preset, preset_reason=reason, settings=settings,
+                           resume_from=checkpoint)
+
+
+def choose_preset(given: dict, source):
+    """The preset: the command line's, else the continued or resumed run's, else the machine's."""
+    if "preset" in given:
+        preset, reason = given["preset"], "--preset"
+    elif source is not None and "preset" in source[1]:
+        preset, reason = source[1]["preset"], "from the folder it continues"
+    else:
+        preset, reason = machine_preset(bool(given.get("use_cpu")))
+    if preset not in PRESETS:
+        raise UsageError(f"--preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
+    return preset, reason
+
+
+def settle_training(T, run_args, checkpoint):
+    """What TrainingArguments derive from the rest: nanoGPT's decay to lr / 10, the W&B project, training and
+    evaluating unless one is asked for alone, and the checkpoint a resume starts from."""
+    if T.lr_scheduler_type == "cosine_with_min_lr" and not T.lr_scheduler_kwargs:
+        T.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+    if run_args.wandb_project:
+        import os
+
+        os.environ["WANDB_PROJECT"] = run_args.wandb_project
+        T.report_to = ["wandb"]
+    if not T.do_train and not T.do_eval:
+        T.do_train = T.do_eval = True
+    if T.do_eval and T.eval_strategy == "no" and T.do_train:
+        T.eval_strategy = "steps"
+        T.eval_steps = T.eval_steps or T.save_steps
+    if checkpoint is not None:
+        T.resume_from_checkpoint = str(checkpoint)
 
 
 def json_file(path):
@@ -415,90 +491,14 @@ def json_file(path):
         raise UsageError(f"{path} is missing or not valid JSON ({error})") from None
 
 
-def new_parser():
-    from transformers import HfArgumentParser, TrainingArguments
-
-    parser = HfArgumentParser((*NANOEBM_ARGUMENTS, TrainingArguments), prog=PROG, allow_abbrev=False)
-    parser.error = raise_usage_error  # a bad value is one message, not the whole usage
-    return parser
-
-
-def parse_dataclasses(full, preset):
-    """The argument dataclasses of the command line `full`, with the preset's defaults under it."""
-    parser = new_parser()
-    defaults = {**TRAINING_DEFAULTS, **PRESETS[preset], "preset": preset}
-    continuing = flag_value(full, "model_name_or_path") is not None
-    for key in ARCHITECTURE_PRESET:  # a saved model keeps its own architecture; block_size is settled in main
-        value = defaults.pop(key)
-        if not continuing and key != "block_size":
-            defaults[key] = value
-    parser.set_defaults(**defaults)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True,
-                                                             look_for_args_file=False)
-    reject_unknown(parser, remaining)
-    return parsed
-
-
-def with_recipe(argv):
-    try:  # a recipe's flags go first (the run records --recipe itself, so a resume expands it again)
-        return expand_recipe(argv)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def parse_args(argv=None) -> ParsedArguments:
-    import torch
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = translate_research_syntax(argv, new_parser(), renames=RESEARCH_KEYS, sections=("model", "data", "train"))
-    argv = [underscored(word) for word in argv]
-    prefix, checkpoint = continuation_prefix(argv)
-    full = with_recipe([*prefix, *argv])
-    preset = flag_value(full, "preset")
-    if preset is None:
-        preset, reason = machine_preset(full)
-    else:
-        reason = "from the folder it continues" if preset == flag_value(prefix, "preset") and \
-            flag_value(argv, "preset") is None else "--preset"
-    if preset not in PRESETS:
-        raise UsageError(f"--preset {preset!r} is unknown: allowed {sorted(PRESETS)}")
-    model_args, data_args, loss_args, run_args, training_args = parsed = parse_dataclasses(full, preset)
-    if checkpoint is not None and read_record(checkpoint) is not None:
-        check_resume_flags(prefix, parsed)
-    elif model_args.model_name_or_path and flag_value(argv, "vocab_scan_chars") is not None:
-        raise UsageError("--vocab_scan_chars sizes a new model's vocabulary: a continued model keeps its own")
-    check_unk_token(data_args.unk_token)
-    check_loggers(training_args.report_to)
-    check_training_numbers(training_args)
-    if training_args.lr_scheduler_type == "cosine_with_min_lr" and not training_args.lr_scheduler_kwargs:
-        training_args.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # nanoGPT decays to lr / 10
-    if run_args.wandb_project:
-        import os
-
-        os.environ["WANDB_PROJECT"] = run_args.wandb_project
-        training_args.report_to = ["wandb"]
-    if not training_args.do_train and not training_args.do_eval:
-        training_args.do_train = training_args.do_eval = True
-    if training_args.do_eval and training_args.eval_strategy == "no" and training_args.do_train:
-        training_args.eval_strategy = "steps"
-        training_args.eval_steps = training_args.eval_steps or training_args.save_steps
-    if checkpoint is not None:
-        training_args.resume_from_checkpoint = str(checkpoint)
-    pinning = [w for w in full if w == "--dataloader_pin_memory" or w.startswith("--dataloader_pin_memory=")]
-    if not pinning and not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns every run otherwise)
-    return ParsedArguments(model_args, data_args, loss_args, run_args, training_args, argv, preset, reason,
-                           checkpoint, full)
-
-
-def check_resume_flags(prefix, parsed):
-    """UsageError naming each flag whose value differs from the run a resume repeats (`prefix`), unless it is one
-    that RESUME_MAY_DIFFER."""
-    baseline_argv = with_recipe(prefix)
-    baseline = parse_dataclasses(baseline_argv, flag_value(baseline_argv, "preset"))
+def check_resume_flags(preset, source, settings):
+    """UsageError naming each flag whose value differs from the run a resume repeats, unless it is one that
+    RESUME_MAY_DIFFER."""
+    baseline = build_arguments(merge(layers_for({}, preset, source)), whole_model=True)
+    parsed = build_arguments(settings, whole_model=True)
     differ = [f"--{f.name} {getattr(new, f.name)} (it ran with {getattr(old, f.name)})"
               for old, new in zip(baseline, parsed) for f in fields(old)
-              if f.name not in RESUME_MAY_DIFFER and getattr(old, f.name) != getattr(new, f.name)]
+              if f.init and f.name not in RESUME_MAY_DIFFER and getattr(old, f.name) != getattr(new, f.name)]
     if differ:
         raise UsageError(f"--resume_from_checkpoint repeats the run it resumes, so that it ends where that run would "
                          f"have, and {', '.join(differ)} would change what it computes: drop the flag, or continue "
@@ -531,9 +531,8 @@ def check_output_dir(folder: Path, args: ParsedArguments):
     if not folder.exists() or args.run.overwrite_output_dir:
         return
     # a model card or results without a model are someone's files too: a finished run would overwrite them
-    finished = [name for name in ("config.json", "model.safetensors", RUN_RECORD, "README.md", "all_results.json")
-                if (folder / name).exists()]
-    checkpoints = by_step([*(folder / CHECKPOINTS).glob("checkpoint-*"), *folder.glob("checkpoint-*")])
+    finished = [name for name in MODEL_FILES if (folder / name).exists()]
+    checkpoints = checkpoints_in(folder)
     own = resuming_own(folder, args)
     what = (f"a finished model or its files ({', '.join(finished)})" if finished else
             f"checkpoints of another run ({', '.join(p.name for p in checkpoints[-3:])})"
@@ -564,7 +563,7 @@ def clear_output_dir(folder: Path, args: ParsedArguments):
         shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         for stale in folder.glob("checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    for name in ("config.json", "model.safetensors", RUN_RECORD, "all_results.json", "README.md"):
+    for name in MODEL_FILES:
         (folder / name).unlink(missing_ok=True)
 
 
@@ -580,10 +579,10 @@ def always_thinks(config, loss_args):
 
 def describe_run(args: ParsedArguments, model, T) -> dict:
     """The run record ({"runs": [...]}, this run last): the lineage of the starting weights, then this run."""
-    model_args = args.model
+    folder = args.start.model_name_or_path
     started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
-                    {"model": model_args.model_name_or_path} if model_args.model_name_or_path else "random init")
-    runs = lineage_from(model_args.model_name_or_path if not args.resume_from else None, args.resume_from)
+                    {"model": folder} if folder else "random init")
+    runs = lineage_from(folder if not args.resume_from else None, args.resume_from)
     run = new_run(command=launch_command(args.argv, T.world_size), preset=args.preset, processes=T.world_size,
                   per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
                   block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=T.output_dir,
@@ -591,10 +590,27 @@ def describe_run(args: ParsedArguments, model, T) -> dict:
     # a resumed run's global step counts the steps of the run it resumes: this run's own start from there
     run["started_at_step"] = json_file(args.resume_from / "trainer_state.json").get("global_step", 0) \
         if args.resume_from else 0
-    # what a resume of this run must repeat: every flag it ran with (a resumed run's own command names only the
-    # checkpoint), without the checkpoint it resumed
-    run["argv"] = without_flag(args.effective_argv, "resume_from_checkpoint")
+    run["argv"] = args.argv
+    # every setting with where it came from; a resume of this run repeats them
+    run["settings"] = recorded(run_settings(args, model.config))
     return {"runs": [*runs, run]}
+
+
+def run_settings(args: ParsedArguments, config) -> dict:
+    """Every nanoebm setting the run used, as it used it (a dataclass may derive one value from another; the
+    model's come from its config), and the TrainingArguments a layer set, each with where it came from."""
+    def source(name):
+        return args.settings[name].source if name in args.settings else DEFAULT
+
+    out = {f.name: Setting(getattr(part, f.name), source(f.name))
+           for part in (args.start, args.data, args.loss, args.run) for f in fields(part)}
+    for option in OPTIONS:
+        out[option.name] = Setting(getattr(config, option.name),
+                                   "the tokenizer" if option.name == "vocab_size" else source(option.name))
+    for name, setting in args.settings.items():
+        if name not in out and hasattr(args.training, name) and name != "resume_from_checkpoint":
+            out[name] = Setting(getattr(args.training, name), setting.source)
+    return out
 
 
 def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool, seconds: float,
@@ -624,25 +640,23 @@ def saved_tokenizer(args: ParsedArguments):
     from nanoebm.training import check_kept
     from tokenization_char import CharTokenizer
 
-    model_args, data_args = args.model, args.data
-    if not model_args.model_name_or_path:
-        if data_args.block_size is None:
-            data_args.block_size = PRESETS[args.preset]["block_size"]
+    start, model_args = args.start, args.model
+    if not start.model_name_or_path:
         return None
-    folder, saved, _ = check_model_folder(model_args.model_name_or_path)
-    model_args.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
+    folder, saved, _ = check_model_folder(start.model_name_or_path)
+    start.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
     block = saved.get("block_size")
     if not isinstance(block, int) or block < 1:
         raise UsageError(f"{folder / 'config.json'} has block_size={block!r}: a saved nanoebm model has a positive "
                          f"integer there; save the model again with save_pretrained")
-    if data_args.block_size is not None:
-        check_kept("block_size", data_args.block_size, block)
-    data_args.block_size = block
+    if model_args.block_size is not None:
+        check_kept("block_size", model_args.block_size, block)
+    model_args.block_size = block
     if args.resume_from is not None:  # before the weights load: a refused state file is all this run prints
         from nanoebm.training import check_resume_state
 
         check_resume_state(args.resume_from, args.loss, saved, args.training.process_index)
-    return CharTokenizer.from_pretrained(model_args.model_name_or_path)
+    return CharTokenizer.from_pretrained(start.model_name_or_path)
 
 
 def opening_text(train_data, eval_blocks, tokenizer, n=200) -> str:
@@ -708,8 +722,9 @@ def main(argv=None, callbacks=None):
     tokenizer = saved_tokenizer(args)
     set_seed(T.seed)
     with T.main_process_first(desc="reading the corpus"):
-        train_data, eval_blocks, tokenizer = data.build_data(data_args, tokenizer, data_args.block_size, T.seed)
-    model = training.build_model(model_args, data_args, tokenizer, resuming=args.resume_from is not None)
+        train_data, eval_blocks, tokenizer = data.build_data(data_args, tokenizer, model_args.block_size, T.seed)
+    model = training.build_model(args.start.model_name_or_path, model_args, tokenizer,
+                                 resuming=args.resume_from is not None)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
     record = describe_run(args, model, T) if T.do_train else None

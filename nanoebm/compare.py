@@ -72,13 +72,13 @@ def training_text(folder, corpus: Path) -> dict:
         return dict(trained_on="unknown (no nanoebm_run.json)", on_this_text=None)
     labels, verdicts = [], []
     for run in record["runs"]:
-        argv = run.get("argv")
-        if not isinstance(argv, list):
+        given = recorded_data(run)
+        if given is None:
             label, same = "unknown (no command recorded)", None
-        elif flag_value(argv, "dataset_name") is not None:
-            label, same = f"data set {flag_value(argv, 'dataset_name')}", False
+        elif given[0] is not None:
+            label, same = f"data set {given[0]}", False
         else:
-            path = flag_value(argv, "data_path")
+            path = given[1]
             label = path if path is not None else "the default corpus ($NANOEBM_DATA or the tiny Shakespeare)"
             same = same_file(path, corpus)
         if label not in labels:
@@ -86,6 +86,18 @@ def training_text(folder, corpus: Path) -> dict:
         verdicts.append(same)
     on_this_text = False if False in verdicts else None if None in verdicts else True
     return dict(trained_on=" then ".join(labels), on_this_text=on_this_text)
+
+
+def recorded_data(run: dict):
+    """(dataset_name, data_path) a recorded run trained on: from its settings, or from the command line a record
+    without them kept; None when it recorded neither."""
+    settings = run.get("settings")
+    if isinstance(settings, dict):
+        return tuple(settings.get(name, {}).get("value") for name in ("dataset_name", "data_path"))
+    argv = run.get("argv")
+    if not isinstance(argv, list):
+        return None
+    return flag_value(argv, "dataset_name"), flag_value(argv, "data_path")
 
 
 def same_file(recorded, corpus: Path):

@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from configuration_nanoebm import NanoEBMConfig
+from configuration_nanoebm import OPTIONS, NanoEBMConfig
 from modeling_nanoebm import NanoEBMForCausalLM, inverse_softplus
 from nanoebm.card import RUN_RECORD
 from nanoebm.cli import UsageError
@@ -27,24 +27,11 @@ from nanoebm.folders import check_model_folder, loading
 from nanoebm.state import REDO as STATE_REDO, StateFileError, generator_state_spec, load_state, save_state
 
 logger = logging.get_logger(__name__)
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "position_embedding", "d_energy",
-                       "use_token_bias", "landscape", "use_soft_tokens", "correction_scale_init")
-THINKING_FIELDS = ("use_thinking", "think_steps", "think_lr", "think_lr_learnable", "think_lr_random_scale",
-                   "think_samples", "think_samples_noise_std", "softmax_temperature",
-                   "entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise", "mixture_stopgrad",
-                   "think_init", "think_init_noise_std", "think_gradient", "energy_convergence_threshold")
 STEP_SIZE_FIELDS = ("think_lr", "think_lr_learnable")
-# What continuing a saved model (--model_name_or_path) keeps, and why a different value is refused; every other model
-# flag takes effect (THINKING_FIELDS). block_size is the data's context length and the model's position table.
-_SHAPED = "the saved weights are shaped and trained for it"
-KEPT_ON_CONTINUE = {
-    **dict.fromkeys(("n_layer", "n_head", "n_embd", "bias", "position_embedding", "d_energy", "use_token_bias",
-                     "block_size"), _SHAPED),
-    **dict.fromkeys(("landscape", "use_soft_tokens"), "the energy landscape is part of the architecture the saved "
-                                                      "weights were trained with"),
-    "dropout": "the saved model's layers are built with it",
-    "correction_scale_init": "it initialises a gate the saved model has already trained",
-}
+# What continuing a saved model (--model_name_or_path) keeps, and why a different value is refused (the options' own
+# `kept`); every other model option takes effect
+KEPT_ON_CONTINUE = {option.name: option.kept for option in OPTIONS if option.kept and option.name != "vocab_size"}
+THINKING_FIELDS = tuple(option.name for option in OPTIONS if not option.kept)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,19 +528,18 @@ def load_weights(path):
         return NanoEBMForCausalLM.from_pretrained(folder)
 
 
-def build_model(model_args, data_args, tokenizer, resuming=False):
-    """A new model from the flags, or the saved one (--model_name_or_path) with this run's flags: checked against its
-    config before its weights are read, then set (`continued`)."""
-    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS + THINKING_FIELDS
-                 if getattr(model_args, k) is not None}
-    if model_args.model_name_or_path:
-        folder, _, _ = check_model_folder(model_args.model_name_or_path)
+def build_model(folder, model_args, tokenizer, resuming=False):
+    """A new model from the flags (`folder` None), or the saved one in `folder` with this run's flags: checked against
+    its config before its weights are read, then set (`continued`)."""
+    overrides = {option.name: getattr(model_args, option.name) for option in OPTIONS
+                 if option.name not in ("vocab_size", "block_size") and getattr(model_args, option.name) is not None}
+    if folder:
+        folder, _, _ = check_model_folder(folder)
         with loading(folder):
             saved = NanoEBMConfig.from_pretrained(folder)
         check_continuation(saved, overrides, resuming)
         return continued(load_weights(folder), overrides, resuming)
-    block_size = data_args.block_size
-    config = NanoEBMConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, **overrides)
+    config = NanoEBMConfig(vocab_size=tokenizer.vocab_size, block_size=model_args.block_size, **overrides)
     return NanoEBMForCausalLM(config)
 
 

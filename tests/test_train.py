@@ -225,7 +225,9 @@ def test_exact_resume_including_the_persistent_chains_and_replay_buffers(tmp_pat
     assert resumed == stopped
     # the resumed run records every flag it ran with, so a resume of it repeats them too
     record = json.loads((resumed / "nanoebm_run.json").read_text())["runs"]
-    assert "--contrastive_type" in record[-1]["argv"] and "--resume_from_checkpoint" not in record[-1]["argv"]
+    settings = record[-1]["settings"]
+    assert settings["contrastive_type"]["value"] == kind and "resume_from_checkpoint" not in settings
+    assert settings["contrastive_type"]["from"] == f"resumed {stopped / 'checkpoints' / 'checkpoint-4'}"
     assert record[-1]["started_from"] == {"checkpoint": str(stopped / "checkpoints" / "checkpoint-4")}
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -467,8 +469,9 @@ def test_preset_follows_the_machine_and_says_why(monkeypatch):
     assert (args.preset, args.preset_reason) == ("cpu", "no GPU here; --preset gpu for the research config")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU 80GB")
-    assert run_train.machine_preset([]) == ("gpu", "a GPU is present (Test GPU 80GB)")
-    assert run_train.machine_preset(["--use_cpu"]) == ("cpu", "--use_cpu")
+    assert run_train.machine_preset(False) == ("gpu", "a GPU is present (Test GPU 80GB)")
+    assert run_train.machine_preset(True) == ("cpu", "--use_cpu")
+    assert run_train.parse_args(["--use_cpu"]).preset_reason == "--use_cpu"
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -554,7 +557,7 @@ def continue_model(folder, corpus, *flags):
     """parse_args + build_model as run_train.main does them, for looking at the continued model."""
     parsed = run_train.parse_args(["--model_name_or_path", str(folder), "--data_path", str(corpus), *flags])
     tokenizer = run_train.saved_tokenizer(parsed)
-    return training.build_model(parsed.model, parsed.data, tokenizer)
+    return training.build_model(parsed.start.model_name_or_path, parsed.model, tokenizer)
 
 
 # a value unlike the saved model's for every model flag a continued run takes
@@ -566,13 +569,13 @@ NEW_THINKING = {"use_thinking": "false", "think_steps": "3", "think_lr": "2.0", 
 # and for every flag it keeps
 NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bias": "false",
             "position_embedding": "rope", "d_energy": "16", "use_token_bias": "false", "landscape": "linear",
-            "use_soft_tokens": "true", "correction_scale_init": "0.5", "block_size": "64"}
+            "use_soft_tokens": "true", "correction_scale_init": "0.5", "block_size": "64",
+            "rope_theta": "500.0", "initializer_range": "0.05"}
 
 
 def test_every_model_flag_is_either_kept_or_taken_on_continue():
-    model_flags = {f.name for f in run_train.fields(run_train.ModelArguments)} - {"model_name_or_path", "preset",
-                                                                                  "recipe"}
-    assert model_flags | {"block_size"} == set(training.KEPT_ON_CONTINUE) | set(training.THINKING_FIELDS)
+    model_flags = {f.name for f in run_train.fields(run_train.ModelArguments)}
+    assert model_flags == set(training.KEPT_ON_CONTINUE) | set(training.THINKING_FIELDS)
     assert not set(training.KEPT_ON_CONTINUE) & set(training.THINKING_FIELDS)
     assert set(NEW_KEPT) == set(training.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(training.THINKING_FIELDS)
 
@@ -673,7 +676,8 @@ def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrup
     (bare / "nanoebm_run.json").unlink()
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
     with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
-        training.build_model(parsed.model, parsed.data, run_train.saved_tokenizer(parsed), resuming=True)
+        training.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
+                             resuming=True)
 
 
 def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_corpus, capsys):
