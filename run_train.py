@@ -547,8 +547,7 @@ def check_output_dir(folder: Path, args: ParsedArguments):
 
 
 def resuming_own(folder: Path, args: ParsedArguments) -> bool:
-    """Whether this run resumes a checkpoint of `folder` (in its checkpoints/ or, written by an older nanoebm, in
-    the folder itself)."""
+    """Whether this run resumes a checkpoint of `folder` (in its checkpoints/ or in the folder itself)."""
     if args.resume_from is None:
         return False
     parent = args.resume_from.resolve().parent
@@ -560,9 +559,9 @@ def clear_output_dir(folder: Path, args: ParsedArguments):
     if not args.run.overwrite_output_dir or not folder.exists():
         return
     if not resuming_own(folder, args):
-        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
-        for stale in folder.glob("checkpoint-*"):
+        for stale in checkpoints_in(folder):
             shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
     for name in MODEL_FILES:
         (folder / name).unlink(missing_ok=True)
 
