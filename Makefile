@@ -4,6 +4,7 @@
 #   make train                       # train on the embedded tiny Shakespeare (cpu preset without a GPU) into out/
 #   make train ARGS="--max_steps 500 --output_dir out-short"
 #   make test                        # the test suite, offline
+#   make lint                        # ruff, configured in pyproject.toml
 #
 # TORCH picks the torch build (`pip install torch==2.13.0` is the CPU build on this project's CI machines and the
 # CUDA build from PyPI on Linux). CONSTRAINTS= (empty) resolves the newest releases instead of the locked set.
@@ -18,7 +19,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: train test setup clean
+.PHONY: train test lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +36,9 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest tests -q $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV)
