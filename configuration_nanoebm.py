@@ -84,7 +84,8 @@ OPTIONS = (
     Option("think_samples", 1, "self-verification: G starting points per position, each descended, the one with the "
            "lowest final energy J_K kept; 1 = a single descent", int),
     Option("think_samples_noise_std", 0.0, "std of the Gaussian noise on the start of every sample after the first "
-           "(the first starts where think_init says); with think_init='random' every sample draws its own start", float),
+           "(the first starts where think_init says); with think_init='random' every sample draws its own start",
+           float),
     Option("softmax_temperature", 1.0, "tau in p = softmax(v / tau) and v0 = -E_base / tau", float),
     Option("entropy_weight", 1.0, "lambda of the entropy bonus in J = E_p[E] - lambda * H(p); lambda = tau makes "
            "J = tau * KL(p || softmax(-E / tau)) + const, so System 1 is the minimum of a fixed landscape and "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train nanoebm on a character stream with the HF Trainer; `accelerate launch run_train.py` runs it distributed.
 
-    python run_train.py                                    # the embedded tiny Shakespeare; the preset follows the machine
+    python run_train.py                                    # the embedded tiny Shakespeare; the machine's preset
     accelerate launch run_train.py --contrastive_type pcd  # with PCD (the research defaults on a GPU machine)
 
 The research code's syntax is accepted as well: `run_train.py model.use_contrastive=true train.max_steps=100`.
@@ -152,7 +152,8 @@ class LossArguments:
     def __post_init__(self):
         if self.contrastive_type is not None:
             if self.contrastive_type not in CONTRASTIVE_TYPES:
-                raise UsageError(f"--contrastive_type {self.contrastive_type!r} is unknown: allowed {CONTRASTIVE_TYPES}")
+                raise UsageError(f"--contrastive_type {self.contrastive_type!r} is unknown: "
+                                 f"allowed {CONTRASTIVE_TYPES}")
             if self.use_contrastive is False:
                 raise UsageError("--contrastive_type was given with --use_contrastive false: drop one of them")
             self.use_contrastive = True
@@ -370,7 +371,9 @@ def saved_options(folder) -> dict:
         saved = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {option.name: saved[option.name] for option in MODEL_OPTIONS if isinstance(saved, dict) and option.name in saved}
+    if not isinstance(saved, dict):
+        return {}
+    return {option.name: saved[option.name] for option in MODEL_OPTIONS if option.name in saved}
 
 
 def continued_layer(folder) -> dict:
@@ -619,8 +622,8 @@ def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_ch
     import json
 
     run = record["runs"][-1]
-    run.update(steps_done=trainer.state.global_step, metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},
-               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    evaluation = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    run.update(steps_done=trainer.state.global_step, metrics=evaluation, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
     (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config, prompt))
     (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
@@ -698,7 +701,8 @@ def startup_guard(folder: Path):
                 return False
             for path in self.created:  # only what this run made: nothing of it is a result yet
                 shutil.rmtree(path, ignore_errors=True)
-            if isinstance(error, (UsageError, FileNotFoundError, ValueError)) or type(error).__name__ == "SafetensorError":
+            reported = isinstance(error, (UsageError, FileNotFoundError, ValueError))
+            if reported or type(error).__name__ == "SafetensorError":
                 return False  # reported as they are (cli)
             raise UsageError(f"training could not start: {type(error).__name__}: {error}") from error
 

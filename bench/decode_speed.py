@@ -291,7 +291,7 @@ def main(argv=None):
     print("| variant | tokens/s (median) | min - max | vs System 1 cached | first token ms | median step ms "
           "| slowest step ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, res in results.items():
+    for res in results.values():
         print(f"| {res['label']} | {res['tokens_per_s']:.1f} | {res['min_tokens_per_s']:.1f} - "
               f"{res['max_tokens_per_s']:.1f} | {res['tokens_per_s'] / base:.2f}x | {ms(res['first_token_ms'])} | "
               f"{ms(res['median_step_ms'])} | {ms(res['slowest_step_ms'])} |")

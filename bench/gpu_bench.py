@@ -220,8 +220,8 @@ def main(argv=None):
     command = launcher + "bench/gpu_bench.py" + ("" if not argv else " " + shlex.join(argv))
     nats_to_bits = 1 / math.log(2)
     result = {
-        "benchmark": "nanoebm GPU benchmark: nanoGPT shakespeare_char config" + (" (SMOKE: CPU, tiny model, "
-                                                                                 "numbers meaningless)" if args.smoke else ""),
+        "benchmark": "nanoebm GPU benchmark: nanoGPT shakespeare_char config"
+                     + (" (SMOKE: CPU, tiny model, numbers meaningless)" if args.smoke else ""),
         "smoke": args.smoke,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(0) if cuda else "CPU (smoke)",

@@ -55,7 +55,7 @@ def cpu_peak(model, ids):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         loss = one_step(model, ids)
     live = start = peak = 0
-    for when, action, _, size in prof._memory_profile().timeline:
+    for _, action, _, size in prof._memory_profile().timeline:
         if action in (Action.PREEXISTING, Action.CREATE):
             live += size
         elif action == Action.DESTROY:

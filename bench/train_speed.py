@@ -51,9 +51,9 @@ def main():
     for _ in range(args.repeats):
         for name in args.variants:
             timer = StepTimer(args.skip)
-            run_train.main(["--preset", "cpu", "--max_steps", str(args.steps), "--do_train", "true", "--do_eval", "false",
-                            "--save_strategy", "no", "--logging_steps", str(args.steps), "--disable_tqdm", "true",
-                            "--output_dir", f"{args.output_dir}/{name}", "--overwrite_output_dir", "true",
+            run_train.main(["--preset", "cpu", "--max_steps", str(args.steps), "--do_train", "true",
+                            "--do_eval", "false", "--save_strategy", "no", "--logging_steps", str(args.steps),
+                            "--disable_tqdm", "true", "--output_dir", f"{args.output_dir}/{name}", "--overwrite_output_dir", "true",
                             *flags(name), *args.extra],
                            callbacks=[timer])
             timings[name].append(1000 * statistics.median(timer.times))

@@ -441,7 +441,7 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
             self.ids = np.memmap(path, dtype=dtype, mode="r", offset=start * np.dtype(dtype).itemsize,
                                  shape=(self.length,))
 
-    def order(self, seed: int) -> "WindowOrder":
+    def order(self, seed: int) -> WindowOrder:
         """The Trainer's sampler (RandomSampler would hold a list of every window: 3 GB for a 100 MB corpus)."""
         return WindowOrder(len(self), seed)
 
