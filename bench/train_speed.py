@@ -53,8 +53,8 @@ def main():
             timer = StepTimer(args.skip)
             run_train.main(["--preset", "cpu", "--max_steps", str(args.steps), "--do_train", "true",
                             "--do_eval", "false", "--save_strategy", "no", "--logging_steps", str(args.steps),
-                            "--disable_tqdm", "true", "--output_dir", f"{args.output_dir}/{name}", "--overwrite_output_dir", "true",
-                            *flags(name), *args.extra],
+                            "--disable_tqdm", "true", "--output_dir", f"{args.output_dir}/{name}",
+                            "--overwrite_output_dir", "true", *flags(name), *args.extra],
                            callbacks=[timer])
             timings[name].append(1000 * statistics.median(timer.times))
     base = statistics.median(timings[args.variants[0]])
