@@ -301,7 +301,7 @@ def test_folders_saved_before_the_pad_token_load(tmp_path, small, legacy, caplog
         "model_max_length": 1000000000000000019884624838656, "pad_token": None, "tokenizer_class": "CharTokenizer",
         "unk_token": None,
     }
-    if legacy == "space_pad":  # the old advice: pad_token=" ", padding_side="left" (and an unk character)
+    if legacy == "space_pad":  # a legacy setting: pad_token=" ", padding_side="left" (and an unk character)
         special = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
         config["added_tokens_decoder"] = {
             str(vocab[" "]): {"content": " ", **special}, str(vocab["."]): {"content": ".", **special},
