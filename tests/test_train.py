@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, default_data_collator
 
 import run_train
-from nanoebm import data, training
+from nanoebm import contrastive, continuing, data
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
+from nanoebm.trainer import EBMTrainer, gather_uneven
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
 from modeling_nanoebm import ThinkingDivergedError
 
@@ -48,7 +49,7 @@ def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
     parsed = run_train.parse_args([*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
     train_data, blocks, tokenizer = data.build_data(parsed.data, None, 32, 0)
     model = make_model(landscape=landscape, n_layer=1, correction_scale=0.5, think_lr=1.0)
-    trainer = training.EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
+    trainer = EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
                                   processing_class=tokenizer, data_collator=default_data_collator,
                                   ebm_args=parsed.loss)
     batch = default_data_collator([train_data[i] for i in range(0, 800, 100)])
@@ -186,7 +187,7 @@ def test_evaluation_keeps_a_diverged_models_nan(tmp_path, small_corpus):
     trainer, model, _ = make_trainer(tmp_path, small_corpus)
     # each process pads its values to one width for the gather; the padding is told apart by a mask, not a value,
     # so a NaN the model produced survives (counts differ when the blocks do not split evenly)
-    gathered = training.gather_uneven(trainer.accelerator, torch.tensor([1.5, float("nan"), 2.5]), 5)
+    gathered = gather_uneven(trainer.accelerator, torch.tensor([1.5, float("nan"), 2.5]), 5)
     assert gathered.shape == (3,) and gathered[0] == 1.5 and gathered[1].isnan() and gathered[2] == 2.5
     with torch.no_grad():
         model.energy_head.token_bias[3] = float("nan")
@@ -278,15 +279,15 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
     from nanoebm.state import StateFileError, save_state
 
     args = SimpleNamespace(contrastive_type="pcd", n_persistent=4, buffer_init_std=1.0)
-    sampler = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=0)
+    sampler = contrastive.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=0)
     sampler.randn((3,), "cpu")  # the generator has moved on from its seed
     path = tmp_path / "contrastive_state_0.safetensors"
     sampler.save(path)
-    fresh = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=1)
+    fresh = contrastive.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=1)
     fresh.load_state_dict(fresh.read(path, block_size=5, vocab_size=7))
     assert torch.equal(fresh.particles, sampler.particles)
     assert torch.equal(fresh.generator.get_state(), sampler.generator.get_state())
-    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay = contrastive.ThinkingReplay(size=4, prob=0.5, seed=0)
     replay_path = tmp_path / "replay_state_0.safetensors"
     replay.save(replay_path)  # empty: no blocks stored yet
     assert replay.read(replay_path, block_size=5, vocab_size=7)["ids"] is None
@@ -325,10 +326,10 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     with pytest.raises(StateFileError, match="contrastive_state_0.safetensors is missing"):
-        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+        contrastive.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
     (checkpoint / "contrastive_state_0.pt").write_bytes(b"not read")
     with pytest.raises(StateFileError, match="contrastive_state_0.pt is an older nanoebm's pickled"):
-        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+        contrastive.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
     header = {"format": "nanoebm-training-state", "version": 1, "kind": "replay", "ints": {"count": "0", "cursor": 0}}
     save_file({"generator": generator}, str(replay_path), metadata={"nanoebm": json.dumps(header)})
     with pytest.raises(StateFileError, match="integers"):
@@ -337,7 +338,7 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
 
 def test_replay_resumes_the_descent_from_stored_logits():
     """A replayed row is a stored block whose descent starts from its stored refined logits; the rest are fresh."""
-    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay = contrastive.ThinkingReplay(size=4, prob=0.5, seed=0)
     ids, labels = torch.arange(12).view(3, 4), torch.arange(12).view(3, 4) + 1
     assert replay.mix(ids, labels)[2] is None  # nothing stored yet
     replay.push(ids, labels, torch.randn(3, 4, 7))
@@ -554,7 +555,7 @@ def continue_model(folder, corpus, *flags):
     """parse_args + build_model as run_train.main does them, for looking at the continued model."""
     parsed = run_train.parse_args(["--model_name_or_path", str(folder), "--data_path", str(corpus), *flags])
     tokenizer = run_train.saved_tokenizer(parsed)
-    return training.build_model(parsed.model, parsed.data, tokenizer)
+    return continuing.build_model(parsed.model, parsed.data, tokenizer)
 
 
 # a value unlike the saved model's for every model flag a continued run takes
@@ -572,9 +573,9 @@ NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bi
 def test_every_model_flag_is_either_kept_or_taken_on_continue():
     model_flags = {f.name for f in run_train.fields(run_train.ModelArguments)} - {"model_name_or_path", "preset",
                                                                                   "recipe"}
-    assert model_flags | {"block_size"} == set(training.KEPT_ON_CONTINUE) | set(training.THINKING_FIELDS)
-    assert not set(training.KEPT_ON_CONTINUE) & set(training.THINKING_FIELDS)
-    assert set(NEW_KEPT) == set(training.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(training.THINKING_FIELDS)
+    assert model_flags | {"block_size"} == set(continuing.KEPT_ON_CONTINUE) | set(continuing.THINKING_FIELDS)
+    assert not set(continuing.KEPT_ON_CONTINUE) & set(continuing.THINKING_FIELDS)
+    assert set(NEW_KEPT) == set(continuing.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(continuing.THINKING_FIELDS)
 
 
 @pytest.mark.parametrize("name", sorted(NEW_KEPT))
@@ -596,7 +597,7 @@ def test_continuing_takes_every_thinking_flag_into_the_saved_config(tmp_path, sa
 
 
 def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
-    base = training.load_weights(saved)
+    base = continuing.load_weights(saved)
     learned = float(base.think_lr.detach())
     assert abs(learned - 0.5) > 1e-3  # the saved step size was trained away from its start
     model = continue_model(saved, small_corpus, "--think_lr", "2.0")
@@ -673,7 +674,7 @@ def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrup
     (bare / "nanoebm_run.json").unlink()
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
     with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
-        training.build_model(parsed.model, parsed.data, run_train.saved_tokenizer(parsed), resuming=True)
+        continuing.build_model(parsed.model, parsed.data, run_train.saved_tokenizer(parsed), resuming=True)
 
 
 def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_corpus, capsys):
