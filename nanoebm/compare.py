@@ -11,6 +11,7 @@ from nanoebm.analysis import encode, resolved_thinking
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.scoring import score_blocks
 
 
 def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
@@ -18,27 +19,34 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
     the validation text `val`, the mean energy gap J0 - JK, and greedy decode tokens/s of both systems continuing
     `prompt` for args.max_new_tokens characters (think_steps / think_lr from args where given)."""
     import torch
-    import torch.nn.functional as F
 
     ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
     block = model.config.block_size
     try:
-        batch = fixed_blocks(ids, block, args.eval_blocks).to(device)
+        blocks = fixed_blocks(ids, block, args.eval_blocks)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    nll1, nll2, gaps = [], [], []
-    with torch.no_grad():
-        for chunk in batch.split(8):
-            out = model(chunk[:, :-1], use_cache=False, use_thinking=True, think_steps=args.think_steps,
-                        think_lr=args.think_lr, return_energy_trace=True)
-            y = chunk[:, 1:].flatten()
-            nll1.append(F.cross_entropy(out.system1_logits.float().flatten(0, 1), y, reduction="none").cpu())
-            nll2.append(F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="none").cpu())
-            if out.energy_trace is not None:
-                gaps.append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).float().flatten().cpu())
+    scores = score_blocks(model, blocks, 8, think_steps=args.think_steps, think_lr=args.think_lr)
     metric = load_bpc_metric()
-    s1 = metric.compute(nll=torch.cat(nll1).numpy())
-    s2 = metric.compute(nll=torch.cat(nll2).numpy())
+    s1 = metric.compute(nll=scores["nll1"].flatten().cpu().numpy())
+    s2 = metric.compute(nll=scores["nll2"].flatten().cpu().numpy())
+    trace = scores["trace"]
+    speed = decode_speed(model, tokenizer, prompt, args, device)
+    thinking = resolved_thinking(model, args)
+    return dict(
+        model=label, landscape=model.config.landscape, block_size=block,
+        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
+        parameters=sum(p.numel() for p in model.parameters()),
+        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
+        energy_gap=float((trace[..., 0] - trace[..., -1]).mean()) if trace is not None else None,
+        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
+    )
+
+
+def decode_speed(model, tokenizer, prompt: str, args, device) -> dict:
+    """Greedy decode tokens/s of System 1 and System 2 continuing `prompt` for args.max_new_tokens characters, after
+    a two-token warm-up."""
+    import torch
 
     prompt_ids = torch.tensor([encode(tokenizer, prompt)], device=device)
     speed = {}
@@ -52,15 +60,7 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
                                  max_new_tokens=args.max_new_tokens, **kw)
             out.cpu()
         speed[name] = args.max_new_tokens / max(time.perf_counter() - started, 1e-9)
-    thinking = resolved_thinking(model, args)
-    return dict(
-        model=label, path=None, landscape=model.config.landscape, block_size=block,
-        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
-        parameters=sum(p.numel() for p in model.parameters()),
-        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
-        energy_gap=float(torch.cat(gaps).mean()) if gaps else None,
-        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
-    )
+    return speed
 
 
 def training_text(folder, corpus: Path) -> dict:

@@ -15,7 +15,6 @@ import weakref
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -24,6 +23,7 @@ from modeling_nanoebm import NanoEBMForCausalLM
 from nanoebm.card import RUN_RECORD
 from nanoebm.contrastive import ContrastiveSampler, ThinkingReplay, make_buffers, read_buffers
 from nanoebm.corpus import load_bpc_metric
+from nanoebm.scoring import score_blocks
 
 logger = logging.get_logger(__name__)
 
@@ -192,44 +192,21 @@ class EBMTrainer(Trainer):
     # -- evaluation: System 1 and System 2 on fixed validation blocks --------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """System 1, and System 2 at the trained steps and at twice them, on the fixed validation blocks (each process
+        scores every world_size-th block): {prefix}_{system1,system2,system2_2x}_{loss,bpc,perplexity}, the energy
+        gaps {prefix}_energy_gap(_2x), and {prefix}_loss (System 2's where the model thinks)."""
         blocks = self.eval_dataset if eval_dataset is None else eval_dataset
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         steps = model.config.think_steps if model.config.use_thinking else 0
-        rank, world = self.args.process_index, self.args.world_size
-        mine = blocks[rank::world]
-        per_block = defaultdict(list)
-        with torch.no_grad(), self.autocast_smart_context_manager():
-            for batch in mine.split(self.args.per_device_eval_batch_size):
-                batch = batch.to(self.args.device)
-                x, y = batch[:, :-1], batch[:, 1:]
-                out = model(x, use_thinking=steps > 0, think_steps=2 * steps)
-                nll = lambda logits: F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)  # noqa: E731
-                per_block["system1"].append(nll(out.system1_logits))
-                if steps > 0:
-                    per_block["system2"].append(nll(out.step_logits[steps - 1]))
-                    per_block["system2_2x"].append(nll(out.logits))
-                    per_block["energy_gap"].append((out.energy_trace[..., 0] - out.energy_trace[..., steps]).mean(1))
-                    per_block["energy_gap_2x"].append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).mean(1))
-        metrics = {}
-        bpc = load_bpc_metric()
-        per_rank = math.ceil(len(blocks) / world)
-        for name, values in per_block.items():
-            values = torch.cat(values) if values else torch.empty(0, device=self.args.device)
-            gathered = gather_uneven(self.accelerator, values, per_rank).cpu()
-            if name.startswith("energy_gap"):
-                metrics[f"{metric_key_prefix}_{name}"] = round(float(gathered.mean()), 5)
-                continue
-            if torch.isnan(gathered).any():  # a diverged model: its metrics say so (the metric refuses NaN)
-                result = dict.fromkeys(("nats_per_char", "bits_per_char", "perplexity"), math.nan)
-            else:  # equal-length blocks: the mean of means is the mean
-                result = bpc.compute(nll=gathered.tolist())
-            metrics[f"{metric_key_prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
-            metrics[f"{metric_key_prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
-            metrics[f"{metric_key_prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
-        metrics[f"{metric_key_prefix}_loss"] = metrics.get(f"{metric_key_prefix}_system2_loss",
-                                                           metrics[f"{metric_key_prefix}_system1_loss"])
+        with self.autocast_smart_context_manager():
+            scores = score_blocks(model, blocks[self.args.process_index::self.args.world_size],
+                                  self.args.per_device_eval_batch_size, use_thinking=steps > 0, think_steps=2 * steps)
+        per_rank = math.ceil(len(blocks) / self.args.world_size)
+        gathered = {name: gather_uneven(self.accelerator, values, per_rank).cpu()
+                    for name, values in block_means(scores, steps, self.args.device).items()}
+        metrics = evaluation_metrics(gathered, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train(was_training)
@@ -300,6 +277,41 @@ class EBMTrainer(Trainer):
         else:
             logger.warning("the DDP wrapper is still referenced elsewhere: the process group is left for the "
                            "interpreter to close at exit")
+
+
+def block_means(scores: dict, steps: int, device) -> dict:
+    """Each block's mean of what evaluation reports (`score_blocks` run with 2 * steps): System 1's NLL, System 2's
+    after `steps` and after 2 * steps, and the energy gaps J0 - J_steps and J0 - J_2steps. A process without blocks
+    sends empty tensors, so every process gathers the same names."""
+    names = ("system1",) + (("system2", "system2_2x", "energy_gap", "energy_gap_2x") if steps > 0 else ())
+    if not scores:
+        return {name: torch.empty(0, device=device) for name in names}
+    values = {"system1": scores["nll1"]}
+    if steps > 0:
+        trace = scores["trace"]
+        values.update(system2=scores["nll_steps"][..., steps - 1].contiguous(), system2_2x=scores["nll2"],
+                      energy_gap=trace[..., 0] - trace[..., steps], energy_gap_2x=trace[..., 0] - trace[..., -1])
+    return {name: value.mean(1) for name, value in values.items()}
+
+
+def evaluation_metrics(gathered: dict, prefix: str) -> dict:
+    """The logged numbers from every block's means (`block_means`, gathered): loss (nats), bpc and perplexity of each
+    system, each energy gap's mean, and {prefix}_loss, System 2's loss where there is one, else System 1's."""
+    metrics = {}
+    bpc = load_bpc_metric()
+    for name, values in gathered.items():
+        if name.startswith("energy_gap"):
+            metrics[f"{prefix}_{name}"] = round(float(values.mean()), 5)
+            continue
+        if torch.isnan(values).any():  # a diverged model: its metrics say so (the metric refuses NaN)
+            result = dict.fromkeys(("nats_per_char", "bits_per_char", "perplexity"), math.nan)
+        else:  # equal-length blocks: the mean of means is the mean
+            result = bpc.compute(nll=values.tolist())
+        metrics[f"{prefix}_{name}_loss"] = round(result["nats_per_char"], 5)
+        metrics[f"{prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
+        metrics[f"{prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
+    metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_system2_loss", metrics[f"{prefix}_system1_loss"])
+    return metrics
 
 
 def gather_uneven(accelerator, values, width):
