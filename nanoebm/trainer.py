@@ -23,7 +23,7 @@ from modeling_nanoebm import NanoEBMForCausalLM
 from nanoebm.card import RUN_RECORD
 from nanoebm.contrastive import ContrastiveSampler, ThinkingReplay, make_buffers, read_buffers
 from nanoebm.corpus import load_bpc_metric
-from nanoebm.scoring import score_blocks
+from nanoebm.scoring import TEMPERATURES, calibrated_system1, score_blocks
 
 logger = logging.get_logger(__name__)
 
@@ -194,19 +194,24 @@ class EBMTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """System 1, and System 2 at the trained steps and at twice them, on the fixed validation blocks (each process
         scores every world_size-th block): {prefix}_{system1,system2,system2_2x}_{loss,bpc,perplexity}, the energy
-        gaps {prefix}_energy_gap(_2x), and {prefix}_loss (System 2's where the model thinks)."""
+        gaps {prefix}_energy_gap(_2x), {prefix}_loss (System 2's where the model thinks), and System 1 calibrated
+        beside System 2 on half of the blocks (`calibration_metrics`)."""
         blocks = self.eval_dataset if eval_dataset is None else eval_dataset
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         steps = model.config.think_steps if model.config.use_thinking else 0
+        rank, world = self.args.process_index, self.args.world_size
         with self.autocast_smart_context_manager():
-            scores = score_blocks(model, blocks[self.args.process_index::self.args.world_size],
-                                  self.args.per_device_eval_batch_size, use_thinking=steps > 0, think_steps=2 * steps)
-        per_rank = math.ceil(len(blocks) / self.args.world_size)
-        gathered = {name: gather_uneven(self.accelerator, values, per_rank).cpu()
-                    for name, values in block_means(scores, steps, self.args.device).items()}
+            scores = score_blocks(model, blocks[rank::world], self.args.per_device_eval_batch_size,
+                                  use_thinking=steps > 0, think_steps=2 * steps, tempered=True)
+        means = block_means(scores, steps, self.args.device)
+        means["index"] = torch.arange(rank, len(blocks), world, device=self.args.device)
+        per_rank = math.ceil(len(blocks) / world)
+        gathered = {name: gather_blocks(self.accelerator, values, per_rank) for name, values in means.items()}
+        index, tempered = gathered.pop("index"), gathered.pop("system1_tempered")
         metrics = evaluation_metrics(gathered, metric_key_prefix)
+        metrics.update(calibration_metrics(tempered, gathered.get("system2"), index % 2 == 0, metric_key_prefix))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train(was_training)
@@ -280,17 +285,21 @@ class EBMTrainer(Trainer):
 
 
 def block_means(scores: dict, steps: int, device) -> dict:
-    """Each block's mean of what evaluation reports (`score_blocks` run with 2 * steps): System 1's NLL, System 2's
-    after `steps` and after 2 * steps, and the energy gaps J0 - J_steps and J0 - J_2steps. A process without blocks
-    sends empty tensors, so every process gathers the same names."""
+    """Each block's mean of what evaluation reports (`score_blocks` run with 2 * steps and `tempered`): System 1's NLL,
+    System 2's after `steps` and after 2 * steps, the energy gaps J0 - J_steps and J0 - J_2steps, and System 1's NLL at
+    each calibration temperature (system1_tempered, (n, G)). A process without blocks sends empty tensors, so every
+    process gathers the same names."""
     names = ("system1",) + (("system2", "system2_2x", "energy_gap", "energy_gap_2x") if steps > 0 else ())
     if not scores:
-        return {name: torch.empty(0, device=device) for name in names}
+        return {**{name: torch.empty(0, device=device) for name in names},
+                "system1_tempered": torch.empty(0, len(TEMPERATURES), device=device)}
     values = {"system1": scores["nll1"]}
     if steps > 0:
         trace = scores["trace"]
+        # contiguous: the mean then sums in the same order as over one step's own logits
         values.update(system2=scores["nll_steps"][..., steps - 1].contiguous(), system2_2x=scores["nll2"],
                       energy_gap=trace[..., 0] - trace[..., steps], energy_gap_2x=trace[..., 0] - trace[..., -1])
+    values["system1_tempered"] = scores["nll1_tempered"]
     return {name: value.mean(1) for name, value in values.items()}
 
 
@@ -312,6 +321,30 @@ def evaluation_metrics(gathered: dict, prefix: str) -> dict:
         metrics[f"{prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
     metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_system2_loss", metrics[f"{prefix}_system1_loss"])
     return metrics
+
+
+def calibration_metrics(tempered, system2, fit, prefix: str) -> dict:
+    """System 1 against temperature calibration: {prefix}_system1_temperature, fitted on the `fit` blocks (evaluation:
+    the even-numbered validation blocks), and on the others System 1 at that temperature
+    ({prefix}_system1_calibrated_*), at T = 1 ({prefix}_system1_heldout_*) and System 2 ({prefix}_system2_heldout_*),
+    each as loss (nats per character) and bpc. Nothing with fewer than two blocks."""
+    result = calibrated_system1(tempered, system2, fit)
+    if result is None:
+        return {}
+    metrics = {f"{prefix}_system1_temperature": round(result["temperature"], 5)}
+    for name, key in (("system1_calibrated", "system1_calibrated"), ("system1_heldout", "system1"),
+                      ("system2_heldout", "system2")):
+        if result[key] is not None:
+            metrics[f"{prefix}_{name}_loss"] = round(result[key], 5)
+            metrics[f"{prefix}_{name}_bpc"] = round(result[key] / math.log(2), 5)
+    return metrics
+
+
+def gather_blocks(accelerator, values, width):
+    """`gather_uneven` of per-block values (n, ...) with any trailing shape, at most `width` blocks per process: every
+    process's blocks in process order, (N, ...) on the CPU."""
+    shape = values.shape[1:]
+    return gather_uneven(accelerator, values.flatten(), width * shape.numel()).view(-1, *shape).cpu()
 
 
 def gather_uneven(accelerator, values, width):

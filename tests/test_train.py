@@ -18,6 +18,7 @@ import run_train
 from nanoebm import contrastive, continuing, data
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
+from nanoebm.scoring import TEMPERATURES, score_blocks
 from nanoebm.trainer import EBMTrainer, gather_uneven
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
 from modeling_nanoebm import ThinkingDivergedError
@@ -194,9 +195,33 @@ def test_evaluation_keeps_a_diverged_models_nan(tmp_path, small_corpus):
     model.config.use_thinking = False
     metrics = trainer.evaluate()
     assert math.isnan(metrics["eval_system1_bpc"]) and math.isnan(metrics["eval_loss"]), metrics
+    assert math.isnan(metrics["eval_system1_temperature"]) and math.isnan(metrics["eval_system1_calibrated_loss"])
     model.config.use_thinking = True  # thinking from a NaN start stops with the error that names the knobs
     with pytest.raises(ThinkingDivergedError, match="think_lr"):
         trainer.evaluate()
+
+
+def test_evaluation_calibrates_system1_on_the_even_blocks_and_scores_the_odd(tmp_path, small_corpus):
+    """Even blocks drawn from System 1 at T = 1, odd ones at T = 0.5: the logged temperature is the even blocks'
+    (about 1), and System 1 calibrated with it, System 1 and System 2 are all scored on the odd blocks only."""
+    from test_scoring import sample_blocks, sharpened
+
+    trainer, model, _ = make_trainer(tmp_path, small_corpus)
+    sharpened(model.eval(), 40.0)
+    blocks = torch.stack([sample_blocks(model, 32, 1.0, seed=0), sample_blocks(model, 32, 0.5, seed=1)], 1)
+    metrics = trainer.evaluate(eval_dataset=blocks.flatten(0, 1))
+    assert metrics["eval_system1_temperature"] == pytest.approx(1.0, rel=0.1), metrics
+    odd = blocks[:, 1]
+    steps = model.config.think_steps
+    scores = score_blocks(model, odd, 8, think_steps=steps, tempered=True)
+    assert metrics["eval_system1_heldout_loss"] == pytest.approx(float(scores["nll1"].mean()), abs=2e-5)
+    assert metrics["eval_system2_heldout_loss"] == pytest.approx(float(scores["nll2"].mean()), abs=2e-5)
+    k = min(range(len(TEMPERATURES)), key=lambda j: abs(TEMPERATURES[j] - metrics["eval_system1_temperature"]))
+    calibrated = float(scores["nll1_tempered"][..., k].mean())
+    assert metrics["eval_system1_calibrated_loss"] == pytest.approx(calibrated, abs=2e-5)
+    assert metrics["eval_system1_calibrated_bpc"] == pytest.approx(calibrated / math.log(2), abs=2e-5)
+    # fitted on the odd blocks themselves the temperature would be about 0.5, and their number lower
+    assert float(scores["nll1_tempered"].mean((0, 1)).min()) < calibrated - 0.02
 
 
 class StopAt(TrainerCallback):
