@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 # System 1 at temperature T reads its logits divided by T. Calibration picks T from this grid, 2.2% apart over
-# [0.25, 4] (2 ** (j / 32)): the NLL is flat at its minimum, so a T between two points would change it by less than
-# 1e-4 nats per character
+# [0.25, 4] (2 ** (j / 32)): the NLL is flat at its minimum, so a T between two points would lower it only to second
+# order in that spacing
 TEMPERATURES = tuple(2 ** (j / 32) for j in range(-64, 65))
 UNCALIBRATED = TEMPERATURES.index(1.0)
 
