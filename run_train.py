@@ -639,7 +639,7 @@ def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_ch
 def saved_tokenizer(args: ParsedArguments):
     """A continued model's tokenizer (None for a new model), with the data's block size settled: a continued model's
     own, else the preset's."""
-    from nanoebm.training import check_kept
+    from nanoebm.continuing import check_kept
     from tokenization_char import CharTokenizer
 
     start, model_args = args.start, args.model
@@ -655,7 +655,7 @@ def saved_tokenizer(args: ParsedArguments):
         check_kept("block_size", model_args.block_size, block)
     model_args.block_size = block
     if args.resume_from is not None:  # before the weights load: a refused state file is all this run prints
-        from nanoebm.training import check_resume_state
+        from nanoebm.contrastive import check_resume_state
 
         check_resume_state(args.resume_from, args.loss, saved, args.training.process_index)
     return CharTokenizer.from_pretrained(start.model_name_or_path)
@@ -715,7 +715,9 @@ def main(argv=None, callbacks=None):
     from transformers import default_data_collator, set_seed
     from transformers.utils import logging
 
-    from nanoebm import data, training
+    from nanoebm import data
+    from nanoebm.continuing import build_model
+    from nanoebm.trainer import EBMTrainer
 
     logging.set_verbosity_warning()
     T, data_args, model_args = args.training, args.data, args.model
@@ -726,8 +728,7 @@ def main(argv=None, callbacks=None):
     set_seed(T.seed)
     with T.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = data.build_data(data_args, tokenizer, model_args.block_size, T.seed)
-    model = training.build_model(args.start.model_name_or_path, model_args, tokenizer,
-                                 resuming=args.resume_from is not None)
+    model = build_model(args.start.model_name_or_path, model_args, tokenizer, resuming=args.resume_from is not None)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
     record = describe_run(args, model, T) if T.do_train else None
@@ -735,7 +736,7 @@ def main(argv=None, callbacks=None):
         T.output_dir = str(final_dir / CHECKPOINTS)
     guard = startup_guard(final_dir)
     with guard:
-        trainer = training.EBMTrainer(
+        trainer = EBMTrainer(
             model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[*(callbacks or []), guard],
             ebm_args=args.loss, run_record=record,

@@ -157,45 +157,34 @@ def load_trained(folder, args):
 
 
 def test_time_sweep(model, blocks):
-    """Validation bits/char of one trained model at 0, 1, 2, 4, 8 thinking steps, with characters/s."""
-    import torch
-    import torch.nn.functional as F
+    """Validation bits/char of one trained model at 0, 1, 2, 4, 8 thinking steps, with characters/s (of the scoring
+    pass, which computes no energy) and the energy gap J0 - JK (from a second, untimed pass)."""
+    from nanoebm.scoring import score_blocks
 
     sweep = {}
     for steps in TEST_TIME_STEPS:
-        total, gap, count, elapsed = 0.0, 0.0, 0, 0.0
-        with torch.no_grad():
-            for batch in blocks.split(64):
-                started = time.perf_counter()
-                out = model(batch[:, :-1], use_thinking=steps > 0, think_steps=steps, return_energy_trace=False)
-                elapsed += time.perf_counter() - started
-                total += F.cross_entropy(out.logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
-                count += batch[:, 1:].numel()
-                if steps > 0:  # the energy gap J0 - JK, outside the timing (it costs one more landscape evaluation)
-                    trace = model(batch[:, :-1], use_thinking=True, think_steps=steps).energy_trace
-                    gap += (trace[..., 0] - trace[..., -1]).sum().item()
-        sweep[steps] = dict(bpc=total / count / math.log(2), chars_per_s=count / elapsed, energy_gap=gap / count)
+        started = time.perf_counter()
+        scores = score_blocks(model, blocks, 64, use_thinking=steps > 0, think_steps=steps, trace=False)
+        elapsed = time.perf_counter() - started
+        gap = 0.0
+        if steps > 0:  # the energy gap J0 - JK, outside the timing (it costs one more landscape evaluation)
+            trace = score_blocks(model, blocks, 64, think_steps=steps)["trace"]
+            gap = float((trace[..., 0] - trace[..., -1]).mean())
+        count = scores["nll2"].numel()
+        sweep[steps] = dict(bpc=float(scores["nll2"].mean()) / math.log(2), chars_per_s=count / elapsed,
+                            energy_gap=gap)
     return sweep
 
 
 def training_text_bpc(model, train_ids, steps, n_blocks=400):
     """System 1 and System 2 bits/char on evenly spaced blocks of the TRAINING text: set beside validation, it shows
     whether what thinking learned generalises or only fits the text it was trained on."""
-    import torch
-    import torch.nn.functional as F
-
     from nanoebm.corpus import fixed_blocks
+    from nanoebm.scoring import score_blocks
 
     blocks = fixed_blocks(train_ids, model.config.block_size, n_blocks)
-    result = {}
-    for name, k in (("s1", 0), ("s2", steps)):
-        total = 0.0
-        with torch.no_grad():
-            for batch in blocks.split(64):
-                logits = model(batch[:, :-1], use_thinking=k > 0, think_steps=k, return_energy_trace=False).logits
-                total += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum").item()
-        result[name] = total / blocks[:, 1:].numel() / math.log(2)
-    return result
+    scores = score_blocks(model, blocks, 64, use_thinking=steps > 0, think_steps=steps, trace=False)
+    return {"s1": float(scores["nll1"].mean()) / math.log(2), "s2": float(scores["nll2"].mean()) / math.log(2)}
 
 
 def trained_steps(record):

@@ -96,17 +96,13 @@ def blocks_of(tokenizer, text, block, n_blocks):
 
 def bits_per_char(model, blocks, steps, samples=1, seed=0):
     import torch
-    import torch.nn.functional as F
+
+    from nanoebm.scoring import score_blocks
 
     torch.manual_seed(seed)  # random starts (the paper's recipes) draw the same numbers for every setting
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in blocks.split(64):
-            out = model(batch[:, :-1], use_thinking=steps > 0, think_steps=steps, think_samples=samples,
-                        return_energy_trace=False)
-            total += F.cross_entropy(out.logits.float().transpose(1, 2), batch[:, 1:], reduction="sum").item()
-            count += batch[:, 1:].numel()
-    return total / count / math.log(2)
+    scores = score_blocks(model, blocks, 64, use_thinking=steps > 0, think_steps=steps, think_samples=samples,
+                          trace=False)
+    return float(scores["nll2"].mean()) / math.log(2)
 
 
 def thinking_curve(model, blocks):

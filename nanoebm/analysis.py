@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from nanoebm.cli import UsageError
+from nanoebm.scoring import score_batch
 
 PROG = "run_generate.py"
 
@@ -58,16 +59,15 @@ def resolved_thinking(model, args) -> dict:
 def score_continuations(model, ids, start: int, think_steps: int | None = None, think_lr: float | None = None):
     """Per-position data for the targets ids[:, start:] of a batch of equally long sequences (B, L).
 
-    One teacher-forced forward with thinking on (think_steps, think_lr as given, else the model's) when the text
-    fits in block_size; otherwise windows of block_size characters that overlap by half, so that each target
-    reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
+    One teacher-forced forward (nanoebm.scoring) with thinking on (think_steps, think_lr as given, else the model's)
+    when the text fits in block_size; otherwise windows of block_size characters that overlap by half, so that each
+    target reads between block_size // 2 and block_size characters of context. Returns CPU tensors:
     targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
     energy (B, n) the energy of the target as the next token (E_base; for ebt the scalar energy of its one-hot),
     trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
     window_start (n,) where each target's window began.
     """
     import torch
-    import torch.nn.functional as F
 
     B, L = ids.shape
     if not 1 <= start < L:
@@ -76,24 +76,18 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
     stride = max(1, block // 2)
     parts = {k: [] for k in ("targets", "logp1", "logp2", "energy", "trace", "window_start")}
     j = start
-    with torch.no_grad():
-        while j < L:
-            a = max(0, min(j - max(1, block - stride), L - 1 - block))
-            b = min(L - 1, a + block)
-            out = model(ids[:, a:b], use_cache=False, use_thinking=True, think_steps=think_steps, think_lr=think_lr,
-                        return_energy_trace=True, return_landscape=True)
-            sl = slice(j - 1 - a, b - a)
-            targets = ids[:, j:b + 1]
-            parts["targets"].append(targets.cpu())
-            parts["logp1"].append(F.log_softmax(out.system1_logits[:, sl].float(), dim=-1).cpu())
-            parts["logp2"].append(F.log_softmax(out.logits[:, sl].float(), dim=-1).cpu())
-            # E_base of the target, or for ebt the scalar energy of the target as the candidate
-            energy = out.landscape.token_energy(ids[:, a + 1:b + 1])[:, sl]
-            parts["energy"].append(energy.float().cpu())
-            if out.energy_trace is not None:
-                parts["trace"].append(out.energy_trace[:, sl].float().cpu())
-            parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))
-            j = b + 1
+    while j < L:
+        a = max(0, min(j - max(1, block - stride), L - 1 - block))
+        b = min(L - 1, a + block)
+        scores = score_batch(model, ids[:, a:b], ids[:, a + 1:b + 1], think_steps=think_steps, think_lr=think_lr,
+                             detail=True)
+        sl = slice(j - 1 - a, b - a)  # the targets ids[:, j:b + 1], not yet scored by an earlier window
+        parts["targets"].append(ids[:, j:b + 1].cpu())
+        for key in ("logp1", "logp2", "energy", "trace"):
+            if scores[key] is not None:
+                parts[key].append(scores[key][:, sl].cpu())
+        parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))
+        j = b + 1
     result = {k: torch.cat(v, dim=1 if k != "window_start" else 0) for k, v in parts.items() if v}
     result.setdefault("trace", None)
     return result

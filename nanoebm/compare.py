@@ -11,6 +11,7 @@ from nanoebm.analysis import encode, resolved_thinking
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.scoring import calibrated_system1, score_blocks
 
 
 def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
@@ -18,27 +19,52 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
     the validation text `val`, the mean energy gap J0 - JK, and greedy decode tokens/s of both systems continuing
     `prompt` for args.max_new_tokens characters (think_steps / think_lr from args where given)."""
     import torch
-    import torch.nn.functional as F
 
     ids = torch.tensor(encode(tokenizer, val, f"the validation text (for {label})"))
     block = model.config.block_size
     try:
-        batch = fixed_blocks(ids, block, args.eval_blocks).to(device)
+        blocks = fixed_blocks(ids, block, args.eval_blocks)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    nll1, nll2, gaps = [], [], []
-    with torch.no_grad():
-        for chunk in batch.split(8):
-            out = model(chunk[:, :-1], use_cache=False, use_thinking=True, think_steps=args.think_steps,
-                        think_lr=args.think_lr, return_energy_trace=True)
-            y = chunk[:, 1:].flatten()
-            nll1.append(F.cross_entropy(out.system1_logits.float().flatten(0, 1), y, reduction="none").cpu())
-            nll2.append(F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="none").cpu())
-            if out.energy_trace is not None:
-                gaps.append((out.energy_trace[..., 0] - out.energy_trace[..., -1]).float().flatten().cpu())
+    scores = score_blocks(model, blocks, 8, think_steps=args.think_steps, think_lr=args.think_lr, tempered=True)
     metric = load_bpc_metric()
-    s1 = metric.compute(nll=torch.cat(nll1).numpy())
-    s2 = metric.compute(nll=torch.cat(nll2).numpy())
+    s1 = metric.compute(nll=scores["nll1"].flatten().cpu().numpy())
+    s2 = metric.compute(nll=scores["nll2"].flatten().cpu().numpy())
+    trace = scores["trace"]
+    speed = decode_speed(model, tokenizer, prompt, args, device)
+    thinking = resolved_thinking(model, args)
+    return dict(
+        model=label, landscape=model.config.landscape, block_size=block,
+        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
+        parameters=sum(p.numel() for p in model.parameters()),
+        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
+        **calibration_columns(scores),
+        energy_gap=float((trace[..., 0] - trace[..., -1]).mean()) if trace is not None else None,
+        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
+    )
+
+
+def calibration_columns(scores) -> dict:
+    """System 1 at a temperature fitted on the even-numbered blocks, and System 2, both in bits per character on the
+    odd-numbered ones (as training's evaluation does): temperature_system1, bpc_system1_calibrated,
+    bpc_system2_heldout; None with a single block."""
+    import math
+
+    import torch
+
+    even = torch.arange(scores["nll1"].shape[0]) % 2 == 0
+    result = calibrated_system1(scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu(), even)
+    if result is None:
+        return dict(temperature_system1=None, bpc_system1_calibrated=None, bpc_system2_heldout=None)
+    return dict(temperature_system1=result["temperature"],
+                bpc_system1_calibrated=result["system1_calibrated"] / math.log(2),
+                bpc_system2_heldout=result["system2"] / math.log(2))
+
+
+def decode_speed(model, tokenizer, prompt: str, args, device) -> dict:
+    """Greedy decode tokens/s of System 1 and System 2 continuing `prompt` for args.max_new_tokens characters, after
+    a two-token warm-up."""
+    import torch
 
     prompt_ids = torch.tensor([encode(tokenizer, prompt)], device=device)
     speed = {}
@@ -52,15 +78,7 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
                                  max_new_tokens=args.max_new_tokens, **kw)
             out.cpu()
         speed[name] = args.max_new_tokens / max(time.perf_counter() - started, 1e-9)
-    thinking = resolved_thinking(model, args)
-    return dict(
-        model=label, path=None, landscape=model.config.landscape, block_size=block,
-        think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
-        parameters=sum(p.numel() for p in model.parameters()),
-        bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
-        energy_gap=float(torch.cat(gaps).mean()) if gaps else None,
-        tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
-    )
+    return speed
 
 
 def training_text(folder, corpus: Path) -> dict:
@@ -111,17 +129,21 @@ def same_file(recorded, corpus: Path):
 
 
 def comparison_table(rows: list[dict]) -> str:
-    """The rows of evaluate_model as a Markdown table."""
+    """The rows of evaluate_model as a Markdown table. "S2 - calibrated S1" is measured on the odd-numbered blocks,
+    System 1's temperature T fitted on the even-numbered ones: thinking that only recalibrates System 1 shows about
+    0 there."""
     header = ("| model | trained on | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 "
-              "| energy gap J0-JK | tok/s System 1 | tok/s System 2 |")
-    lines = [header, "|" + "---|" * 10]
+              "| S2 - calibrated S1 (T) | energy gap J0-JK | tok/s System 1 | tok/s System 2 |")
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         gap = f"{r['energy_gap']:.4g}" if r["energy_gap"] is not None else "-"
+        calibrated = "-" if r["bpc_system1_calibrated"] is None else (
+            f"{r['bpc_system2_heldout'] - r['bpc_system1_calibrated']:+.4f} ({r['temperature_system1']:.2f})")
         trained = {True: "this text", False: f"other: {r['trained_on']}", None: f"? {r['trained_on']}"}
         lines.append(
             f"| {r['model']} | {trained[r['on_this_text']]} | {r['landscape']} | {r['think_steps']} "
-            f"| {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} | {r['bpc_system2'] - r['bpc_system1']:+.4f} | {gap} "
-            f"| {r['tokens_per_s_system1']:.1f} | {r['tokens_per_s_system2']:.1f} |"
+            f"| {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} | {r['bpc_system2'] - r['bpc_system1']:+.4f} "
+            f"| {calibrated} | {gap} | {r['tokens_per_s_system1']:.1f} | {r['tokens_per_s_system2']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -276,7 +276,7 @@ def test_the_trainer_orders_windows_without_listing_them(tmp_path, corpus):
     from transformers import TrainingArguments, default_data_collator
 
     from conftest import make_model
-    from nanoebm.training import EBMTrainer
+    from nanoebm.trainer import EBMTrainer
 
     train, blocks, tokenizer = data.build_data(data_args(tmp_path, data_path=str(corpus)), None, 32, 0)
     parsed = run_train.parse_args(["--use_contrastive", "false"])

@@ -18,7 +18,9 @@ from conftest import ROOT, make_model, train_briefly
 from tokenization_char import CharTokenizer
 
 from nanoebm.analysis import position_stats, score_continuations
+from nanoebm.compare import comparison_table
 from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
+from nanoebm.scoring import TEMPERATURES
 from run_generate import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -279,6 +281,15 @@ def test_compare_mode(capsys, tmp_path, model_dir, linear_dir, loaded, corpus_te
         logits = loaded(blocks[:, :-1], use_cache=False).system1_logits
     nll = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
     assert rows[0]["bpc_system1"] == pytest.approx(float(nll) / math.log(2), rel=1e-4)
+    # System 1 calibrated: its temperature fitted on blocks 0 and 2, scored on block 1 (System 2 beside it there)
+    tempered = torch.stack([F.cross_entropy((logits / t).transpose(1, 2), blocks[:, 1:], reduction="none").mean(1)
+                            for t in TEMPERATURES], -1)
+    k = int(tempered[[0, 2]].mean(0).argmin())
+    assert rows[0]["temperature_system1"] == pytest.approx(TEMPERATURES[k])
+    assert rows[0]["bpc_system1_calibrated"] == pytest.approx(float(tempered[1, k]) / math.log(2), rel=1e-4)
+    assert 0 < rows[0]["bpc_system2_heldout"] < 10 and "S2 - calibrated S1 (T)" in out
+    single_block = dict(rows[0], temperature_system1=None, bpc_system1_calibrated=None, bpc_system2_heldout=None)
+    assert f"{rows[0]['bpc_system2'] - rows[0]['bpc_system1']:+.4f} | - |" in comparison_table([single_block])
 
 
 # ---------------------------------------------------------------------------------------------------------------

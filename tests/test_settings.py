@@ -44,10 +44,10 @@ def test_a_flag_takes_effect_on_the_model(tmp_path):
     """rope_theta had no flag; it reaches the model's config now."""
     parsed = run_train.parse_args([*TINY, "--position_embedding", "rope", "--rope_theta", "500",
                                    "--initializer_range", "0.01", "--output_dir", str(tmp_path)])
-    from nanoebm import training
+    from nanoebm import continuing
     from tokenization_char import CharTokenizer
 
-    model = training.build_model(None, parsed.model, CharTokenizer(vocab={c: i for i, c in enumerate("abc")}))
+    model = continuing.build_model(None, parsed.model, CharTokenizer(vocab={c: i for i, c in enumerate("abc")}))
     assert (model.config.rope_theta, model.config.initializer_range) == (500.0, 0.01)
 
 

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, default_data_collator
 
 import run_train
-from nanoebm import data, training
+from nanoebm import contrastive, continuing, data
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
+from nanoebm.scoring import TEMPERATURES, score_blocks
+from nanoebm.trainer import EBMTrainer, gather_uneven
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
 from modeling_nanoebm import ThinkingDivergedError
 
@@ -48,7 +50,7 @@ def make_trainer(tmp_path, corpus, *extra, landscape="mixture"):
     parsed = run_train.parse_args([*TINY, "--data_path", str(corpus), "--output_dir", str(tmp_path / "t"), *extra])
     train_data, blocks, tokenizer = data.build_data(parsed.data, None, 32, 0)
     model = make_model(landscape=landscape, n_layer=1, correction_scale=0.5, think_lr=1.0)
-    trainer = training.EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
+    trainer = EBMTrainer(model=model, args=parsed.training, train_dataset=train_data, eval_dataset=blocks,
                                   processing_class=tokenizer, data_collator=default_data_collator,
                                   ebm_args=parsed.loss)
     batch = default_data_collator([train_data[i] for i in range(0, 800, 100)])
@@ -186,16 +188,40 @@ def test_evaluation_keeps_a_diverged_models_nan(tmp_path, small_corpus):
     trainer, model, _ = make_trainer(tmp_path, small_corpus)
     # each process pads its values to one width for the gather; the padding is told apart by a mask, not a value,
     # so a NaN the model produced survives (counts differ when the blocks do not split evenly)
-    gathered = training.gather_uneven(trainer.accelerator, torch.tensor([1.5, float("nan"), 2.5]), 5)
+    gathered = gather_uneven(trainer.accelerator, torch.tensor([1.5, float("nan"), 2.5]), 5)
     assert gathered.shape == (3,) and gathered[0] == 1.5 and gathered[1].isnan() and gathered[2] == 2.5
     with torch.no_grad():
         model.energy_head.token_bias[3] = float("nan")
     model.config.use_thinking = False
     metrics = trainer.evaluate()
     assert math.isnan(metrics["eval_system1_bpc"]) and math.isnan(metrics["eval_loss"]), metrics
+    assert math.isnan(metrics["eval_system1_temperature"]) and math.isnan(metrics["eval_system1_calibrated_loss"])
     model.config.use_thinking = True  # thinking from a NaN start stops with the error that names the knobs
     with pytest.raises(ThinkingDivergedError, match="think_lr"):
         trainer.evaluate()
+
+
+def test_evaluation_calibrates_system1_on_the_even_blocks_and_scores_the_odd(tmp_path, small_corpus):
+    """Even blocks drawn from System 1 at T = 1, odd ones at T = 0.5: the logged temperature is the even blocks'
+    (about 1), and System 1 calibrated with it, System 1 and System 2 are all scored on the odd blocks only."""
+    from test_scoring import sample_blocks, sharpened
+
+    trainer, model, _ = make_trainer(tmp_path, small_corpus)
+    sharpened(model.eval(), 40.0)
+    blocks = torch.stack([sample_blocks(model, 32, 1.0, seed=0), sample_blocks(model, 32, 0.5, seed=1)], 1)
+    metrics = trainer.evaluate(eval_dataset=blocks.flatten(0, 1))
+    assert metrics["eval_system1_temperature"] == pytest.approx(1.0, rel=0.1), metrics
+    odd = blocks[:, 1]
+    steps = model.config.think_steps
+    scores = score_blocks(model, odd, 8, think_steps=steps, tempered=True)
+    assert metrics["eval_system1_heldout_loss"] == pytest.approx(float(scores["nll1"].mean()), abs=2e-5)
+    assert metrics["eval_system2_heldout_loss"] == pytest.approx(float(scores["nll2"].mean()), abs=2e-5)
+    k = min(range(len(TEMPERATURES)), key=lambda j: abs(TEMPERATURES[j] - metrics["eval_system1_temperature"]))
+    calibrated = float(scores["nll1_tempered"][..., k].mean())
+    assert metrics["eval_system1_calibrated_loss"] == pytest.approx(calibrated, abs=2e-5)
+    assert metrics["eval_system1_calibrated_bpc"] == pytest.approx(calibrated / math.log(2), abs=2e-5)
+    # fitted on the odd blocks themselves the temperature would be about 0.5, and their number lower
+    assert float(scores["nll1_tempered"].mean((0, 1)).min()) < calibrated - 0.02
 
 
 class StopAt(TrainerCallback):
@@ -280,15 +306,15 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
     from nanoebm.state import StateFileError, save_state
 
     args = SimpleNamespace(contrastive_type="pcd", n_persistent=4, buffer_init_std=1.0)
-    sampler = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=0)
+    sampler = contrastive.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=0)
     sampler.randn((3,), "cpu")  # the generator has moved on from its seed
     path = tmp_path / "contrastive_state_0.safetensors"
     sampler.save(path)
-    fresh = training.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=1)
+    fresh = contrastive.ContrastiveSampler(args, vocab_size=7, temperature=1.0, seed=1)
     fresh.load_state_dict(fresh.read(path, block_size=5, vocab_size=7))
     assert torch.equal(fresh.particles, sampler.particles)
     assert torch.equal(fresh.generator.get_state(), sampler.generator.get_state())
-    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay = contrastive.ThinkingReplay(size=4, prob=0.5, seed=0)
     replay_path = tmp_path / "replay_state_0.safetensors"
     replay.save(replay_path)  # empty: no blocks stored yet
     assert replay.read(replay_path, block_size=5, vocab_size=7)["ids"] is None
@@ -327,10 +353,10 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     with pytest.raises(StateFileError, match="contrastive_state_0.safetensors is missing"):
-        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+        contrastive.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
     (checkpoint / "contrastive_state_0.pt").write_bytes(b"not read")
     with pytest.raises(StateFileError, match="contrastive_state_0.pt is an older nanoebm's pickled"):
-        training.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
+        contrastive.read_buffers(checkpoint, [fresh], rank=0, block_size=5, vocab_size=7)
     header = {"format": "nanoebm-training-state", "version": 1, "kind": "replay", "ints": {"count": "0", "cursor": 0}}
     save_file({"generator": generator}, str(replay_path), metadata={"nanoebm": json.dumps(header)})
     with pytest.raises(StateFileError, match="integers"):
@@ -339,7 +365,7 @@ def test_training_state_files_hold_tensors_and_integers_checked_before_use(tmp_p
 
 def test_replay_resumes_the_descent_from_stored_logits():
     """A replayed row is a stored block whose descent starts from its stored refined logits; the rest are fresh."""
-    replay = training.ThinkingReplay(size=4, prob=0.5, seed=0)
+    replay = contrastive.ThinkingReplay(size=4, prob=0.5, seed=0)
     ids, labels = torch.arange(12).view(3, 4), torch.arange(12).view(3, 4) + 1
     assert replay.mix(ids, labels)[2] is None  # nothing stored yet
     replay.push(ids, labels, torch.randn(3, 4, 7))
@@ -557,7 +583,7 @@ def continue_model(folder, corpus, *flags):
     """parse_args + build_model as run_train.main does them, for looking at the continued model."""
     parsed = run_train.parse_args(["--model_name_or_path", str(folder), "--data_path", str(corpus), *flags])
     tokenizer = run_train.saved_tokenizer(parsed)
-    return training.build_model(parsed.start.model_name_or_path, parsed.model, tokenizer)
+    return continuing.build_model(parsed.start.model_name_or_path, parsed.model, tokenizer)
 
 
 # a value unlike the saved model's for every model flag a continued run takes
@@ -575,9 +601,9 @@ NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bi
 
 def test_every_model_flag_is_either_kept_or_taken_on_continue():
     model_flags = {f.name for f in run_train.fields(run_train.ModelArguments)}
-    assert model_flags == set(training.KEPT_ON_CONTINUE) | set(training.THINKING_FIELDS)
-    assert not set(training.KEPT_ON_CONTINUE) & set(training.THINKING_FIELDS)
-    assert set(NEW_KEPT) == set(training.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(training.THINKING_FIELDS)
+    assert model_flags == set(continuing.KEPT_ON_CONTINUE) | set(continuing.THINKING_FIELDS)
+    assert not set(continuing.KEPT_ON_CONTINUE) & set(continuing.THINKING_FIELDS)
+    assert set(NEW_KEPT) == set(continuing.KEPT_ON_CONTINUE) and set(NEW_THINKING) == set(continuing.THINKING_FIELDS)
 
 
 @pytest.mark.parametrize("name", sorted(NEW_KEPT))
@@ -599,7 +625,7 @@ def test_continuing_takes_every_thinking_flag_into_the_saved_config(tmp_path, sa
 
 
 def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
-    base = training.load_weights(saved)
+    base = continuing.load_weights(saved)
     learned = float(base.think_lr.detach())
     assert abs(learned - 0.5) > 1e-3  # the saved step size was trained away from its start
     model = continue_model(saved, small_corpus, "--think_lr", "2.0")
@@ -676,7 +702,7 @@ def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrup
     (bare / "nanoebm_run.json").unlink()
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
     with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
-        training.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
+        continuing.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
                              resuming=True)
 
 
