@@ -33,13 +33,18 @@ from typing import Literal
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
-from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
-                         unk_token_field)
+from nanoebm.cli import (
+    UsageError,
+    check_unk_token,
+    raise_usage_error,
+    reject_unknown,
+    translate_research_syntax,
+    unk_token_field,
+)
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
 from nanoebm.plots import plot_comparison, write_plots
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -529,11 +534,11 @@ def run_compare(args: GenerateArguments) -> int:
     val = validation_text(corpus.read_text(encoding="utf-8"))
     prompt = read_prompt(args) or "\n"  # read once: a --prompt_file - (stdin) serves every model
     names = [Path(p).name or str(p) for p in args.compare]
-    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare)]
+    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare, strict=True)]
     note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
          f"speed over {args.max_new_tokens} characters, greedy, on {device}")
     rows = []
-    for path, label in zip(args.compare, labels):
+    for path, label in zip(args.compare, labels, strict=True):
         model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
         row.update(path=str(path), **training_text(path, corpus))

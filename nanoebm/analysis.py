@@ -163,7 +163,7 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
         J0, floor = J_at(0.0), min(values)
         # the first t where J is within 2% of its lowest value along the line: the bottom of the bowl (or of the
         # slide, when J keeps falling as p sharpens towards one character)
-        t_min = next(t for t, J in zip(coarse, values) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
+        t_min = next(t for t, J in zip(coarse, values, strict=True) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
         upper = min(40.0, max(1.75, 1.25 * t_min))
         ts = torch.linspace(-0.5, upper, n_points)
         bowl = [J_at(t) for t in ts.tolist()]

@@ -7,6 +7,7 @@ continued run keeps the batch it continues and the card shows every run that mad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -57,10 +58,8 @@ def _versions() -> dict:
 
     found = {}
     for name in ("torch", "transformers", "accelerate", "datasets"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):  # a package not installed is left out
             found[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return found
 
 
@@ -72,7 +71,8 @@ def lineage_from(model_folder=None, checkpoint=None) -> list[dict]:
             return [dict(command="unknown (checkpoint written before nanoebm kept run records)",
                          output_dir=str(checkpoint), status="interrupted")]
         runs = [dict(run) for run in record["runs"]]
-        runs[-1]["status"] = f"up to its checkpoint of step {runs[-1].get('steps_done', '?')}, which the next run resumes"
+        step = runs[-1].get("steps_done", "?")
+        runs[-1]["status"] = f"up to its checkpoint of step {step}, which the next run resumes"
         return runs
     if model_folder is not None:
         record = read_record(model_folder)
@@ -190,5 +190,6 @@ def summary(folder, runs: list[dict], metrics: dict, config, seconds: float, che
         f"  validation:  {system1_label(config)} {s1} bits/char, System 2 {s2} bits/char "
         f"({config.think_steps} thinking steps)",
         f"  checkpoints: {checkpoints}",
-        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)}",
+        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} "
+        f"--prompt {shlex.quote(prompt)}",
     ])

@@ -123,7 +123,7 @@ def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int
     ax.bar((x + 0.2).tolist(), [float(p2[i]) for i in ids], width=0.4, label="System 2 (after)", color="tab:orange")
     ax.set_xticks(x.tolist())
     labels = ax.set_xticklabels([show_char(vocab[i]) for i in ids], fontsize=11)
-    for label, i in zip(labels, ids):
+    for label, i in zip(labels, ids, strict=True):
         if i == chosen:
             label.set_color("tab:red")
             label.set_fontweight("bold")
