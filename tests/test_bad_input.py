@@ -91,6 +91,14 @@ def test_generate_cli_refuses_bad_values(capsys, generate_model_dir, tmp_path_fa
     assert list(out.iterdir()) == [], "a refused command wrote files"
 
 
+@pytest.mark.parametrize("word", ["two\nlines", "three\n\nlines\n"])
+def test_generate_cli_error_is_one_line_when_the_input_spans_several(capsys, word):
+    """The message echoes a word no flag takes; a newline inside it still leaves one line on stderr."""
+    code = run_generate.main(["--model_name_or_path", "anywhere", word])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("run_generate.py: error: "), err
+
+
 @pytest.mark.parametrize("prompt", ["", "x" * 5000])
 def test_generate_cli_empty_and_long_prompts_work(capsys, generate_model_dir, prompt):
     """An empty prompt starts from a newline; one longer than block_size is cropped (both are documented)."""
