@@ -45,7 +45,7 @@ from nanoebm.cli import (
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
-from nanoebm.plots import plot_comparison, write_plots
+from nanoebm.plots import make_folder, plot_comparison, write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -601,6 +601,7 @@ def write_json(record: dict, path: Path) -> None:
 
 
 def run_compare(args: GenerateArguments) -> int:
+    """Compare mode: score every model on the one validation text, print the table, draw and write it."""
     device = resolve_device(args.device)
     try:
         corpus = resolve_data_path(args.data_path)
@@ -619,27 +620,26 @@ def run_compare(args: GenerateArguments) -> int:
         row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
+    warn_other_texts(rows, corpus)
+    print(comparison_table(rows), flush=True)
+    if args.plot or args.output_dir:
+        note(f"wrote {plot_comparison(rows, make_folder(Path(args.plot or args.output_dir)) / 'compare.png')}")
+    else:
+        note("no bar chart: give --plot DIR or --output_dir DIR")
+    if args.output_json or args.output_dir:
+        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
+                        device=str(device), models=rows),
+                   Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
+    return 0
+
+
+def warn_other_texts(rows: list[dict], corpus: Path) -> None:
+    """A warning for each model trained on another text than the one scored (or on one its record cannot name)."""
     for row in rows:
         if row["on_this_text"] is not True:
             why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
             note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
                  f"on {corpus.name}, not on the text it learned")
-    print(comparison_table(rows), flush=True)
-    folder = Path(args.plot or args.output_dir) if (args.plot or args.output_dir) else None
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create {folder}: {error}") from error
-        note(f"wrote {plot_comparison(rows, folder / 'compare.png')}")
-    else:
-        note("no bar chart: give --plot DIR or --output_dir DIR")
-    json_path = Path(args.output_json) if args.output_json else (Path(args.output_dir) / "compare.json"
-                                                                 if args.output_dir else None)
-    if json_path is not None:
-        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
-                        device=str(device), models=rows), json_path)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
