@@ -416,12 +416,8 @@ def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, to
     never = sorted(i for i in never if i is not None and i < model.config.vocab_size)
     if never:
         kwargs["suppress_tokens"] = never
-    if args.think_steps is not None:
-        kwargs["think_steps"] = args.think_steps
-    if args.think_lr is not None:
-        kwargs["think_lr"] = args.think_lr
-    if args.think_samples is not None:
-        kwargs["think_samples"] = args.think_samples
+    overrides = {name: getattr(args, name) for name in ("think_steps", "think_lr", "think_samples")}
+    kwargs.update({name: value for name, value in overrides.items() if value is not None})  # None: the model's own
     if args.do_sample:  # transformers would otherwise apply its default top_k=50
         kwargs.update(top_k=args.top_k or 0, temperature=args.temperature, top_p=args.top_p)
     return kwargs
