@@ -34,13 +34,19 @@ from typing import Literal
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
 from configuration_nanoebm import OPTION
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
-from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, translate_research_syntax,
-                         unk_token_field)
+from nanoebm.cli import (
+    UsageError,
+    check_unk_token,
+    raise_usage_error,
+    reject_unknown,
+    report,
+    translate_research_syntax,
+    unk_token_field,
+)
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
-from nanoebm.plots import plot_comparison, write_plots
-
+from nanoebm.plots import make_folder, plot_comparison, write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -199,6 +205,7 @@ RESEARCH_KEYS = {
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: what from_pretrained's dtype accepts by name
+COMPARE_ONLY = ("compare", "data_path", "eval_blocks", "output_dir")  # flags a generate run's JSON leaves out
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -258,12 +265,35 @@ def parse_arguments(argv: list[str]) -> GenerateArguments:
 
 
 def validate(args: GenerateArguments) -> None:
+    """Every flag's range, and the combinations that cannot work, as one UsageError naming the flag; checked in this
+    order, so that a command line with several mistakes is told about the first. Sets --do_sample where
+    --num_candidates implies it."""
+    check_mode(args)
+    check_sampling(args)
+    check_thinking(args)
+    check_decoding(args)
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {args.dtype!r})")
+    if args.num_candidates > 1 and not args.do_sample:
+        note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
+        args.do_sample = True
+    check_inputs(args)
+    if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):
+        note("--top_k / --temperature / --top_p apply to sampling only: add --do_sample (decoding is greedy)")
+
+
+def check_mode(args: GenerateArguments) -> None:
+    """One model to generate from, or the models to compare; some characters to generate."""
     if not args.compare and not args.model_name_or_path:
         raise UsageError("give a model: --model_name_or_path DIR (or checkpoint=DIR), or --compare DIR_A DIR_B ...")
     if args.compare and args.model_name_or_path:
         raise UsageError("--compare takes the model folders itself: drop --model_name_or_path")
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
+
+
+def check_sampling(args: GenerateArguments) -> None:
+    """Finite numbers (NaN and inf parse as floats), then the sampling ranges."""
     for name in ("temperature", "top_p", "think_lr", "repetition_penalty"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -274,12 +304,20 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError(f"--temperature must be > 0 (got {args.temperature}); for greedy decoding drop --do_sample")
     if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top_k must be >= 0 (got {args.top_k}); 0 means no restriction")
+
+
+def check_thinking(args: GenerateArguments) -> None:
+    """The thinking overrides, where given (None: the model's own)."""
     if args.think_steps is not None and args.think_steps < 0:
         raise UsageError(f"--think_steps must be >= 0 (got {args.think_steps})")
     if args.think_lr is not None and not args.think_lr > 0:
         raise UsageError(f"--think_lr must be > 0 (got {args.think_lr})")
     if args.think_samples is not None and args.think_samples < 1:
         raise UsageError(f"--think_samples must be >= 1 (got {args.think_samples})")
+
+
+def check_decoding(args: GenerateArguments) -> None:
+    """Sequences, candidates and beams: each at least one, and only the combinations generate can serve."""
     if args.num_return_sequences < 1 or args.num_candidates < 1:
         raise UsageError("--num_return_sequences and --num_candidates must be >= 1")
     if args.num_return_sequences > 1 and args.num_candidates > 1:
@@ -298,11 +336,10 @@ def validate(args: GenerateArguments) -> None:
         raise UsageError(f"--repetition_penalty must be > 0 (got {args.repetition_penalty}); 1 means no penalty")
     if args.no_repeat_ngram_size < 0:
         raise UsageError(f"--no_repeat_ngram_size must be >= 0 (got {args.no_repeat_ngram_size}); 0 means off")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {args.dtype!r})")
-    if args.num_candidates > 1 and not args.do_sample:
-        note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
-        args.do_sample = True
+
+
+def check_inputs(args: GenerateArguments) -> None:
+    """The prompt, the seed, the picture's position and the comparison's blocks."""
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give either --prompt or --prompt_file, not both")
     check_unk_token(args.unk_token)
@@ -313,8 +350,6 @@ def validate(args: GenerateArguments) -> None:
                          f"characters: give -{args.max_new_tokens} to {args.max_new_tokens - 1}")
     if args.eval_blocks < 1:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
-    if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):
-        note("--top_k / --temperature / --top_p apply to sampling only: add --do_sample (decoding is greedy)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,21 +412,32 @@ def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, to
     never = sorted(i for i in never if i is not None and i < model.config.vocab_size)
     if never:
         kwargs["suppress_tokens"] = never
-    if args.think_steps is not None:
-        kwargs["think_steps"] = args.think_steps
-    if args.think_lr is not None:
-        kwargs["think_lr"] = args.think_lr
-    if args.think_samples is not None:
-        kwargs["think_samples"] = args.think_samples
+    overrides = {name: getattr(args, name) for name in ("think_steps", "think_lr", "think_samples")}
+    kwargs.update({name: value for name, value in overrides.items() if value is not None})  # None: the model's own
     if args.do_sample:  # transformers would otherwise apply its default top_k=50
         kwargs.update(top_k=args.top_k or 0, temperature=args.temperature, top_p=args.top_p)
     return kwargs
 
 
-def run_generate(args: GenerateArguments) -> int:
-    import torch
-    from transformers import TextStreamer, set_seed
+@dataclass
+class Generated:
+    """What one generate call made, as the printing, the summary, the pictures and the JSON read it."""
 
+    prompt: str
+    sequences: object  # (n, P + new) ids on the CPU: the prompt, then each continuation
+    P: int  # the prompt's length in tokens
+    texts: list[str]  # each continuation, decoded
+    tokens: list[list[str]]  # each continuation's tokens (token_strings): what the pictures and the JSON index
+    seconds: float
+    tokens_per_s: float
+    stats: list[dict] | None = None  # position_stats per continuation, where scored
+    chosen: int = 0  # the continuation printed in full and summarised
+    candidates: list[dict] | None = None  # with --num_candidates: every candidate's scores
+
+
+def run_generate(args: GenerateArguments) -> int:
+    """Generate mode: continue the prompt, score the text where a choice, a picture or the JSON needs it, print it
+    with a summary line on stderr, and write the pictures and the JSON asked for."""
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model_name_or_path, device, args.unk_token, args.dtype)
     prompt = read_prompt(args)
@@ -402,6 +448,27 @@ def run_generate(args: GenerateArguments) -> int:
     thinking = resolved_thinking(model, args)
     n = max(args.num_return_sequences, args.num_candidates)
     stream = args.stream and n == 1 and args.num_beams == 1
+    note(run_description(args, thinking, n, device))
+    gen = generate(model, tokenizer, prompt, prompt_ids, stream, args.seed,
+                   generation_kwargs(args, thinking, n, model, tokenizer))
+    scores = None
+    if args.num_candidates > 1 or args.plot or args.output_json:
+        scores = score_continuations(model, gen.sequences.to(device), gen.P, args.think_steps, args.think_lr)
+        gen.stats = [position_stats(scores, r) for r in range(n)]
+    if args.num_candidates > 1:
+        gen.chosen, gen.candidates = choose_candidate(gen, args.select, thinking["use_thinking"])
+    print_texts(gen, stream)
+    note(summary_line(gen, args.max_new_tokens))
+    if args.plot:
+        write_plots(model, gen.sequences[gen.chosen:gen.chosen + 1].to(device), gen.P, gen.tokens[gen.chosen],
+                    scores, gen.chosen, tokenizer, args, Path(args.plot))
+    if args.output_json:
+        write_json(generation_record(gen, args, thinking, model, device), Path(args.output_json))
+    return 0
+
+
+def run_description(args: GenerateArguments, thinking: dict, n: int, device) -> str:
+    """The line that says, before generating, which model decodes how, how much, where."""
     mode = (f"System 2 ({thinking['think_steps']} thinking steps, alpha={thinking['think_lr']:.4g})"
             if thinking["use_thinking"] and thinking["think_steps"] > 0 else "System 1 (no thinking)")
     decoding = (f"sampling (T={args.temperature}, top_k={args.top_k or 'off'}, top_p={args.top_p}, seed={args.seed})"
@@ -411,79 +478,88 @@ def run_generate(args: GenerateArguments) -> int:
     if args.repetition_penalty != 1.0 or args.no_repeat_ngram_size:
         decoding += (f", repetition_penalty={args.repetition_penalty}, "
                      f"no_repeat_ngram_size={args.no_repeat_ngram_size or 'off'}")
-    note(f"{Path(args.model_name_or_path).name}: {mode}, {decoding}, {args.max_new_tokens} characters"
-         + (f" x {n}" if n > 1 else "") + f" on {device}" + (f" in {args.dtype}" if args.dtype != "auto" else ""))
+    return (f"{Path(args.model_name_or_path).name}: {mode}, {decoding}, {args.max_new_tokens} characters"
+            + (f" x {n}" if n > 1 else "") + f" on {device}" + (f" in {args.dtype}" if args.dtype != "auto" else ""))
 
-    set_seed(args.seed)
-    input_ids = torch.tensor([prompt_ids], device=device)
+
+def generate(model, tokenizer, prompt: str, prompt_ids: list[int], stream: bool, seed: int, kwargs: dict) -> Generated:
+    """model.generate from the seed (printing the text as it comes when `stream`), timed, decoded."""
+    import torch
+    from transformers import TextStreamer, set_seed
+
+    set_seed(seed)
+    input_ids = torch.tensor([prompt_ids], device=model.device)
     streamer = TextStreamer(tokenizer) if stream else None
     started = time.perf_counter()
     with torch.no_grad():
-        sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                   **generation_kwargs(args, thinking, n, model, tokenizer))
+        sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
     elapsed = time.perf_counter() - started
-    sequences = sequences.cpu()
-    P = len(prompt_ids)
+    sequences, P = sequences.cpu(), len(prompt_ids)
     texts = [tokenizer.decode(row[P:].tolist()) for row in sequences]
-    tokens = [token_strings(tokenizer, row[P:].tolist()) for row in sequences]  # what the pictures and JSON index
-    tokens_per_s = n * args.max_new_tokens / max(elapsed, 1e-9)
+    tokens = [token_strings(tokenizer, row[P:].tolist()) for row in sequences]
+    tokens_per_s = len(sequences) * kwargs["max_new_tokens"] / max(elapsed, 1e-9)
+    return Generated(prompt, sequences, P, texts, tokens, elapsed, tokens_per_s)
 
-    need_scores = args.num_candidates > 1 or args.plot or args.output_json
-    scores = None
-    if need_scores:
-        scores = score_continuations(model, sequences.to(device), P, args.think_steps, args.think_lr)
-    stats = [position_stats(scores, r) for r in range(n)] if scores is not None else None
 
-    chosen, candidates = 0, None
-    if args.num_candidates > 1:
-        nll_key = "nll2" if thinking["use_thinking"] else "nll1"
-        candidates = [dict(index=i, total_energy=float(s["energy"].sum()), mean_energy=float(s["energy"].mean()),
-                           nll=float(s[nll_key].sum()), bits_per_char=float(s[nll_key].mean()) / math.log(2),
-                           text=texts[i]) for i, s in enumerate(stats)]
-        key = "total_energy" if args.select == "min_energy" else "nll"
-        chosen = min(range(n), key=lambda i: candidates[i][key])
-        note(f"{n} candidates, selected by {args.select} "
-             f"({'sum of the energies of the chosen characters' if key == 'total_energy' else 'sum of -log p'}):")
-        for c in candidates:
-            preview = c["text"][:48].replace("\n", "↵")
-            note(f"  {'*' if c['index'] == chosen else ' '} #{c['index']}: energy {c['total_energy']:10.3f} "
-                 f"({c['mean_energy']:+.4f}/char)  nll {c['bits_per_char']:.3f} bits/char  {preview!r}")
-        print(prompt + texts[chosen], flush=True)
+def choose_candidate(gen: Generated, select: str, use_thinking: bool) -> tuple[int, list[dict]]:
+    """--num_candidates: the candidate `select` prefers, and every candidate's scores (listed on stderr)."""
+    nll_key = "nll2" if use_thinking else "nll1"  # the distribution the candidates were sampled from
+    candidates = [dict(index=i, total_energy=float(s["energy"].sum()), mean_energy=float(s["energy"].mean()),
+                       nll=float(s[nll_key].sum()), bits_per_char=float(s[nll_key].mean()) / math.log(2),
+                       text=gen.texts[i]) for i, s in enumerate(gen.stats)]
+    key = "total_energy" if select == "min_energy" else "nll"
+    chosen = min(range(len(candidates)), key=lambda i: candidates[i][key])
+    note(f"{len(candidates)} candidates, selected by {select} "
+         f"({'sum of the energies of the chosen characters' if key == 'total_energy' else 'sum of -log p'}):")
+    for c in candidates:
+        preview = c["text"][:48].replace("\n", "↵")
+        note(f"  {'*' if c['index'] == chosen else ' '} #{c['index']}: energy {c['total_energy']:10.3f} "
+             f"({c['mean_energy']:+.4f}/char)  nll {c['bits_per_char']:.3f} bits/char  {preview!r}")
+    return chosen, candidates
+
+
+def print_texts(gen: Generated, stream: bool) -> None:
+    """stdout: the chosen candidate, or every sample under a header, or the one text unless it was streamed."""
+    n = len(gen.texts)
+    if gen.candidates is not None:
+        print(gen.prompt + gen.texts[gen.chosen], flush=True)
     elif n > 1:
-        for i, text in enumerate(texts):
-            print(f"----- sample {i + 1}/{n} -----\n{prompt}{text}", flush=True)
+        for i, text in enumerate(gen.texts):
+            print(f"----- sample {i + 1}/{n} -----\n{gen.prompt}{text}", flush=True)
     elif not stream:
-        print(prompt + texts[0], flush=True)
+        print(gen.prompt + gen.texts[0], flush=True)
 
-    summary = f"{n * args.max_new_tokens} characters in {elapsed:.2f} s ({tokens_per_s:.1f} tokens/s)"
-    if stats is not None:
-        s = stats[chosen]
+
+def summary_line(gen: Generated, max_new_tokens: int) -> str:
+    """Speed, and where the text was scored, the chosen text's bits per character, KL and energy gap."""
+    summary = (f"{len(gen.texts) * max_new_tokens} characters in {gen.seconds:.2f} s "
+               f"({gen.tokens_per_s:.1f} tokens/s)")
+    if gen.stats is not None:
+        s = gen.stats[gen.chosen]
         summary += (f"; chosen text: System 1 {float(s['nll1'].mean()) / math.log(2):.3f} / System 2 "
                     f"{float(s['nll2'].mean()) / math.log(2):.3f} bits/char, "
                     f"mean KL(S2||S1) {float(s['kl'].mean()):.4g}")
         if s["gap"] is not None:
             summary += f", mean energy gap J0-JK {float(s['gap'].mean()):.4g}"
-    note(summary)
+    return summary
 
-    if args.plot:
-        write_plots(model, sequences[chosen:chosen + 1].to(device), P, tokens[chosen], scores, chosen, tokenizer,
-                    args, Path(args.plot))
-    if args.output_json:
-        settings = {**{k: v for k, v in asdict(args).items() if k not in ("compare", "data_path", "eval_blocks",
-                                                                          "output_dir")},
-                    **thinking, "device": str(device), "landscape": model.config.landscape,
-                    "block_size": model.config.block_size, "top_k": args.top_k or 0}
-        samples = [dict(text=texts[i], tokens=token_records(sequences[i, P:].tolist(), tokens[i], stats[i]))
-                   for i in range(n)]
-        record = dict(prompt=prompt, text=texts[chosen], model=str(args.model_name_or_path), settings=settings,
-                      tokens=samples[chosen]["tokens"], summary=summary_record(stats[chosen], elapsed, tokens_per_s),
-                      selected=chosen)
-        if candidates is not None:
-            record["candidates"] = candidates
-        if n > 1:
-            record["samples"] = samples
-        write_json(record, Path(args.output_json))
-    return 0
+
+def generation_record(gen: Generated, args: GenerateArguments, thinking: dict, model, device) -> dict:
+    """--output_json: the prompt, the chosen text with its per-token numbers, the settings in force, and (several
+    continuations) every candidate or sample."""
+    generate_only = {k: v for k, v in asdict(args).items() if k not in COMPARE_ONLY}
+    settings = {**generate_only, **thinking, "device": str(device), "landscape": model.config.landscape,
+                "block_size": model.config.block_size, "top_k": args.top_k or 0}
+    samples = [dict(text=text, tokens=token_records(gen.sequences[i, gen.P:].tolist(), gen.tokens[i], gen.stats[i]))
+               for i, text in enumerate(gen.texts)]
+    record = dict(prompt=gen.prompt, text=gen.texts[gen.chosen], model=str(args.model_name_or_path),
+                  settings=settings, tokens=samples[gen.chosen]["tokens"],
+                  summary=summary_record(gen.stats[gen.chosen], gen.seconds, gen.tokens_per_s), selected=gen.chosen)
+    if gen.candidates is not None:
+        record["candidates"] = gen.candidates
+    if len(samples) > 1:
+        record["samples"] = samples
+    return record
 
 
 def token_records(ids: list[int], tokens: list[str], s: dict) -> list[dict]:
@@ -517,6 +593,7 @@ def write_json(record: dict, path: Path) -> None:
 
 
 def run_compare(args: GenerateArguments) -> int:
+    """Compare mode: score every model on the one validation text, print the table, draw and write it."""
     device = resolve_device(args.device)
     try:
         corpus = resolve_data_path(args.data_path)
@@ -525,37 +602,36 @@ def run_compare(args: GenerateArguments) -> int:
     val = validation_text(corpus.read_text(encoding="utf-8"))
     prompt = read_prompt(args) or "\n"  # read once: a --prompt_file - (stdin) serves every model
     names = [Path(p).name or str(p) for p in args.compare]
-    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare)]
+    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare, strict=True)]
     note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
          f"speed over {args.max_new_tokens} characters, greedy, on {device}")
     rows = []
-    for path, label in zip(args.compare, labels):
+    for path, label in zip(args.compare, labels, strict=True):
         model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
         row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
+    warn_other_texts(rows, corpus)
+    print(comparison_table(rows), flush=True)
+    if args.plot or args.output_dir:
+        note(f"wrote {plot_comparison(rows, make_folder(Path(args.plot or args.output_dir)) / 'compare.png')}")
+    else:
+        note("no bar chart: give --plot DIR or --output_dir DIR")
+    if args.output_json or args.output_dir:
+        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
+                        device=str(device), models=rows),
+                   Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
+    return 0
+
+
+def warn_other_texts(rows: list[dict], corpus: Path) -> None:
+    """A warning for each model trained on another text than the one scored (or on one its record cannot name)."""
     for row in rows:
         if row["on_this_text"] is not True:
             why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
             note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
                  f"on {corpus.name}, not on the text it learned")
-    print(comparison_table(rows), flush=True)
-    folder = Path(args.plot or args.output_dir) if (args.plot or args.output_dir) else None
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create {folder}: {error}") from error
-        note(f"wrote {plot_comparison(rows, folder / 'compare.png')}")
-    else:
-        note("no bar chart: give --plot DIR or --output_dir DIR")
-    json_path = Path(args.output_json) if args.output_json else (Path(args.output_dir) / "compare.json"
-                                                                 if args.output_dir else None)
-    if json_path is not None:
-        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
-                        device=str(device), models=rows), json_path)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -576,13 +652,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_transformers()
         return run_compare(args) if args.compare else run_generate(args)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return report(PROG, error, 2)
     except SystemExit as done:  # argparse: --help (0) or a malformed command line (2, usage already printed)
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except FloatingPointError as error:  # ThinkingDivergedError
-        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return report(PROG, error, 1)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -150,7 +150,7 @@ class CharTokenizer(PythonBackend):
 
     def _check_pad_token(self, pad_token) -> None:
         if pad_token is None or str(pad_token) == PAD_TOKEN:
-            return  # None: a folder saved before the pad token existed ("pad_token": null) gets it too
+            return  # None ("pad_token": null in a saved tokenizer_config.json) means the dedicated pad token too
         if str(pad_token) in self._vocab:
             logger.warning(
                 f"{type(self).__name__}: pad_token={str(pad_token)!r} is a vocabulary character; padding now uses the "
@@ -359,7 +359,7 @@ class CharTokenizer(PythonBackend):
         return backend
 
     def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
-        """vocab.json for CharTokenizer (the folders already out there load it), and tokenizer.json for every runtime
+        """vocab.json for CharTokenizer (what it loads from every saved folder), and tokenizer.json for every runtime
         that reads `tokenizers` files; tokenizer_config.json then names the fast class (FAST_CLASS)."""
         saved = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
         prefix = f"{filename_prefix}-" if filename_prefix else ""

@@ -119,55 +119,72 @@ def energy_bowl(model, ids, target: int, window_start: int, think_steps=None, th
     """
     import torch
 
-    module = thinking_module(model)
-    cfg = model.config
+    cfg, expected_energy = model.config, thinking_module(model).expected_energy
     device = ids.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-
-    def seed():  # only the generator that draws the start: the CPU's, or the one of the device the ids are on
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(0)
-        elif device.type == "cpu":
-            torch.default_generator.manual_seed(0)
-        else:
-            torch.manual_seed(0)
-
-    devices = [device.index] if device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        seed()
-        one_descent = {"think_samples": 1} if getattr(cfg, "think_samples", 1) > 1 else {}  # older folders lack it
+    with torch.no_grad(), torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        _seed_start(device)
+        # one descent; think_samples is passed only where the config has it (a folder's own code may not take it)
+        one_descent = {"think_samples": 1} if getattr(cfg, "think_samples", 1) > 1 else {}
         out = model(ids[:, window_start:target], use_cache=False, use_thinking=True, think_steps=think_steps,
                     think_lr=think_lr, return_energy_trace=True, return_landscape=True, **one_descent)
-        landscape = out.landscape
-        seed()  # the forward's first draw is the start's
-        # the descent runs on centred logits, and the returned ones carry System 1's mean on top: moves are
-        # compared centred (a constant per position changes no J)
-        centred = lambda v: v.float() - v.float().mean(-1, keepdim=True)  # noqa: E731
-        v0 = model.initial_logits(landscape.base)
-        d = centred(out.logits) - v0
+        _seed_start(device)  # the forward's first draw is the start's
+        v0 = model.initial_logits(out.landscape.base)
+        d = _centred(out.logits) - v0
 
         def J_at(t):
-            J = module.expected_energy(landscape, v0 + t * d, cfg.softmax_temperature, cfg.entropy_weight)[0]
+            J = expected_energy(out.landscape, v0 + t * d, cfg.softmax_temperature, cfg.entropy_weight)[0]
             return float(J[0, -1])
 
-        coarse = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
-        values = [J_at(t) for t in coarse]
-        J0, floor = J_at(0.0), min(values)
-        # the first t where J is within 2% of its lowest value along the line: the bottom of the bowl (or of the
-        # slide, when J keeps falling as p sharpens towards one character)
-        t_min = next(t for t, J in zip(coarse, values) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
-        upper = min(40.0, max(1.75, 1.25 * t_min))
-        ts = torch.linspace(-0.5, upper, n_points)
-        bowl = [J_at(t) for t in ts.tolist()]
-        last = d[0, -1]
-        norm = float((last * last).sum())
-        iterates = [v0, *map(centred, out.step_logits)]
-        t_k = [float(((v[0, -1].float() - v0[0, -1]) * last).sum()) / norm if norm > 0 else 0.0 for v in iterates]
-        J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
-        biggest = float(last.abs().max())
-        trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
-    return dict(ts=ts.tolist(), J=bowl, J0=J0, t_k=t_k[:len(J_k)], J_k=J_k, max_move=biggest,
-                think_max_move=cfg.think_max_move, trust_t=trust)
+        ts, bowl, J0 = _sample_line(J_at, n_points)
+        t_k, J_k = _iterates_on_line(out, v0, d)
+    biggest = float(d[0, -1].abs().max())
+    trust = (cfg.think_max_move / biggest) if cfg.think_max_move > 0 and biggest > 0 else None
+    return dict(ts=ts, J=bowl, J0=J0, t_k=t_k, J_k=J_k, max_move=biggest, think_max_move=cfg.think_max_move,
+                trust_t=trust)
 
+
+def _seed_start(device) -> None:
+    """Seed only the generator that draws the descent's start: the CPU's, or the one of the device it runs on."""
+    import torch
+
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(0)
+    elif device.type == "cpu":
+        torch.default_generator.manual_seed(0)
+    else:
+        torch.manual_seed(0)
+
+
+def _centred(v):
+    """The descent runs on centred logits, and the returned ones carry System 1's mean on top: moves are compared
+    centred (a constant per position changes no J)."""
+    return v.float() - v.float().mean(-1, keepdim=True)
+
+
+def _sample_line(J_at, n_points: int):
+    """(ts, J at each t, J at t = 0): from t = -0.5 to past the bottom of the bowl, found on a coarse grid first."""
+    import torch
+
+    coarse = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]
+    values = [J_at(t) for t in coarse]
+    J0, floor = J_at(0.0), min(values)
+    # the first t where J is within 2% of its lowest value along the line: the bottom of the bowl (or of the
+    # slide, when J keeps falling as p sharpens towards one character)
+    t_min = next(t for t, J in zip(coarse, values, strict=True) if J - floor <= 0.02 * max(J0 - floor, 1e-12))
+    upper = min(40.0, max(1.75, 1.25 * t_min))
+    ts = torch.linspace(-0.5, upper, n_points).tolist()
+    return ts, [J_at(t) for t in ts], J0
+
+
+def _iterates_on_line(out, v0, d):
+    """(t_k, J_k): each thinking iterate's projection on the line v0 + t d at the last position, with its energy
+    from the model's trace (empty without one)."""
+    last = d[0, -1]
+    norm = float((last * last).sum())
+    iterates = [v0, *map(_centred, out.step_logits)]
+    t_k = [float(((v[0, -1].float() - v0[0, -1]) * last).sum()) / norm if norm > 0 else 0.0 for v in iterates]
+    J_k = out.energy_trace[0, -1].float().tolist() if out.energy_trace is not None else []
+    return t_k[:len(J_k)], J_k

@@ -7,6 +7,7 @@ continued run keeps the batch it continues and the card shows every run that mad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ RUN_RECORD = "nanoebm_run.json"
 
 
 def read_record(folder) -> dict | None:
-    """The run record in a model or checkpoint folder, or None when it has none (saved by an older nanoebm)."""
+    """The run record in a model or checkpoint folder, or None when it has none or none that reads as one."""
     path = Path(folder) / RUN_RECORD
     if not path.is_file():
         return None
@@ -57,10 +58,8 @@ def _versions() -> dict:
 
     found = {}
     for name in ("torch", "transformers", "accelerate", "datasets"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):  # a package not installed is left out
             found[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return found
 
 
@@ -72,7 +71,8 @@ def lineage_from(model_folder=None, checkpoint=None) -> list[dict]:
             return [dict(command="unknown (checkpoint written before nanoebm kept run records)",
                          output_dir=str(checkpoint), status="interrupted")]
         runs = [dict(run) for run in record["runs"]]
-        runs[-1]["status"] = f"up to its checkpoint of step {runs[-1].get('steps_done', '?')}, which the next run resumes"
+        step = runs[-1].get("steps_done", "?")
+        runs[-1]["status"] = f"up to its checkpoint of step {step}, which the next run resumes"
         return runs
     if model_folder is not None:
         record = read_record(model_folder)
@@ -87,7 +87,7 @@ def run_steps(runs: list[dict], i: int) -> int:
     """The optimizer steps run i did itself: a resumed run's global step counts those of the run it resumes too."""
     run = runs[i]
     start = run.get("started_at_step")
-    if start is None:  # a record written before nanoebm kept it: a resume starts where the run before it stopped
+    if start is None:  # a record without it: a resume starts where the run before it stopped
         resumed = isinstance(run.get("started_from"), dict) and "checkpoint" in run["started_from"]
         start = runs[i - 1].get("steps_done", 0) if resumed and i > 0 else 0
     return run.get("steps_done", 0) - start
@@ -126,14 +126,6 @@ def model_card(folder, runs: list[dict], metrics: dict, config, prompt: str) -> 
     encode), every run that made it."""
     folder = str(folder)
     steps = config.think_steps
-    rows = []
-    for i, run in enumerate(runs):
-        batch = (f"{run['processes']} x {run['per_device_train_batch_size']} x {run['gradient_accumulation_steps']} = "
-                 f"{run['global_batch']}" if "global_batch" in run else "n/a")
-        own = run_steps(runs, i) if "steps_done" in run else "n/a"
-        rows.append(f"| {i + 1} | `{run.get('command', 'n/a')}` | {batch} | {own} | "
-                    f"{run.get('seed', 'n/a')} | {_fmt(run.get('metrics'), 'eval_system1_bpc')} | "
-                    f"{_fmt(run.get('metrics'), 'eval_system2_bpc')} | {run.get('status', 'finished')} |")
     return f"""---
 library_name: transformers
 tags: [nanoebm, energy-based-model, character-level]
@@ -170,8 +162,21 @@ per-device batch x accumulation = blocks per optimizer step; steps: the run's ow
 
 | run | command | batch | steps | seed | System 1 bits/char | System 2 bits/char | |
 |---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{_runs_table(runs)}
 """
+
+
+def _runs_table(runs: list[dict]) -> str:
+    """The model card's rows, one per run, oldest first; what a record lacks is n/a."""
+    rows = []
+    for i, run in enumerate(runs):
+        batch = (f"{run['processes']} x {run['per_device_train_batch_size']} x {run['gradient_accumulation_steps']} = "
+                 f"{run['global_batch']}" if "global_batch" in run else "n/a")
+        own = run_steps(runs, i) if "steps_done" in run else "n/a"
+        rows.append(f"| {i + 1} | `{run.get('command', 'n/a')}` | {batch} | {own} | "
+                    f"{run.get('seed', 'n/a')} | {_fmt(run.get('metrics'), 'eval_system1_bpc')} | "
+                    f"{_fmt(run.get('metrics'), 'eval_system2_bpc')} | {run.get('status', 'finished')} |")
+    return "\n".join(rows)
 
 
 def summary(folder, runs: list[dict], metrics: dict, config, seconds: float, checkpoints: str, prompt: str) -> str:
@@ -190,5 +195,6 @@ def summary(folder, runs: list[dict], metrics: dict, config, seconds: float, che
         f"  validation:  {system1_label(config)} {s1} bits/char, System 2 {s2} bits/char "
         f"({config.think_steps} thinking steps)",
         f"  checkpoints: {checkpoints}",
-        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)}",
+        f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} "
+        f"--prompt {shlex.quote(prompt)}",
     ])

@@ -47,7 +47,7 @@ def fixed_blocks(ids, block_size: int, n_blocks: int):
     last = len(ids) - block_size - 1
     if last < 0:
         raise ValueError(f"validation text ({len(ids)} chars) is shorter than one block ({block_size + 1})")
-    # float64: float32 offsets past 2^24 round up beyond `last` (a 1 GB corpus got a short last window)
+    # float64: float32 offsets past 2^24 round up beyond `last`, which would cut a large corpus's last window short
     starts = torch.linspace(0, last, min(n_blocks, last + 1), dtype=torch.float64).long()
     windows = [ids[s: s + block_size + 1] for s in starts.tolist()]
     return torch.stack([w.long() if torch.is_tensor(w) else torch.from_numpy(np.array(w, dtype=np.int64))

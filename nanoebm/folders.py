@@ -9,7 +9,8 @@ from pathlib import Path
 
 from nanoebm.cli import UsageError
 
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 MADE_BY = "save_pretrained (run_train.py writes such a folder)"
 REDO = "save the model again with save_pretrained, or retrain it (run_train.py)"
 

@@ -15,10 +15,7 @@ def write_plots(model, ids, P: int, tokens: list[str], scores, row: int, tokeniz
     """The --plot pictures of sequence `row` of `scores` (score_continuations over ids, targets from P on) in folder:
     kl_strip.png always; thinking_at_position.png, energy_trace.png and energy_descent.png when thinking ran.
     `tokens` are the generated tokens' strings (token_strings), one per scored position."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --plot folder {folder}: {error}") from error
+    make_folder(folder, "--plot")
     s = position_stats(scores, row)
     vocab = token_strings(tokenizer, range(model.config.vocab_size))
     n = len(tokens)
@@ -45,6 +42,15 @@ def write_plots(model, ids, P: int, tokens: list[str], scores, row: int, tokeniz
     return written
 
 
+def make_folder(folder: Path, flag: str = "") -> Path:
+    """`folder`, made where it is missing, or a UsageError naming it (and the flag that gave it)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create {flag + ' folder ' if flag else ''}{folder}: {error}") from error
+    return folder
+
+
 def show_char(c: str) -> str:
     """A token as drawn: whitespace characters made visible, anything else as it is."""
     return {"\n": "↵", " ": "␣", "\t": "⇥"}.get(c, c)
@@ -57,6 +63,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: Path, dpi: int = 90) -> Path:
+    """Lay out, write and close a figure (pyplot keeps every open one alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _plain_text(draw):
@@ -104,10 +118,7 @@ def plot_energy_trace(trace, tokens: list[str], path: Path, n_examples: int = 6)
     ax2.set_ylabel("gap J_0 - J_K")
     ax2.set_title("energy gap thinking bought, along the text")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int = 8):
@@ -123,7 +134,7 @@ def _plot_distribution(ax, logp1, logp2, vocab: list[str], chosen: int, top: int
     ax.bar((x + 0.2).tolist(), [float(p2[i]) for i in ids], width=0.4, label="System 2 (after)", color="tab:orange")
     ax.set_xticks(x.tolist())
     labels = ax.set_xticklabels([show_char(vocab[i]) for i in ids], fontsize=11)
-    for label, i in zip(labels, ids):
+    for label, i in zip(labels, ids, strict=True):
         if i == chosen:
             label.set_color("tab:red")
             label.set_fontweight("bold")
@@ -184,10 +195,7 @@ def plot_thinking_at_position(chars: list[str], index: int, logp1, logp2, vocab,
     ax.set_title(f"next character after ...{context!s} (chose {show_char(vocab[chosen])!r})", fontsize=9)
     _plot_bowl(ax2, bowl)
     ax2.set_title(f"energy bowl at generated character #{index}\n{move_summary(bowl)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 @_plain_text
@@ -219,10 +227,7 @@ def plot_kl_strip(tokens: list[str], kl, path: Path, width: int = 64, max_tokens
     ax.set_title("how much thinking changed each choice: KL(System 2 || System 1) in nats"
                  + (f" (last {max_tokens} tokens)" if offset else ""), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 @_plain_text
@@ -247,10 +252,7 @@ def plot_energy_descent(trace, bowl: dict, index: int, path: Path) -> Path:
     ax.legend(fontsize=7, loc="lower left")
     _plot_bowl(ax2, bowl)
     ax2.set_title(f"J along the line v0 -> vK at one position (#{index})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 @_plain_text
@@ -279,8 +281,5 @@ def plot_comparison(rows: list[dict], path: Path) -> Path:
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 

@@ -96,13 +96,10 @@ def _header(metadata, kind, refuse) -> dict:
 
 
 def _check_shape(name, shape, expected, sizes, refuse) -> None:
-    ok = len(shape) == len(expected)
-    for got, want in zip(shape, expected):
-        if isinstance(want, int):
-            ok = ok and got == want
-        else:
-            ok = ok and sizes.setdefault(want, got) == got
-    if not ok:
+    def fits(got, want):  # a letter takes the first size it meets and must meet it again
+        return got == want if isinstance(want, int) else sizes.setdefault(want, got) == got
+
+    if len(shape) != len(expected) or not all(fits(g, w) for g, w in zip(shape, expected, strict=True)):
         raise refuse(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected)}")
 
 

@@ -91,6 +91,28 @@ def test_generate_cli_refuses_bad_values(capsys, generate_model_dir, tmp_path_fa
     assert list(out.iterdir()) == [], "a refused command wrote files"
 
 
+@pytest.mark.parametrize("word", ["two\nlines", "three\n\nlines\n"])
+def test_generate_cli_error_is_one_line_when_the_input_spans_several(capsys, word):
+    """The message echoes a word no flag takes; a newline inside it still leaves one line on stderr."""
+    code = run_generate.main(["--model_name_or_path", "anywhere", word])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("run_generate.py: error: "), err
+
+
+@pytest.mark.parametrize("mode", ["generate", "compare"])
+def test_generate_cli_names_an_output_folder_it_cannot_make(capsys, generate_model_dir, tiny_corpus, tmp_path, mode):
+    """A folder under a file cannot be made: one line naming it (and the flag that gave it), exit status 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x", encoding="utf-8")
+    target = blocker / "plots"
+    model = ["--model_name_or_path", str(generate_model_dir)] if mode == "generate" else \
+        ["--compare", str(generate_model_dir), "--data_path", str(tiny_corpus), "--eval_blocks", "1"]
+    code = run_generate.main([*model, "--max_new_tokens", "2", "--no_stream", "--plot", str(target)])
+    _, err = capsys.readouterr()
+    assert_one_line_exit_2(code, err, "run_generate.py")
+    assert f"cannot create {'--plot folder ' if mode == 'generate' else ''}{target}: " in err, err
+
+
 @pytest.mark.parametrize("prompt", ["", "x" * 5000])
 def test_generate_cli_empty_and_long_prompts_work(capsys, generate_model_dir, prompt):
     """An empty prompt starts from a newline; one longer than block_size is cropped (both are documented)."""
