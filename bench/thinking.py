@@ -7,7 +7,9 @@ the same data order per seed), then measure, side by side in one process:
 - the same on an out-of-distribution text (Milton's Paradise Lost, read from ../shared/data, never committed);
 - sample quality: of 8 sampled continuations of 200 characters from 20 validation prompts, the share of generated
   words found in the training text's word list, for a random pick, the lowest-energy pick and the lowest-NLL pick;
-- cost: training ms/step, decoding tokens/s and FLOPs per generated token (torch's FlopCounterMode).
+- cost: training ms/step, decoding tokens/s and FLOPs per generated token (torch's FlopCounterMode);
+- System 2 against System 1 at its best temperature (fitted on half of the validation blocks, scored on the other
+  half and on Milton): thinking must beat a calibrated System 1, not only System 1 at T = 1.
 
     python bench/thinking.py --train --variants plain_gpt default ebt_system2 ebt_system1 ebt_hybrid --seeds 0
     python bench/thinking.py --measure --variants plain_gpt default ebt_system2 ebt_system1 ebt_hybrid --seeds 0
@@ -180,6 +182,29 @@ def training_ms_per_step(name, args, steps=40, skip=10):
     return 1000 * statistics.median(timer.times)
 
 
+def calibration(model, val_blocks, milton_blocks):
+    """System 2 (the model's own thinking) against System 1 at its best temperature, in bits/char: T fitted on the
+    even-numbered validation blocks, validation scored on the odd-numbered ones, Milton (every block) at that same T,
+    so no temperature is ever fitted on the text it scores."""
+    import torch
+
+    from nanoebm.scoring import TEMPERATURES, UNCALIBRATED, calibrated_system1, score_blocks
+
+    def per_block(blocks):
+        scores = score_blocks(model, blocks, 64, tempered=True, trace=False)
+        return scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu()
+
+    tempered, system2 = per_block(val_blocks)
+    validation = calibrated_system1(tempered, system2, torch.arange(len(tempered)) % 2 == 0)
+    k = TEMPERATURES.index(validation["temperature"])
+    tempered_m, system2_m = per_block(milton_blocks)
+    milton = dict(temperature=validation["temperature"], system1=float(tempered_m[:, UNCALIBRATED].mean()),
+                  system1_calibrated=float(tempered_m[:, k].mean()), system2=float(system2_m.mean()))
+    bits = 1 / math.log(2)
+    return {text: {key: value * bits if key != "temperature" else value for key, value in numbers.items()}
+            for text, numbers in (("validation", validation), ("milton", milton))}
+
+
 def measure(name, seed, args, data):
     import torch
 
@@ -189,7 +214,7 @@ def measure(name, seed, args, data):
     folder = Path(args.runs) / f"{name}-s{seed}"
     result_file = folder / "thinking.json"
     record = json.loads(result_file.read_text()) if result_file.is_file() and not args.force else None
-    if record is not None and (not args.quality or "word_share" in record):
+    if record is not None and "calibration" in record and (not args.quality or "word_share" in record):
         return record
     torch.set_num_threads(args.threads)
     model = NanoEBMForCausalLM.from_pretrained(folder).eval()
@@ -203,6 +228,9 @@ def measure(name, seed, args, data):
         record["validation"] = thinking_curve(model, blocks_of(tokenizer, val_text, block, args.eval_blocks))
         record["milton"] = thinking_curve(model, blocks_of(tokenizer, milton, block, args.milton_blocks))
         record["measure_s"] = round(time.perf_counter() - started, 1)
+    if "calibration" not in record:
+        record["calibration"] = calibration(model, blocks_of(tokenizer, val_text, block, args.eval_blocks),
+                                            blocks_of(tokenizer, milton, block, args.milton_blocks))
     if args.quality:
         record["word_share"] = word_share(model, tokenizer, train_text, val_text)
         record.update(decoding_cost(model, tokenizer, val_text))
@@ -257,7 +285,7 @@ def report(records, args):
         gain_v = mean_std([100 * (b[0] / own_prediction(r, "validation") - 1) for b, r in zip(best_v, runs)])
         gain_m = mean_std([100 * (b[0] / own_prediction(r, "milton") - 1) for b, r in zip(best_m, runs)])
 
-        def vs_plain(text):  # paired by seed: the same initialisation seed and data order
+        def vs_plain(text, runs=runs):  # paired by seed: the same initialisation seed and data order
             diffs = [100 * (own_prediction(r, text) / own_prediction(plain[r["seed"]], text) - 1)
                      for r in runs if r["seed"] in plain]
             return mean_std(diffs) if diffs else (float("nan"), 0.0)
@@ -270,6 +298,7 @@ def report(records, args):
             f"{pv[0]:+.2f}% ± {pv[1]:.2f} | {pm[0]:+.2f}% ± {pm[1]:.2f} |")
     print("\n".join(lines))
 
+    calibration_table(by)
     for text in ("validation", "milton"):
         print(f"\n{text}: bits/char against test-time steps (G = 1) and self-verification samples (trained steps)\n")
         print("| recipe | " + " | ".join(f"{k} steps" for k in STEPS) + " | " +
@@ -299,6 +328,32 @@ def report(records, args):
                   f"{100 * w['lowest_nll']:.1f}% | {r['tokens_per_s']:.0f} | {r['flops_per_token'] / 1e6:.2f} | "
                   f"{f'{ms:.0f}' if ms else '-'} |")
     print(f"\nreproduce: python bench/thinking.py {' '.join(sys.argv[1:])}")
+
+
+def calibration_table(by):
+    """Each recipe's thinking against System 1 at its best temperature (fitted on the even validation blocks; the
+    validation columns score the odd ones, Milton all its blocks at the same T)."""
+    print("\nSystem 2 against calibrated System 1 (T fitted on the even validation blocks; validation scored on the "
+          "odd ones, Milton at the same T), bits/char\n")
+    print("| recipe | seeds | T | val: S1 | val: S1 at T | val: S2 | val: S2 vs calibrated S1 | Milton: S1 at T | "
+          "Milton: S2 | Milton: S2 vs calibrated S1 |")
+    print("|---" * 10 + "|")
+    for name, runs in by.items():
+        runs = [r for r in runs if "calibration" in r]
+        if not runs:
+            continue
+        cell = {}
+        for text in ("validation", "milton"):
+            for key in ("temperature", "system1", "system1_calibrated", "system2"):
+                cell[text, key] = mean_std([r["calibration"][text][key] for r in runs])
+            cell[text, "gain"] = mean_std([100 * (r["calibration"][text]["system2"]
+                                                  / r["calibration"][text]["system1_calibrated"] - 1) for r in runs])
+        print(f"| {name} | {len(runs)} | {cell['validation', 'temperature'][0]:.2f} | "
+              f"{cell['validation', 'system1'][0]:.4f} | {cell['validation', 'system1_calibrated'][0]:.4f} | "
+              f"{cell['validation', 'system2'][0]:.4f} | {cell['validation', 'gain'][0]:+.2f}% ± "
+              f"{cell['validation', 'gain'][1]:.2f} | {cell['milton', 'system1_calibrated'][0]:.4f} | "
+              f"{cell['milton', 'system2'][0]:.4f} | {cell['milton', 'gain'][0]:+.2f}% ± "
+              f"{cell['milton', 'gain'][1]:.2f} |")
 
 
 def plot(records, path):
