@@ -116,7 +116,8 @@ def run_one(name, seed, args):
     if result_file.is_file() and not (args.force or args.resweep):
         return with_train_text(json.loads(result_file.read_text()), result_file, args)
     command = [sys.executable, str(ROOT / "run_train.py"), "--preset", args.preset, "--max_steps", str(args.max_steps),
-               "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out), "--eval_blocks", str(args.eval_blocks),
+               "--seed", str(seed), "--data_seed", str(seed), "--output_dir", str(out),
+               "--eval_blocks", str(args.eval_blocks),
                "--do_train", "true", "--do_eval", "true", "--eval_strategy", "no", "--save_strategy", "no",
                "--logging_steps", str(max(1, args.max_steps // 10)), "--disable_tqdm", "true",
                *flags(name), *(["--overwrite_output_dir", "true"] if args.force else []), *args.extra]
@@ -134,9 +135,11 @@ def run_one(name, seed, args):
                   think_steps=model.config.think_steps, thinks=model.config.use_thinking,
                   test_time=test_time_sweep(model, blocks))
     record["train_text"] = training_text_bpc(model, train_ids, trained_steps(record))
+    record["calibrated"] = calibrated_bpc(model, blocks)
     result_file.write_text(json.dumps(record, indent=2))
-    print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {metrics.get('eval_system2_bpc', float('nan')):.4f}"
-          f" bpc, {record['ms_per_step']:.1f} ms/step", flush=True)
+    s2 = metrics.get("eval_system2_bpc", float("nan"))
+    print(f"[{name} seed {seed}] S1 {metrics['eval_system1_bpc']:.4f} S2 {s2:.4f} bpc, {record['ms_per_step']:.1f} "
+          f"ms/step", flush=True)
     return record
 
 
@@ -191,11 +194,22 @@ def trained_steps(record):
     return record["think_steps"] if record["thinks"] else 0
 
 
+def calibrated_bpc(model, blocks):
+    """System 2 against System 1 at its best temperature, bits/char (`scoring.against_calibrated`: T fitted on the
+    even validation blocks, both scored on the odd ones)."""
+    from nanoebm.scoring import against_calibrated
+
+    result = against_calibrated(model, blocks)["in"]
+    return {key: value / math.log(2) if key != "temperature" else value for key, value in result.items()}
+
+
 def with_train_text(record, result_file, args):
-    """The record with its training-text column: runs measured before that column existed get it (and it is saved)."""
-    if "train_text" not in record:
-        model, train_ids, _ = load_trained(Path(result_file).parent, args)
+    """The record with its training-text and calibration columns: runs measured before those existed get them (and
+    are saved)."""
+    if "train_text" not in record or "calibrated" not in record:
+        model, train_ids, blocks = load_trained(Path(result_file).parent, args)
         record["train_text"] = training_text_bpc(model, train_ids, trained_steps(record))
+        record["calibrated"] = calibrated_bpc(model, blocks)
         Path(result_file).write_text(json.dumps(record, indent=2))
     return record
 
@@ -224,7 +238,10 @@ def summarise(records):
         ms = stat([r["ms_per_step"] for r in runs])
         train_gain = stat([100 * (r["train_text"]["s2"] / r["train_text"]["s1"] - 1) if "train_text" in r
                            else float("nan") for r in runs])
+        vs_calibrated = stat([100 * (r["calibrated"]["system2"] / r["calibrated"]["system1_calibrated"] - 1)
+                              if "calibrated" in r else float("nan") for r in runs])
         rows.append(dict(variant=name, seeds=len(runs), s1=s1, s2=s2, s2x=s2x, gap=gap, ms=ms, train_gain=train_gain,
+                         vs_calibrated=vs_calibrated,
                          s2_by_seed={r["seed"]: at(r, K).get("bpc") for r in runs},
                          sweep={k: stat([r["test_time"][str(k)]["bpc"] if str(k) in r["test_time"]
                                          else r["test_time"][k]["bpc"] for r in runs]) for k in TEST_TIME_STEPS},
@@ -254,15 +271,16 @@ def base_cell(row, by_name):
 def markdown(rows):
     base = next((r for r in rows if r["variant"] == "plain_gpt"), None)
     by_name = {r["variant"]: r for r in rows}
-    lines = ["| variant | seeds | System 1 bpc | System 2 bpc | S2 vs S1 | S2 vs plain GPT | S2 vs its base, same seeds | "
-             "S2 at 2x steps | S2 vs S1 on training text | energy gap | ms/step | eval chars/s (K) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | System 1 bpc | System 2 bpc | S2 vs S1 | S2 vs calibrated S1 | S2 vs plain GPT | "
+             "S2 vs its base, same seeds | S2 at 2x steps | S2 vs S1 on training text | energy gap | ms/step | "
+             "eval chars/s (K) |", "|---" * 13 + "|"]
     for r in rows:
         vs_s1 = 100 * (r["s2"][0] / r["s1"][0] - 1)
         vs_gpt = 100 * (r["s2"][0] / base["s1"][0] - 1) if base else float("nan")
         lines.append(
-            f"| {r['variant']} | {r['seeds']} | {r['s1'][0]:.4f} ± {r['s1'][1]:.4f} | {r['s2'][0]:.4f} ± {r['s2'][1]:.4f}"
-            f" | {vs_s1:+.2f}% | {vs_gpt:+.2f}% | {base_cell(r, by_name)} | {r['s2x'][0]:.4f}"
+            f"| {r['variant']} | {r['seeds']} | {r['s1'][0]:.4f} ± {r['s1'][1]:.4f} | "
+            f"{r['s2'][0]:.4f} ± {r['s2'][1]:.4f} | {vs_s1:+.2f}% | {r['vs_calibrated'][0]:+.2f}% | {vs_gpt:+.2f}% | "
+            f"{base_cell(r, by_name)} | {r['s2x'][0]:.4f}"
             f" | {r['train_gain'][0]:+.2f}% | {r['gap'][0]:.4f} | {r['ms'][0]:.1f} | "
             f"{r['chars_s'][2][0]:.0f} |")
     sweep = ["", "Validation bits/char against test-time thinking steps (mean over seeds):", "",

@@ -183,26 +183,14 @@ def training_ms_per_step(name, args, steps=40, skip=10):
 
 
 def calibration(model, val_blocks, milton_blocks):
-    """System 2 (the model's own thinking) against System 1 at its best temperature, in bits/char: T fitted on the
-    even-numbered validation blocks, validation scored on the odd-numbered ones, Milton (every block) at that same T,
-    so no temperature is ever fitted on the text it scores."""
-    import torch
+    """System 2 against System 1 at its best temperature, in bits/char (`scoring.against_calibrated`): T fitted on the
+    even validation blocks, validation scored on the odd ones, Milton on every block at that same T."""
+    from nanoebm.scoring import against_calibrated
 
-    from nanoebm.scoring import TEMPERATURES, UNCALIBRATED, calibrated_system1, score_blocks
-
-    def per_block(blocks):
-        scores = score_blocks(model, blocks, 64, tempered=True, trace=False)
-        return scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu()
-
-    tempered, system2 = per_block(val_blocks)
-    validation = calibrated_system1(tempered, system2, torch.arange(len(tempered)) % 2 == 0)
-    k = TEMPERATURES.index(validation["temperature"])
-    tempered_m, system2_m = per_block(milton_blocks)
-    milton = dict(temperature=validation["temperature"], system1=float(tempered_m[:, UNCALIBRATED].mean()),
-                  system1_calibrated=float(tempered_m[:, k].mean()), system2=float(system2_m.mean()))
+    result = against_calibrated(model, val_blocks, milton_blocks)
     bits = 1 / math.log(2)
-    return {text: {key: value * bits if key != "temperature" else value for key, value in numbers.items()}
-            for text, numbers in (("validation", validation), ("milton", milton))}
+    return {text: {key: value * bits if key != "temperature" else value for key, value in result[part].items()}
+            for text, part in (("validation", "in"), ("milton", "other"))}
 
 
 def measure(name, seed, args, data):

@@ -99,3 +99,23 @@ def calibrated_system1(tempered, system2, fit) -> dict | None:
                 system1=float(held[:, UNCALIBRATED].mean()),
                 system1_calibrated=float(held[:, k].mean()) if k is not None else math.nan,
                 system2=float(system2[scored].mean()) if system2 is not None else None)
+
+
+def against_calibrated(model, blocks, other=None, batch_size: int = 64) -> dict:
+    """The model's own thinking (System 2) against System 1 at its best temperature, in nats per character: T fitted
+    on the even-numbered `blocks`, which `calibrated_system1` scores on the odd-numbered ones; `other` blocks (an
+    out-of-distribution text) are all scored at that same T. {"in": ..., "other": ...} (no "other" without it)."""
+    import torch
+
+    def per_block(part):
+        scores = score_blocks(model, part, batch_size, tempered=True, trace=False)
+        return scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu()
+
+    tempered, system2 = per_block(blocks)
+    result = {"in": calibrated_system1(tempered, system2, torch.arange(len(tempered)) % 2 == 0)}
+    if other is not None and result["in"] is not None and not math.isnan(result["in"]["temperature"]):
+        k = TEMPERATURES.index(result["in"]["temperature"])
+        tempered, system2 = per_block(other)
+        result["other"] = dict(temperature=TEMPERATURES[k], system1=float(tempered[:, UNCALIBRATED].mean()),
+                               system1_calibrated=float(tempered[:, k].mean()), system2=float(system2.mean()))
+    return result

@@ -98,3 +98,20 @@ def test_calibration_needs_both_parts_and_keeps_nan():
     tempered[0, 3] = float("nan")
     result = calibrated_system1(tempered, None, torch.arange(4) % 2 == 0)
     assert math.isnan(result["temperature"]) and math.isnan(result["system1_calibrated"])
+
+
+def test_an_out_of_distribution_text_is_scored_at_the_temperature_fitted_in_distribution():
+    """against_calibrated (the benchmarks' comparison): the other text's calibrated System 1 is read at the in-text
+    temperature, even where that text would prefer another one."""
+    from nanoebm.scoring import against_calibrated
+
+    model = sharpened(teacher(), 2.0)  # fitted in distribution: T about 2
+    blocks, other = sample_blocks(teacher(), 64, 1.0, seed=4), sample_blocks(teacher(), 32, 0.5, seed=5)
+    result = against_calibrated(model, blocks, other, batch_size=32)
+    assert result["in"]["temperature"] == pytest.approx(2.0, rel=0.08)
+    assert result["other"]["temperature"] == result["in"]["temperature"]
+    tempered = score_blocks(model, other, 32, use_thinking=False, tempered=True)["nll1_tempered"].mean(1)
+    k = TEMPERATURES.index(result["in"]["temperature"])
+    assert result["other"]["system1_calibrated"] == pytest.approx(float(tempered[:, k].mean()), rel=1e-5)
+    assert result["other"]["system1_calibrated"] > float(tempered.mean(0).min()) + 0.01  # not the other text's own T
+    assert result["other"]["system2"] == pytest.approx(result["other"]["system1"], rel=1e-5)  # a linear model
