@@ -120,7 +120,8 @@ class EBMTrainer(Trainer):
         steps = self.think_steps_now(config)
         # J after the last step costs one more landscape evaluation (a backbone pass for soft tokens): only for
         # the steps whose numbers get logged
-        every = self.args.logging_steps if self.args.logging_steps >= 1 else self.args.logging_steps * self.args.max_steps
+        every = self.args.logging_steps
+        every = every if every >= 1 else every * self.args.max_steps
         want_trace = not model.training or self.state.global_step % max(1, int(every)) == 0
         input_ids, start, start_mask = inputs["input_ids"], None, None
         replaying = self.replay is not None and model.training and steps > 0
@@ -160,7 +161,8 @@ class EBMTrainer(Trainer):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss.item()} at step {self.state.global_step}: lower --learning_rate "
-                f"(now {self.args.learning_rate}), --think_lr or --contrastive_weight, or raise --contrastive_reg_weight"
+                f"(now {self.args.learning_rate}), --think_lr or --contrastive_weight, or raise "
+                f"--contrastive_reg_weight"
             )
         if model.training:
             for key, value in logs.items():

@@ -75,8 +75,8 @@ class _NanoebmNotInstalled(importlib.abc.MetaPathFinder):
         if name in {"configuration_nanoebm", "modeling_nanoebm", "tokenization_char", "run_train", "run_generate"}:
             raise ModuleNotFoundError(f"No module named {name!r} (hidden: nanoebm is not installed here)")
 sys.meta_path.insert(0, _NanoebmNotInstalled())
-sys.path[:] = [p for p in sys.path if p not in ("", %r)]
-""" % str(ROOT)
+sys.path[:] = [p for p in sys.path if p not in ("", CHECKOUT)]
+""".replace("CHECKOUT", repr(str(ROOT)))
 
 
 def run_without_nanoebm(script, cwd, modules_cache, timeout=300):

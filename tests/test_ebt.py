@@ -96,7 +96,8 @@ def test_thinking_improves_the_prediction_from_a_random_start(trained, corpus_id
     ids = corpus_ids[3000:3000 + 33 * 24].view(24, 33)
     start = torch.randn(24, 32, 65, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(ids[:, :-1], think_steps=2, think_start=start, think_start_mask=torch.ones(24, 32, dtype=torch.bool))
+        mask = torch.ones(24, 32, dtype=torch.bool)
+        out = model(ids[:, :-1], think_steps=2, think_start=start, think_start_mask=mask)
     ce = [float(model.next_token_loss(v, shift_labels=ids[:, 1:])) for v in (start, *out.step_logits)]
     assert ce[2] < ce[1] < ce[0] - 0.03, ce  # after 30 training steps: the descent has learned a direction
 
@@ -228,7 +229,8 @@ def test_recipes_set_their_flags_and_the_command_line_wins(tmp_path):
     assert loss.think_replay_size == 192 and not loss.use_contrastive and loss.aux_ce_weight == 0
     s1 = run_train.parse_args(["--recipe=ebt_system1", "--think_lr", "100", "--output_dir", str(tmp_path)])
     assert s1.model.think_lr == 100 and s1.loss.detach_refine and s1.loss.think_lr_lr_multiplier == 1500
-    hybrid = run_train.parse_args(["--recipe", "ebt_hybrid", "--contrastive_type", "pcd", "--output_dir", str(tmp_path)])
+    hybrid = run_train.parse_args(["--recipe", "ebt_hybrid", "--contrastive_type", "pcd",
+                                   "--output_dir", str(tmp_path)])
     assert hybrid.model.think_init == "base_energy" and hybrid.loss.contrastive_type == "pcd"
     paper_pcd = run_train.parse_args(["--recipe", "ebt_system2", "--contrastive_type", "pcd",
                                       "--output_dir", str(tmp_path)])

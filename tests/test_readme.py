@@ -94,5 +94,6 @@ def test_every_readme_command_works_as_written(tmp_path):
     lineage = (copy / "out-more" / "README.md").read_text()
     assert "python run_train.py --model_name_or_path out" in lineage and "python run_train.py --max_steps 6" in lineage
     assert (copy / "out-ckpt" / "checkpoints" / "checkpoint-3").is_dir()
-    assert "up to its checkpoint of step 3, which the next run resumes" in (copy / "out-resumed" / "README.md").read_text()
+    card = (copy / "out-resumed" / "README.md").read_text()
+    assert "up to its checkpoint of step 3, which the next run resumes" in card
     assert (copy / "plots" / "energy_descent.png").is_file() and (copy / "sample.json").is_file()
