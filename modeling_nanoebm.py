@@ -2,8 +2,9 @@
 
 Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes (three that score every
 token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the energy descent on
-the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
-`pipeline` and the Trainer call. The maths and the option names are those of nanoebm's docs/DESIGN.md.
+the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`, `pipeline` and the
+Trainer call, and the window of tokens each decoding step reads. The maths and the option names are those of
+nanoebm's docs/DESIGN.md.
 """
 
 import math
@@ -219,7 +220,8 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
                 )
             return self.drop(inputs_embeds + self.wpe(position_ids)), None
         head_dim = self.config.n_embd // self.config.n_head
-        return self.drop(inputs_embeds), rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        rotary = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        return self.drop(inputs_embeds), rotary
 
     def forward(
         self,
@@ -235,20 +237,9 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`cache` (`past_key_values` before transformers 5.24) holds the keys and values of earlier tokens."""
-        cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(real_token_ids(input_ids, attention_mask, self.config.vocab_size))
+        inputs_embeds = self.input_embeddings(input_ids, inputs_embeds, attention_mask)
         B, T = inputs_embeds.shape[:2]
-        if T == 0:
-            raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
-        use_cache = use_cache if use_cache is not None else (getattr(self.config, "use_cache", True) and not self.training)
-        if use_cache and self.checkpointing():  # the backward pass re-runs each block: it would write the cache twice
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: not caching")
-            use_cache, cache = False, None
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        use_cache, cache = self.call_cache(use_cache, cache if cache is not None else past_key_values)
         past_len = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[-1] != past_len + T:
             raise ValueError(
@@ -280,6 +271,27 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         out.context_kv = context_kv  # not a declared field: read by the causal LM only
         out.position_ids = position_ids
         return out
+
+    def input_embeddings(self, input_ids, inputs_embeds, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(real_token_ids(input_ids, attention_mask, self.config.vocab_size))
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
+        return inputs_embeds
+
+    def call_cache(self, use_cache, cache):
+        """(use_cache, cache) for one call: caching is on by default when not training (decoding), and a fresh
+        DynamicCache is made when none is given."""
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True) and not self.training
+        if use_cache and self.checkpointing():  # the backward pass re-runs each block: it would write the cache twice
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: not caching")
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        return use_cache, cache
 
     def provisional_hidden(self, embeds, position_ids, context_kv, key_valid, query_index):
         """Hidden states of provisional (soft) tokens that see the real tokens 0..query_index and themselves.
@@ -993,75 +1005,108 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, use_cache=True,
         past_key_values=None, **kwargs,
     ):
-        """Feed only the new tokens, inside a window of at most `block_size` tokens.
-
-        Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
-        Learned positions: a row reads `decode_window(...)` tokens: its prompt's last `block_size` at most, then a
-        window that grows to `block_size` and falls back to `block_size // 2` (every cached key would change
-        position, so the window is re-read: amortised, one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys are dropped, which is
-        exact for this model, whose every layer attends to the last `block_size` keys (cached hidden states still
-        carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a cache
-        every step re-reads the last `block_size` tokens, as the research code does.
-        """
+        """Feed only the new tokens, inside a window of at most `block_size` tokens (`decode_step`), where the
+        window depends on how many tokens this generate call has added (counted by
+        `_update_model_kwargs_for_generation`, 0 on its first step)."""
         cache = cache if cache is not None else past_key_values
-        block = self.config.block_size
-        cache_position = kwargs.pop("cache_position", None)
-        if next_sequence_length is None and cache_position is not None and cache is not None \
-                and cache.get_seq_length() > 0:  # transformers < 5.3 passes only the new tokens' positions
-            next_sequence_length = cache_position.shape[-1]
-        first = kwargs.pop("is_first_iteration", False)
-        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
+        generated = kwargs.pop("nanoebm_generated", 0)
+        kwargs.pop("is_first_iteration", None)
+        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; decode_step's instead
         if attention_mask is None:
             padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], dtype=torch.long,
                                    device=input_ids.device)
             attention_mask = ((input_ids < self.config.vocab_size) & ~torch.isin(input_ids, padding)).long()
-        lengths = attention_mask.sum(-1)
-        if first and int(lengths.max()) > block:
-            logger.warning_once(f"a prompt has {int(lengths.max())} tokens, more than block_size={block}: only its "
-                                f"last {block} are read")
-        cached = cache.get_seq_length() if (use_cache and cache is not None) else 0
-        new = next_sequence_length
-        if self.config.position_embedding == "rope":
-            if cached == 0 or new is None:
-                new, cached = min(input_ids.shape[1], block), 0
-            elif cached + new > block:
-                drop = cached + new - block
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-                cached -= drop
-            window = attention_mask[:, -(cached + new):]
-            position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
-        else:
-            if use_cache and cache is not None:
-                if not hasattr(cache, "_nanoebm_prompt_width"):  # the first step of this generate call
-                    cache._nanoebm_prompt_width = input_ids.shape[1]
-                generated = input_ids.shape[1] - cache._nanoebm_prompt_width
-                context = decode_window(lengths, block, generated)
-                grown = (cached > 0 and new is not None and cached + new == int(context.max()) and bool(
-                    (context == decode_window(lengths - new, block, generated - new) + new).all()))
-            else:  # no cache: every step re-reads the last block_size tokens
-                context, grown = lengths.clamp(max=block), False
-            width = int(context.max())
-            if not grown:  # first step, or some row's window restarts: re-read every row's window
-                new, cached = width, 0
-            columns = torch.arange(width, device=input_ids.device)
-            window = (columns[None, :] >= width - context[:, None]).long()
-            position_ids = positions_from_mask(window, 0, new, input_ids.device)
-        if cache is not None and cached == 0 and cache.get_seq_length():
-            cache.crop(-cache.get_seq_length())  # empty it
+        longest, block = int(attention_mask.sum(-1).max()), self.config.block_size
+        if generated == 0 and longest > block:
+            logger.warning_once(f"a prompt has {longest} tokens, more than block_size={block}: only its last {block} "
+                                f"are read")
+        fed, window, position_ids = decode_step(input_ids, attention_mask, cache if use_cache else None,
+                                                next_sequence_length, generated, self.config)
         kwargs.setdefault("return_energy_trace", False)
-        # a row that hit eos_token_id is extended with the pad id under attention_mask 1; generate discards what it
-        # produces, so those ids read as 0 (left padding, under attention_mask 0, is handled by the backbone)
-        fed = input_ids[:, -new:]
-        fed = fed.masked_fill((fed >= self.config.vocab_size) & window[:, -new:].bool(), 0)
         return {
-            "input_ids": fed.contiguous(),
+            "input_ids": fed,
             "attention_mask": window,
             "position_ids": position_ids,
             CACHE_NAME: cache if use_cache else None,
             "use_cache": use_cache,
             **kwargs,
         }
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        """transformers' bookkeeping between decoding steps, plus the count of tokens this generate call has added:
+        where a row's prompt ends decides its decode window, and neither the tokens (a prompt may be any text) nor
+        the cache (a reused one holds another call's window) can tell it."""
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs["nanoebm_generated"] = model_kwargs.get("nanoebm_generated", 0) + num_new_tokens
+        return model_kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: the window of tokens each generate step reads
+
+
+def decode_step(input_ids, attention_mask, cache, new, generated, config):
+    """What one decoding step feeds the model: (token ids, the window's attention mask, its position ids).
+
+    Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
+    Learned positions: a row reads `decode_window(...)` tokens: its prompt's last `block_size` at most, then a window
+    that grows to `block_size` and falls back to `block_size // 2` (every cached key would change position, so the
+    window is re-read: amortised, one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys
+    are dropped, which is exact for this model, whose every layer attends to the last `block_size` keys (cached hidden
+    states still carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a
+    cache every step re-reads the last `block_size` tokens, as the research code does.
+
+    `cache` (None without one) is trimmed in place to the keys the step keeps; the first step of a call
+    (`generated` = 0) re-reads its window, so a reused cache decodes as a fresh one. `new`: how many tokens are new
+    since the last step (None on the first).
+    """
+    cached = cache.get_seq_length() if cache is not None else 0
+    if config.position_embedding == "rope":
+        new, cached, window = rotary_window(attention_mask, cache, cached, new, generated, config.block_size)
+        position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
+    else:
+        new, cached, window = learned_window(attention_mask.sum(-1), cached, new, generated, config.block_size,
+                                             cached_decoding=cache is not None)
+        position_ids = positions_from_mask(window, 0, new, input_ids.device)
+    if cache is not None and cached == 0 and cache.get_seq_length():
+        cache.crop(-cache.get_seq_length())  # empty it
+    # a row that hit eos_token_id is extended with the pad id under attention_mask 1; generate discards what it
+    # produces, so those ids read as 0 (left padding, under attention_mask 0, is handled by the backbone)
+    fed = input_ids[:, -new:]
+    fed = fed.masked_fill((fed >= config.vocab_size) & window[:, -new:].bool(), 0)
+    return fed.contiguous(), window, position_ids
+
+
+def rotary_window(attention_mask, cache, cached, new, generated, block_size):
+    """(new tokens to feed, cached keys kept, the window's mask) with rotary positions: the cached keys plus the new
+    tokens, the oldest keys dropped beyond `block_size`; the first step reads the last `block_size` tokens."""
+    if generated == 0 or cached == 0 or new is None:
+        new, cached = min(attention_mask.shape[1], block_size), 0
+    elif cached + new > block_size:
+        drop = cached + new - block_size
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        cached -= drop
+    return new, cached, attention_mask[:, -(cached + new):]
+
+
+def learned_window(lengths, cached, new, generated, block_size, cached_decoding=True):
+    """(new tokens to feed, cached keys kept, the window's mask) with learned positions, for rows of `lengths` real
+    tokens of which the last `generated` were generated. The cache grows by the new tokens while every row's window
+    grows by them; otherwise every row's window is re-read (and without a cache, the last `block_size` tokens)."""
+    if cached_decoding:
+        context = decode_window(lengths, block_size, generated)
+        grown = (generated > 0 and cached > 0 and new is not None and cached + new == int(context.max()) and bool(
+            (context == decode_window(lengths - new, block_size, generated - new) + new).all()))
+    else:
+        context, grown = lengths.clamp(max=block_size), False
+    width = int(context.max())
+    if not grown:  # first step, or some row's window restarts: re-read every row's window
+        new, cached = width, 0
+    columns = torch.arange(width, device=lengths.device)
+    return new, cached, (columns[None, :] >= width - context[:, None]).long()
 
 
 def decode_window(lengths, block_size, generated=0):
