@@ -843,6 +843,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- thinking --------------------------------------------------------------------------------------------
 
     def initial_logits(self, base_energy):
+        """v0 as this model's `think_init` names it (`think_init_logits`), before any `think_start`."""
         return think_init_logits(self.config, base_energy)
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
