@@ -2,8 +2,9 @@
 
 Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes (three that score every
 token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the energy descent on
-the logits ("thinking", System 2), and the causal-LM wrapper whose `forward` is what `generate`,
-`pipeline` and the Trainer call. The maths and the option names are those of nanoebm's docs/DESIGN.md.
+the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`, `pipeline` and the
+Trainer call, and the window of tokens each decoding step reads. The maths and the option names are those of
+nanoebm's docs/DESIGN.md.
 """
 
 import math
@@ -219,7 +220,8 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
                 )
             return self.drop(inputs_embeds + self.wpe(position_ids)), None
         head_dim = self.config.n_embd // self.config.n_head
-        return self.drop(inputs_embeds), rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        rotary = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        return self.drop(inputs_embeds), rotary
 
     def forward(
         self,
@@ -235,20 +237,9 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`cache` (`past_key_values` before transformers 5.24) holds the keys and values of earlier tokens."""
-        cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(real_token_ids(input_ids, attention_mask, self.config.vocab_size))
+        inputs_embeds = self.input_embeddings(input_ids, inputs_embeds, attention_mask)
         B, T = inputs_embeds.shape[:2]
-        if T == 0:
-            raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
-        use_cache = use_cache if use_cache is not None else (getattr(self.config, "use_cache", True) and not self.training)
-        if use_cache and self.checkpointing():  # the backward pass re-runs each block: it would write the cache twice
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: not caching")
-            use_cache, cache = False, None
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        use_cache, cache = self.call_cache(use_cache, cache if cache is not None else past_key_values)
         past_len = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[-1] != past_len + T:
             raise ValueError(
@@ -280,6 +271,27 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         out.context_kv = context_kv  # not a declared field: read by the causal LM only
         out.position_ids = position_ids
         return out
+
+    def input_embeddings(self, input_ids, inputs_embeds, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(real_token_ids(input_ids, attention_mask, self.config.vocab_size))
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token (a newline is a good neutral prompt)")
+        return inputs_embeds
+
+    def call_cache(self, use_cache, cache):
+        """(use_cache, cache) for one call: caching is on by default when not training (decoding), and a fresh
+        DynamicCache is made when none is given."""
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True) and not self.training
+        if use_cache and self.checkpointing():  # the backward pass re-runs each block: it would write the cache twice
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: not caching")
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        return use_cache, cache
 
     def provisional_hidden(self, embeds, position_ids, context_kv, key_valid, query_index):
         """Hidden states of provisional (soft) tokens that see the real tokens 0..query_index and themselves.
@@ -440,8 +452,9 @@ class Landscape:
                 return type(x)(clone(item) for item in x)
             return x
 
-        return Landscape(clone(self.base), self.correction, clone(self.scale),
-                         {k: clone(v) for k, v in self.inputs.items()}, self.scalar)
+        with torch.inference_mode(False):
+            return Landscape(clone(self.base), self.correction, clone(self.scale),
+                             {k: clone(v) for k, v in self.inputs.items()}, self.scalar)
 
 
 def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, with_objective=True):
@@ -457,6 +470,192 @@ def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, w
     if not with_objective:
         return None, p, log_p, energy
     return (p * energy).sum(-1) + entropy_weight * (p * log_p).sum(-1), p, log_p, energy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Thinking (System 2): energy descent on the logits, from v0 down J(v)
+
+
+def think_init_logits(config, base_energy):
+    """v0 as `think_init` names it: System 1's logits -E_base / tau, or zeros (`random`, whose randomness is the
+    `think_init_noise_std` added to either)."""
+    if config.think_init == "base_energy":
+        v0 = -base_energy / config.softmax_temperature
+    else:
+        v0 = torch.zeros_like(base_energy)
+    if config.think_init_noise_std > 0:
+        v0 = v0 + config.think_init_noise_std * torch.randn_like(v0)
+    # centred like every later iterate, so the trust region |v - v0| measures real moves, not a shift
+    return v0 - v0.mean(-1, keepdim=True)
+
+
+def descent_start(v0, config, start=None, start_mask=None, samples=1):
+    """v0, centred: the initial logits `v0`, or `start` where `start_mask` is true (training's replay buffer resumes
+    the descent of replayed positions from the logits an earlier step refined them to); with `samples` = G copies of
+    the positions (sample-major), every copy after the first moved by `think_samples_noise_std` of noise
+    (self-verification)."""
+    if start is not None:
+        start = start.to(v0.dtype)
+        v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
+    if samples > 1 and config.think_samples_noise_std > 0:
+        first = v0.shape[-2] // samples
+        noise = config.think_samples_noise_std * torch.randn_like(v0)
+        noise[..., :first, :] = 0
+        v0 = v0 + noise
+        v0 = v0 - v0.mean(-1, keepdim=True)
+    return v0
+
+
+def closed_form_gradient(landscape: Landscape, v, config, with_objective=True):
+    """J at v (None unless `with_objective`) and the descent direction with p held fixed inside E:
+    (1/tau) p (d - <d>_p), d = E + lambda (log p + 1). `think_gradient="natural"` preconditions the same step by the
+    inverse Fisher of softmax(v / tau), which removes the factor p."""
+    tau, lam = config.softmax_temperature, config.entropy_weight
+    J, p, log_p, energy = expected_energy(landscape, v, tau, lam, with_objective=with_objective)
+    d = energy + lam * (log_p + 1.0)
+    centred = d - (p * d).sum(-1, keepdim=True)
+    return J, centred / tau if config.think_gradient == "natural" else p * centred / tau
+
+
+def autograd_gradient(landscape: Landscape, v, config, second_order):
+    """J at v and dJ/dv by autograd, for energies whose dependence on p the closed form would miss: `ebt` (through
+    the backbone) and `mixture_stopgrad=false`. `second_order` (training) keeps the gradient's own graph, through the
+    math SDPA kernel, the one with a double backward. Returns (J, grad, v), v made a leaf where it had no graph."""
+    with torch.inference_mode(False), torch.enable_grad():
+        if not v.requires_grad:
+            v = v.clone().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext():
+            J = expected_energy(landscape, v, config.softmax_temperature, config.entropy_weight)[0]
+            (grad,) = torch.autograd.grad(J.sum(), v, create_graph=second_order)
+    return J, grad, v
+
+
+def descent_update(v, grad, alpha, bounds, config):
+    """v - alpha grad, kept inside the trust region `bounds` (v0 -/+ think_max_move, or None) and |v| <=
+    absolute_clamp, then centred."""
+    v = v - alpha * grad
+    if bounds is not None:
+        v = v.clamp(min=bounds[0], max=bounds[1])
+    if config.absolute_clamp > 0:
+        v = v.clamp(-config.absolute_clamp, config.absolute_clamp)
+    return v - v.mean(-1, keepdim=True)
+
+
+class EnergyTrace:
+    """J at v_0, v_1, ... per position (detached), and the positions that have stopped moving.
+
+    With `energy_convergence_threshold` > 0 each position stops once its own |J_k - J_(k-1)| falls below it: its
+    later logits and J repeat, so there are always K steps and a row's result never depends on the other rows of its
+    batch; the descent ends when every position has stopped.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold, self.values, self.frozen = threshold, [], None
+
+    def record(self, J) -> bool:
+        """Append J_k (a stopped position keeps its last J); True once every position has stopped."""
+        previous = self.values[-1] if self.values else None
+        J = J.detach() if self.frozen is None else torch.where(self.frozen, previous, J.detach())
+        self.values.append(J)
+        if self.threshold > 0 and previous is not None:
+            settled = (J - previous).abs() < self.threshold
+            self.frozen = settled if self.frozen is None else self.frozen | settled
+            return bool(self.frozen.all())
+        return False
+
+    def repeat_last(self, length: int):
+        self.values += [self.values[-1]] * (length - len(self.values))
+
+
+def step_size(alpha, v0, config, training):
+    """alpha, or in training with think_lr_random_scale s > 1, EBT's alpha * U[1/s, s] per row and position."""
+    if not (training and config.think_lr_random_scale > 1):
+        return alpha
+    s = config.think_lr_random_scale
+    return alpha * (1 / s + (s - 1 / s) * torch.rand(*v0.shape[:-1], 1, device=v0.device))
+
+
+def energy_descent(landscape: Landscape, v0, steps: int, alpha, config, training=False, create_graph=False,
+                   record_final=True, detach_refine=False, second_order_last_only=False):
+    """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3) from the centred `v0`, `steps` steps of size
+    `alpha`. Returns (v_K, (v_1..v_K), J trace), the logits centred (the model's `forward` puts them back on System
+    1's scale). Every position descends its own J (the objective is summed, never averaged, over positions).
+
+    The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
+    decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
+    `detach_refine` cuts the gradient between steps: each step learns only from its own update.
+    `second_order_last_only`: when the loss reads only v_K, differentiate only the last autograd step twice; the
+    earlier ones stay in the chain as first-order moves (EBT's truncate_mcmc: its cost is one second-order step).
+    `training` adds Langevin noise before each step, which then corrects it (the final logits are not noisy).
+    """
+    alpha = step_size(alpha, v0, config, training)
+    autograd_step = landscape.scalar is not None or (not config.mixture_stopgrad and landscape.correction is not None)
+    differentiable = landscape.cloned() if autograd_step and torch.is_inference_mode_enabled() else landscape
+    threshold = config.energy_convergence_threshold
+    trace = EnergyTrace(threshold) if record_final or threshold > 0 else None
+    bounds = (v0 - config.think_max_move, v0 + config.think_max_move) if config.think_max_move > 0 else None
+    v, moves = v0, []
+    for k in range(steps + int(record_final)):
+        last = k == steps
+        held = v  # where a position that has stopped stays (with the graph of the step that brought it there)
+        if detach_refine and 0 < k < steps:  # never the returned v_K itself
+            v = v.detach()
+        if training and config.langevin_noise > 0 and not last:
+            v = v + config.langevin_noise * torch.randn_like(v)
+        if last:  # the last evaluation only reads J (never differentiated: the trace is detached)
+            with torch.no_grad():
+                J = expected_energy(landscape, v, config.softmax_temperature, config.entropy_weight)[0]
+        elif autograd_step:
+            second_order = create_graph and (not second_order_last_only or k == steps - 1)
+            J, grad, v = autograd_gradient(differentiable, v, config, second_order)
+        else:
+            J, grad = closed_form_gradient(landscape, v, config, with_objective=trace is not None)
+        if trace is not None and trace.record(J):  # every position has stopped: the rest would repeat, written out
+            v = held
+            moves += [v] * (steps - len(moves))
+            trace.repeat_last(steps + int(record_final))
+            break
+        if last:
+            break
+        v = descent_update(v, grad, alpha, bounds, config)
+        if autograd_step and not create_graph:
+            v = v.detach()
+        if trace is not None and trace.frozen is not None:
+            v = torch.where(trace.frozen[..., None], held, v)
+        moves.append(v)
+    if moves and not torch.isfinite(v).all():
+        raise ThinkingDivergedError(
+            f"thinking produced NaN/Inf logits after {len(moves)} step(s): lower think_lr "
+            f"(now {float(torch.as_tensor(alpha).detach().mean()):.4g}), raise softmax_temperature "
+            f"(now {config.softmax_temperature}) or bound the moves with think_max_move / absolute_clamp"
+        )
+    return v, tuple(moves), torch.stack(trace.values, dim=-1) if trace is not None and trace.values else None
+
+
+def checked_thinking_arguments(config, think_steps, think_lr, think_samples):
+    """(steps, samples) for one call. `generate` forwards these from the user untouched, so a bad one is a
+    ValueError that names it, never a silent cast (2.5 steps are not 2) or a NaN descent."""
+
+    def integer(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    steps = config.think_steps if think_steps is None else think_steps
+    if not (integer(steps) and steps >= 0):
+        raise ValueError(f"think_steps={steps!r} is invalid: must be an integer >= 0")
+    if think_lr is not None and not (isinstance(think_lr, numbers.Real) and not isinstance(think_lr, bool)
+                                     and math.isfinite(think_lr) and think_lr > 0):
+        raise ValueError(f"think_lr={think_lr!r} is invalid: must be a finite number > 0")
+    samples = config.think_samples if think_samples is None else think_samples
+    if not (integer(samples) and samples >= 1):
+        raise ValueError(f"think_samples={samples!r} is invalid: must be an integer >= 1")
+    return int(steps), int(samples)
+
+
+def lowest_energy_sample(x, best):
+    """x (B, G * n, ...) holds G samples of n positions, sample-major; keep sample best (B, n) of each position."""
+    x = x.unflatten(1, (-1, best.shape[1]))  # (B, G, n, ...)
+    index = best.view(best.shape[0], 1, best.shape[1], *([1] * (x.dim() - 3)))
+    return x.gather(1, index.expand(-1, 1, -1, *x.shape[3:])).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,6 +691,27 @@ class NanoEBMCausalLMOutput(ModelOutput):
 
 
 class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
+    """The backbone, the energy head and the descent, as a causal LM. `forward` takes, beyond transformers' usual
+    arguments:
+
+    cache: the KV cache of earlier tokens (`past_key_values` before transformers 5.24; either name works).
+    labels: targets aligned with `input_ids` (shifted inside, HF convention); -100 is ignored.
+    shift_labels: targets already shifted (target of position t at t), as transformers' loss utilities name them;
+        the training stream uses these so every one of the block_size positions is scored.
+    logits_to_keep: score (and think on) only the last n positions; generate passes 1.
+    use_thinking, think_steps, think_lr, think_samples: override the config for this call (generate forwards them).
+        think_samples = G > 1 descends G starting points per position and keeps, position by position, the one with
+        the lowest final energy (self-verification); its logits, steps and trace are returned.
+    return_energy_trace: return J at v_0..v_K (one more landscape evaluation for J_K); false (as decoding asks)
+        computes no J at all and returns energy_trace=None.
+    return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
+    detach_refine: cut the gradient between thinking steps (training).
+    truncate_refine: the loss reads only the last step: autograd descents (ebt, coupled) differentiate only that step
+        twice (training).
+    think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true, instead
+        of `think_init` (training's replay buffer).
+    """
+
     def __init__(self, config: NanoEBMConfig):
         super().__init__(config)
         self.transformer = NanoEBMModel(config)
@@ -623,131 +843,20 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- thinking --------------------------------------------------------------------------------------------
 
     def initial_logits(self, base_energy):
-        cfg = self.config
-        if cfg.think_init == "base_energy":
-            v0 = -base_energy / cfg.softmax_temperature
-        else:
-            v0 = torch.zeros_like(base_energy)
-        if cfg.think_init_noise_std > 0:
-            v0 = v0 + cfg.think_init_noise_std * torch.randn_like(v0)
-        # centred like every later iterate, so the trust region |v - v0| measures real moves, not a shift
-        return v0 - v0.mean(-1, keepdim=True)
-
-    def descent_start(self, base_energy, start=None, start_mask=None, samples=1):
-        """v0, centred: `initial_logits`, or `start` where `start_mask` is true; with `samples` = G copies of the
-        positions (sample-major), every copy after the first moved by `think_samples_noise_std` of noise."""
-        v0 = self.initial_logits(base_energy)
-        if start is not None:
-            start = start.to(v0.dtype)
-            v0 = torch.where(start_mask[..., None], start - start.mean(-1, keepdim=True), v0)
-        if samples > 1 and self.config.think_samples_noise_std > 0:
-            first = v0.shape[-2] // samples
-            noise = self.config.think_samples_noise_std * torch.randn_like(v0)
-            noise[..., :first, :] = 0
-            v0 = v0 + noise
-            v0 = v0 - v0.mean(-1, keepdim=True)
-        return v0
+        """v0 as this model's `think_init` names it (`think_init_logits`), before any `think_start`."""
+        return think_init_logits(self.config, base_energy)
 
     def think(self, landscape: Landscape, steps: int, think_lr=None, create_graph=None, record_final=True,
               detach_refine=False, start=None, start_mask=None, samples=1, second_order_last_only=False):
-        """Energy descent on the logits (nanoebm docs/DESIGN.md, section 3). Returns (v_K, (v_1..v_K), J trace), the
-        logits centred (`forward` puts them back on System 1's scale).
-
-        The trace (J at v_0..v_K) is computed only with `record_final` (or an early-stop threshold, which reads it);
-        decoding asks for neither, so its steps compute only what the closed-form step needs, and the trace is None.
-        With `energy_convergence_threshold` > 0 each position stops moving once its own |J_k - J_(k-1)| falls below
-        it: its later logits and J repeat, so there are always K steps and a row's result never depends on the other
-        rows of its batch; the loop ends when every position has stopped.
-
-        Every position descends its own J (the objective is summed, never averaged, over positions). `ebt`, and
-        `mixture_stopgrad=false`, differentiate J with autograd (through the backbone for ebt; second order when
-        training, through the math SDPA kernel, the one with a double backward).
-        `detach_refine` cuts the gradient between steps: each step learns only from its own update.
-        `start` (..., V) replaces `think_init` where `start_mask` (...) is true: training resumes the descent of
-        replayed positions from the logits an earlier step refined them to.
-        `samples` = G: the positions are G copies of n positions (sample-major); every copy after the first starts
-        `think_samples_noise_std` of noise away from the first (self-verification).
-        `second_order_last_only`: when the loss reads only v_K, differentiate only the last autograd step twice; the
-        earlier ones stay in the chain as first-order moves (EBT's truncate_mcmc: its cost is one second-order step).
-        Training's Langevin noise is added before each step, which then corrects it (the final logits are not noisy).
-        """
-        cfg = self.config
-        tau, lam, max_move, clamp = cfg.softmax_temperature, cfg.entropy_weight, cfg.think_max_move, cfg.absolute_clamp
-        alpha = self.think_lr if think_lr is None else think_lr
-        create_graph = self.training if create_graph is None else create_graph
-        v0 = self.descent_start(landscape.base, start, start_mask, samples)
-        if self.training and cfg.think_lr_random_scale > 1:  # EBT: alpha * U[1/s, s] per row and position
-            s = cfg.think_lr_random_scale
-            alpha = alpha * (1 / s + (s - 1 / s) * torch.rand(*v0.shape[:-1], 1, device=v0.device))
-        # frozen: the positions whose |J_k - J_(k-1)| fell below the threshold; they keep their logits from then on
-        v, steps_taken, trace, previous, frozen = v0, [], [], None, None
-        threshold = cfg.energy_convergence_threshold
-        track = record_final or threshold > 0
-        if max_move > 0:
-            low, high = v0 - max_move, v0 + max_move
-        autograd_step = landscape.scalar is not None or (not cfg.mixture_stopgrad and landscape.correction is not None)
-        differentiable = landscape
-        if autograd_step and torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                differentiable = landscape.cloned()
-        for k in range(steps + 1):
-            last = k == steps
-            if last and not record_final:
-                break
-            held = v  # where a position that has stopped stays (with the graph of the step that brought it there)
-            if detach_refine and 0 < k < steps:  # never the returned v_K itself
-                v = v.detach()
-            if self.training and cfg.langevin_noise > 0 and not last:
-                v = v + cfg.langevin_noise * torch.randn_like(v)
-            if autograd_step and not last:
-                second_order = create_graph and (not second_order_last_only or k == steps - 1)
-                with torch.inference_mode(False), torch.enable_grad():
-                    if not v.requires_grad:
-                        v = v.clone().requires_grad_(True)
-                    with sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext():
-                        J = expected_energy(differentiable, v, tau, lam)[0]
-                        (grad,) = torch.autograd.grad(J.sum(), v, create_graph=second_order)
-            else:
-                # the last evaluation only reads J (never differentiated: the trace is detached)
-                with torch.no_grad() if last else nullcontext():
-                    J, p, log_p, energy = expected_energy(landscape, v, tau, lam, with_objective=track)
-                if not last:  # closed form with p held fixed inside E: (1/tau) p (d - <d>_p)
-                    d = energy + lam * (log_p + 1.0)
-                    centred = d - (p * d).sum(-1, keepdim=True)
-                    # natural: the same step preconditioned by the inverse Fisher of softmax(v / tau)
-                    grad = centred / tau if cfg.think_gradient == "natural" else p * centred / tau
-            if track:
-                J = J.detach() if frozen is None else torch.where(frozen, previous, J.detach())
-                trace.append(J)
-                if threshold > 0 and previous is not None:  # each position stops once its own J has settled
-                    settled = (J - previous).abs() < threshold
-                    frozen = settled if frozen is None else frozen | settled
-                    if bool(frozen.all()):  # the rest of the steps would repeat every position: write them out
-                        v = held
-                        steps_taken += [v] * (steps - len(steps_taken))
-                        trace += [J] * (steps + int(record_final) - len(trace))
-                        break
-                previous = J
-            if last:
-                break
-            v = v - alpha * grad
-            if max_move > 0:
-                v = v.clamp(min=low, max=high)
-            if clamp > 0:
-                v = v.clamp(-clamp, clamp)
-            v = v - v.mean(-1, keepdim=True)
-            if autograd_step and not create_graph:
-                v = v.detach()
-            if frozen is not None:
-                v = torch.where(frozen[..., None], held, v)
-            steps_taken.append(v)
-        if steps_taken and not torch.isfinite(v).all():
-            raise ThinkingDivergedError(
-                f"thinking produced NaN/Inf logits after {len(steps_taken)} step(s): lower think_lr "
-                f"(now {float(torch.as_tensor(alpha).detach().mean()):.4g}), raise softmax_temperature "
-                f"(now {tau}) or bound the moves with think_max_move / absolute_clamp"
-            )
-        return v, tuple(steps_taken), torch.stack(trace, dim=-1) if trace else None
+        """`energy_descent` with this model's step size alpha = softplus(think_lr_raw) (or `think_lr`), from
+        `initial_logits` (or `start` where `start_mask` is true; `samples` copies: see `descent_start`).
+        `create_graph` (default: in training) differentiates the autograd steps twice, as training's loss needs."""
+        v0 = descent_start(self.initial_logits(landscape.base), self.config, start, start_mask, samples)
+        return energy_descent(
+            landscape, v0, steps, self.think_lr if think_lr is None else think_lr, self.config, training=self.training,
+            create_graph=self.training if create_graph is None else create_graph, record_final=record_final,
+            detach_refine=detach_refine, second_order_last_only=second_order_last_only,
+        )
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -776,79 +885,28 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> NanoEBMCausalLMOutput:
-        r"""
-        cache: the KV cache of earlier tokens (`past_key_values` before transformers 5.24; either name works).
-        labels: targets aligned with `input_ids` (shifted inside, HF convention); -100 is ignored.
-        shift_labels: targets already shifted (target of position t at t), as transformers' loss utilities name
-            them; the training stream uses these so every one of the block_size positions is scored.
-        logits_to_keep: score (and think on) only the last n positions; generate passes 1.
-        use_thinking, think_steps, think_lr, think_samples: override the config for this call (generate forwards
-            them). think_samples = G > 1 descends G starting points per position and keeps, position by position,
-            the one with the lowest final energy (self-verification); its logits, steps and trace are returned.
-        return_energy_trace: return J at v_0..v_K (one more landscape evaluation for J_K); false (as decoding asks)
-            computes no J at all and returns energy_trace=None.
-        return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
-        detach_refine: cut the gradient between thinking steps (training).
-        truncate_refine: the loss reads only the last step: autograd descents (ebt, coupled) differentiate only that
-            step twice (training).
-        think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true,
-            instead of `think_init` (training's replay buffer).
-        """
-        use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
-        steps, samples = checked_thinking_arguments(self.config, think_steps, think_lr, think_samples)
-        if (think_start is None) != (think_start_mask is None):
-            raise ValueError("think_start and think_start_mask go together: give both or neither")
-        thinking = use_thinking and steps > 0
-        samples = samples if thinking else 1
-        soft = self.config.reads_candidate and (thinking or return_landscape)
+        """The scores `generate`, pipelines and the Trainer read: System 1's -E_base, refined by thinking when it is
+        on, with the loss when labels are given. The arguments beyond transformers' usual ones: see the class."""
+        thinking, steps, samples, soft = self.thinking_plan(
+            use_thinking, think_steps, think_lr, think_samples, think_start, think_start_mask, return_landscape)
         out = self.transformer(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            return_context_kv=soft,
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else past_key_values, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_context_kv=soft,
         )
-        hidden = out.last_hidden_state
-        T = hidden.shape[1]
+        T = out.last_hidden_state.shape[1]
         n = T if not logits_to_keep else min(logits_to_keep, T)
-        kept = hidden[:, -n:]
-        context = lambda copies: dict()  # noqa: E731
-        if soft:  # G copies of the n positions read the same real keys and values (never a cache write)
-            cache = getattr(out, CACHE_NAME)
-            kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
-            S = kv[0][0].shape[2]
-            context = lambda copies: dict(  # noqa: E731
-                context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:].repeat(1, copies),
-                query_index=torch.arange(S - n, S, device=hidden.device).repeat(copies),
-            )
-        landscape = self.build_landscape(kept.repeat(1, samples, 1) if samples > 1 else kept, **context(samples))
+        landscape = self.positions_landscape(out, n, attention_mask, samples, soft)
         system1 = -landscape.base[:, :n]
-        step_logits, trace = (), None
+        step_logits, trace, logits = (), None, system1
         if thinking:
-            if think_start is not None and samples > 1:
-                think_start, think_start_mask = think_start.repeat(1, samples, 1), think_start_mask.repeat(1, samples)
-            logits, step_logits, trace = self.think(
-                landscape, steps, think_lr, record_final=return_energy_trace or samples > 1,
-                detach_refine=detach_refine, start=think_start, start_mask=think_start_mask, samples=samples,
-                second_order_last_only=truncate_refine,
+            logits, step_logits, trace = self.system2(
+                landscape, system1, steps, samples, think_lr, think_start, think_start_mask,
+                return_energy_trace=return_energy_trace, detach_refine=detach_refine, truncate_refine=truncate_refine,
             )
-            if samples > 1:  # self-verification: per position, the sample whose descent ended lowest
-                best = trace[..., -1].unflatten(1, (samples, n)).argmin(1)
-                logits, trace = lowest_energy_sample(logits, best), lowest_energy_sample(trace, best)
-                step_logits = tuple(lowest_energy_sample(v, best) for v in step_logits)
-                if return_landscape:
-                    landscape = self.build_landscape(kept, **context(1))
-            # the descent works on centred logits; shifted back by System 1's mean over the vocabulary, a descent that
-            # changed nothing returns System 1's logits at softmax_temperature 1, and processors that read raw values
-            # (repetition_penalty, output_scores) treat both systems alike. No softmax sees the shift, so it carries
-            # no gradient: the refined logits train exactly what they trained centred
-            shift = system1.detach().mean(-1, keepdim=True)
-            logits, step_logits = logits + shift, tuple(v + shift for v in step_logits)
-        else:
-            logits = system1
-        padding = getattr(self, "_decoding_padding", None)
-        if padding:  # inside generate: the pad id is never chosen, whatever the decoding strategy
-            logits = logits.index_fill(-1, torch.tensor(padding, device=logits.device), torch.finfo(logits.dtype).min)
-
+            if samples > 1 and return_landscape:  # the landscape of the n positions, once
+                landscape = self.positions_landscape(out, n, attention_mask, 1, soft)
+        logits = self.never_padding(logits)
         loss = None
         if labels is not None or shift_labels is not None:
             loss = self.next_token_loss(logits, labels, shift_labels, attention_mask, self.padding_ids())
@@ -857,6 +915,61 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             energy_trace=trace, hidden_states=out.hidden_states, landscape=landscape if return_landscape else None,
             **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )
+
+    def thinking_plan(self, use_thinking, think_steps, think_lr, think_samples, think_start, think_start_mask,
+                      return_landscape):
+        """(thinking, steps, samples, soft) for one call: the config's settings unless the call overrides them; `soft`:
+        provisional tokens will read the real tokens' keys and values (a landscape that reads a candidate)."""
+        use_thinking = self.config.use_thinking if use_thinking is None else use_thinking
+        steps, samples = checked_thinking_arguments(self.config, think_steps, think_lr, think_samples)
+        if (think_start is None) != (think_start_mask is None):
+            raise ValueError("think_start and think_start_mask go together: give both or neither")
+        thinking = use_thinking and steps > 0
+        soft = self.config.reads_candidate and (thinking or return_landscape)
+        return thinking, steps, samples if thinking else 1, soft
+
+    def never_padding(self, logits):
+        """Inside generate the pad id is never chosen, whatever the decoding strategy (`padding_ids`)."""
+        padding = getattr(self, "_decoding_padding", None)
+        if not padding:
+            return logits
+        return logits.index_fill(-1, torch.tensor(padding, device=logits.device), torch.finfo(logits.dtype).min)
+
+    def positions_landscape(self, out, n, attention_mask, copies=1, soft=False):
+        """The landscape of the backbone output `out`'s last `n` positions, `copies` times over (sample-major). With
+        `soft`, the copies' provisional tokens read the same real keys and values (never a cache write)."""
+        kept = out.last_hidden_state[:, -n:]
+        hidden = kept.repeat(1, copies, 1) if copies > 1 else kept
+        if not soft:
+            return self.build_landscape(hidden)
+        cache = getattr(out, CACHE_NAME)
+        kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
+        S = kv[0][0].shape[2]
+        return self.build_landscape(
+            hidden, context_kv=kv, key_valid=attention_mask, position_ids=out.position_ids[:, -n:].repeat(1, copies),
+            query_index=torch.arange(S - n, S, device=kept.device).repeat(copies),
+        )
+
+    def system2(self, landscape, system1, steps, samples, think_lr, start, start_mask, return_energy_trace,
+                detach_refine, truncate_refine):
+        """(logits, step logits, J trace) of the descent from every position; with `samples` = G > 1 starts, per
+        position the sample whose descent ended lowest (self-verification, which reads the final J)."""
+        if start is not None and samples > 1:
+            start, start_mask = start.repeat(1, samples, 1), start_mask.repeat(1, samples)
+        logits, step_logits, trace = self.think(
+            landscape, steps, think_lr, record_final=return_energy_trace or samples > 1, detach_refine=detach_refine,
+            start=start, start_mask=start_mask, samples=samples, second_order_last_only=truncate_refine,
+        )
+        if samples > 1:
+            best = trace[..., -1].unflatten(1, (samples, system1.shape[1])).argmin(1)
+            logits, trace = lowest_energy_sample(logits, best), lowest_energy_sample(trace, best)
+            step_logits = tuple(lowest_energy_sample(v, best) for v in step_logits)
+        # the descent works on centred logits; shifted back by System 1's mean over the vocabulary, a descent that
+        # changed nothing returns System 1's logits at softmax_temperature 1, and processors that read raw values
+        # (repetition_penalty, output_scores) treat both systems alike. No softmax sees the shift, so it carries
+        # no gradient: the refined logits train exactly what they trained centred
+        shift = system1.detach().mean(-1, keepdim=True)
+        return logits + shift, tuple(v + shift for v in step_logits), trace
 
     @staticmethod
     def next_token_loss(logits, labels=None, shift_labels=None, attention_mask=None, padding_ids=()):
@@ -893,69 +1006,26 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, use_cache=True,
         past_key_values=None, **kwargs,
     ):
-        """Feed only the new tokens, inside a window of at most `block_size` tokens.
-
-        Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
-        Learned positions: a row reads `decode_window(...)` tokens: its prompt's last `block_size` at most, then a
-        window that grows to `block_size` and falls back to `block_size // 2` (every cached key would change
-        position, so the window is re-read: amortised, one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys are dropped, which is
-        exact for this model, whose every layer attends to the last `block_size` keys (cached hidden states still
-        carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a cache
-        every step re-reads the last `block_size` tokens, as the research code does.
-        """
+        """Feed only the new tokens, inside a window of at most `block_size` tokens (`decode_step`), where the
+        window depends on how many tokens this generate call has added (counted by
+        `_update_model_kwargs_for_generation`, 0 on its first step)."""
         cache = cache if cache is not None else past_key_values
-        block = self.config.block_size
-        cache_position = kwargs.pop("cache_position", None)
-        if next_sequence_length is None and cache_position is not None and cache is not None \
-                and cache.get_seq_length() > 0:  # transformers < 5.3 passes only the new tokens' positions
-            next_sequence_length = cache_position.shape[-1]
-        first = kwargs.pop("is_first_iteration", False)
-        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; recomputed below
+        generated = kwargs.pop("nanoebm_generated", 0)
+        kwargs.pop("is_first_iteration", None)
+        kwargs.pop("position_ids", None)  # generate's absolute positions ignore the window; decode_step's instead
         if attention_mask is None:
             padding = torch.tensor(getattr(self, "_decoding_padding", None) or [], dtype=torch.long,
                                    device=input_ids.device)
             attention_mask = ((input_ids < self.config.vocab_size) & ~torch.isin(input_ids, padding)).long()
-        lengths = attention_mask.sum(-1)
-        if first and int(lengths.max()) > block:
-            logger.warning_once(f"a prompt has {int(lengths.max())} tokens, more than block_size={block}: only its "
-                                f"last {block} are read")
-        cached = cache.get_seq_length() if (use_cache and cache is not None) else 0
-        new = next_sequence_length
-        if self.config.position_embedding == "rope":
-            if cached == 0 or new is None:
-                new, cached = min(input_ids.shape[1], block), 0
-            elif cached + new > block:
-                drop = cached + new - block
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-                cached -= drop
-            window = attention_mask[:, -(cached + new):]
-            position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
-        else:
-            if use_cache and cache is not None:
-                if not hasattr(cache, "_nanoebm_prompt_width"):  # the first step of this generate call
-                    cache._nanoebm_prompt_width = input_ids.shape[1]
-                generated = input_ids.shape[1] - cache._nanoebm_prompt_width
-                context = decode_window(lengths, block, generated)
-                grown = (cached > 0 and new is not None and cached + new == int(context.max()) and bool(
-                    (context == decode_window(lengths - new, block, generated - new) + new).all()))
-            else:  # no cache: every step re-reads the last block_size tokens
-                context, grown = lengths.clamp(max=block), False
-            width = int(context.max())
-            if not grown:  # first step, or some row's window restarts: re-read every row's window
-                new, cached = width, 0
-            columns = torch.arange(width, device=input_ids.device)
-            window = (columns[None, :] >= width - context[:, None]).long()
-            position_ids = positions_from_mask(window, 0, new, input_ids.device)
-        if cache is not None and cached == 0 and cache.get_seq_length():
-            cache.crop(-cache.get_seq_length())  # empty it
+        longest, block = int(attention_mask.sum(-1).max()), self.config.block_size
+        if generated == 0 and longest > block:
+            logger.warning_once(f"a prompt has {longest} tokens, more than block_size={block}: only its last {block} "
+                                f"are read")
+        fed, window, position_ids = decode_step(input_ids, attention_mask, cache if use_cache else None,
+                                                next_sequence_length, generated, self.config)
         kwargs.setdefault("return_energy_trace", False)
-        # a row that hit eos_token_id is extended with the pad id under attention_mask 1; generate discards what it
-        # produces, so those ids read as 0 (left padding, under attention_mask 0, is handled by the backbone)
-        fed = input_ids[:, -new:]
-        fed = fed.masked_fill((fed >= self.config.vocab_size) & window[:, -new:].bool(), 0)
         return {
-            "input_ids": fed.contiguous(),
+            "input_ids": fed,
             "attention_mask": window,
             "position_ids": position_ids,
             CACHE_NAME: cache if use_cache else None,
@@ -963,31 +1033,81 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             **kwargs,
         }
 
-
-def checked_thinking_arguments(config, think_steps, think_lr, think_samples):
-    """(steps, samples) for one call. `generate` forwards these from the user untouched, so a bad one is a
-    ValueError that names it, never a silent cast (2.5 steps are not 2) or a NaN descent."""
-
-    def integer(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    steps = config.think_steps if think_steps is None else think_steps
-    if not (integer(steps) and steps >= 0):
-        raise ValueError(f"think_steps={steps!r} is invalid: must be an integer >= 0")
-    if think_lr is not None and not (isinstance(think_lr, numbers.Real) and not isinstance(think_lr, bool)
-                                     and math.isfinite(think_lr) and think_lr > 0):
-        raise ValueError(f"think_lr={think_lr!r} is invalid: must be a finite number > 0")
-    samples = config.think_samples if think_samples is None else think_samples
-    if not (integer(samples) and samples >= 1):
-        raise ValueError(f"think_samples={samples!r} is invalid: must be an integer >= 1")
-    return int(steps), int(samples)
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        """transformers' bookkeeping between decoding steps, plus the count of tokens this generate call has added:
+        where a row's prompt ends decides its decode window, and neither the tokens (a prompt may be any text) nor
+        the cache (a reused one holds another call's window) can tell it."""
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs["nanoebm_generated"] = model_kwargs.get("nanoebm_generated", 0) + num_new_tokens
+        return model_kwargs
 
 
-def lowest_energy_sample(x, best):
-    """x (B, G * n, ...) holds G samples of n positions, sample-major; keep sample best (B, n) of each position."""
-    x = x.unflatten(1, (-1, best.shape[1]))  # (B, G, n, ...)
-    index = best.view(best.shape[0], 1, best.shape[1], *([1] * (x.dim() - 3)))
-    return x.gather(1, index.expand(-1, 1, -1, *x.shape[3:])).squeeze(1)
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: the window of tokens each generate step reads
+
+
+def decode_step(input_ids, attention_mask, cache, new, generated, config):
+    """What one decoding step feeds the model: (token ids, the window's attention mask, its position ids).
+
+    Each row's window depends on its own text alone, so a left-padded row decodes exactly as it would alone.
+    Learned positions: a row reads `decode_window(...)` tokens: its prompt's last `block_size` at most, then a window
+    that grows to `block_size` and falls back to `block_size // 2` (every cached key would change position, so the
+    window is re-read: amortised, one re-read per `block_size // 2` tokens). Rotary positions: the oldest cached keys
+    are dropped, which is exact for this model, whose every layer attends to the last `block_size` keys (cached hidden
+    states still carry older context, so this is not the same as re-reading the last `block_size` tokens). Without a
+    cache every step re-reads the last `block_size` tokens, as the research code does.
+
+    `cache` (None without one) is trimmed in place to the keys the step keeps; the first step of a call
+    (`generated` = 0) re-reads its window, so a reused cache decodes as a fresh one. `new`: how many tokens are new
+    since the last step (None on the first).
+    """
+    cached = cache.get_seq_length() if cache is not None else 0
+    if config.position_embedding == "rope":
+        new, cached, window = rotary_window(attention_mask, cache, cached, new, generated, config.block_size)
+        position_ids = positions_from_mask(attention_mask, 0, new, input_ids.device)
+    else:
+        new, cached, window = learned_window(attention_mask.sum(-1), cached, new, generated, config.block_size,
+                                             cached_decoding=cache is not None)
+        position_ids = positions_from_mask(window, 0, new, input_ids.device)
+    if cache is not None and cached == 0 and cache.get_seq_length():
+        cache.crop(-cache.get_seq_length())  # empty it
+    # a row that hit eos_token_id is extended with the pad id under attention_mask 1; generate discards what it
+    # produces, so those ids read as 0 (left padding, under attention_mask 0, is handled by the backbone)
+    fed = input_ids[:, -new:]
+    fed = fed.masked_fill((fed >= config.vocab_size) & window[:, -new:].bool(), 0)
+    return fed.contiguous(), window, position_ids
+
+
+def rotary_window(attention_mask, cache, cached, new, generated, block_size):
+    """(new tokens to feed, cached keys kept, the window's mask) with rotary positions: the cached keys plus the new
+    tokens, the oldest keys dropped beyond `block_size`; the first step reads the last `block_size` tokens."""
+    if generated == 0 or cached == 0 or new is None:
+        new, cached = min(attention_mask.shape[1], block_size), 0
+    elif cached + new > block_size:
+        drop = cached + new - block_size
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        cached -= drop
+    return new, cached, attention_mask[:, -(cached + new):]
+
+
+def learned_window(lengths, cached, new, generated, block_size, cached_decoding=True):
+    """(new tokens to feed, cached keys kept, the window's mask) with learned positions, for rows of `lengths` real
+    tokens of which the last `generated` were generated. The cache grows by the new tokens while every row's window
+    grows by them; otherwise every row's window is re-read (and without a cache, the last `block_size` tokens)."""
+    if cached_decoding:
+        context = decode_window(lengths, block_size, generated)
+        grown = (generated > 0 and cached > 0 and new is not None and cached + new == int(context.max()) and bool(
+            (context == decode_window(lengths - new, block_size, generated - new) + new).all()))
+    else:
+        context, grown = lengths.clamp(max=block_size), False
+    width = int(context.max())
+    if not grown:  # first step, or some row's window restarts: re-read every row's window
+        new, cached = width, 0
+    columns = torch.arange(width, device=lengths.device)
+    return new, cached, (columns[None, :] >= width - context[:, None]).long()
 
 
 def decode_window(lengths, block_size, generated=0):

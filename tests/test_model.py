@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 
 from conftest import make_model, tiny_config, train_briefly
 from configuration_nanoebm import NanoEBMConfig
-from modeling_nanoebm import ThinkingDivergedError
+from modeling_nanoebm import CACHE_NAME, ThinkingDivergedError
 
 LANDSCAPES = ["linear", "mixture", "soft_tokens"]
 
@@ -307,6 +308,23 @@ def test_long_prompt_is_cropped_from_the_left(trained, corpus_ids):
     assert torch.equal(out[:, :50], long_prompt)
     cropped = model.generate(long_prompt[:, -32:], max_new_tokens=5, do_sample=False)
     assert torch.equal(out[:, 50:], cropped[:, 32:])
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+def test_a_reused_cache_decodes_as_a_fresh_one(corpus_ids, position_embedding):
+    """A cache passed to a second generate call (continuing the first one's text) brings nothing of the first call
+    with it: the second call decodes exactly as a call on the same text with a fresh cache. The first call's text
+    outgrows block_size, so its windows, and what its cache holds, differ from those of a call that starts there."""
+    model = make_model(landscape="mixture", correction_scale=0.5, position_embedding=position_embedding).eval()
+    kw = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cache = DynamicCache(config=model.config)
+    first = model.generate(corpus_ids[:20][None], max_new_tokens=20, **{CACHE_NAME: cache}, **kw)
+    assert first[CACHE_NAME] is cache and cache.get_seq_length() > 0
+    again = model.generate(first.sequences, max_new_tokens=12, **{CACHE_NAME: cache}, **kw)
+    fresh = model.generate(first.sequences, max_new_tokens=12, **kw)
+    assert torch.equal(again.sequences, fresh.sequences)
+    for a, b in zip(again.scores, fresh.scores):
+        assert torch.equal(a, b)
 
 
 def test_every_decoding_strategy_runs_on_refined_scores(trained, corpus_ids):
