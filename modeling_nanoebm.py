@@ -9,9 +9,9 @@ nanoebm's docs/DESIGN.md.
 
 import math
 import numbers
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -177,7 +177,8 @@ def test_early_stop_is_per_position_and_keeps_every_step(corpus_ids):
 
 def test_detach_refine_and_early_stop_keep_the_gradient_of_the_last_move():
     """detach_refine cuts the graph between steps, never after the last one: forward's loss on v_K trains. A position
-    that stopped early repeats its v_k with the graph of the step that made it, so a loss on v_K trains as one on v_k."""
+    that stopped early repeats its v_k with the graph of the step that made it, so a loss on v_K trains as one on
+    v_k."""
     model = make_model(landscape="mixture", correction_scale=1.0).train()
     ids = torch.randint(0, 65, (2, 12))
     scale = model.energy_head.correction_scale
@@ -290,7 +291,8 @@ def test_learned_positions_past_block_size_reread_half_windows(trained, corpus_i
 @pytest.mark.parametrize("landscape", LANDSCAPES)
 def test_rope_past_block_size_is_sliding_window_attention(corpus_ids, landscape):
     """With rotary positions the cached path equals one full-sequence pass with a block_size attention band."""
-    model = train_briefly(make_model(landscape=landscape, position_embedding="rope", think_lr=1.0), corpus_ids, steps=15)
+    model = make_model(landscape=landscape, position_embedding="rope", think_lr=1.0)
+    model = train_briefly(model, corpus_ids, steps=15)
     prompt = corpus_ids[:10][None]
     generated = model.generate(prompt, max_new_tokens=50, do_sample=False, think_steps=2)
     reference = prompt
@@ -490,14 +492,14 @@ def test_a_model_sized_len_tokenizer_never_chooses_the_pad(char_tokenizer):
     ids = char_tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
     assert (model.generate(ids, max_new_tokens=8, do_sample=False)[0, 6:] == pad).all()  # nobody named it
     for where in ("config", "generation_config"):
-        setattr(getattr(model, where), "pad_token_id", pad)
+        getattr(model, where).pad_token_id = pad
         for kwargs in (dict(), dict(use_thinking=False), dict(do_sample=True), dict(num_beams=3),
                        dict(pad_token_id=0)):
             torch.manual_seed(0)
             out = model.generate(ids, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **kwargs)
             assert (out.sequences[0, 6:] == 0).all(), (where, kwargs)  # the favourite after the pad
             assert all(float(step[:, pad].max()) == torch.finfo(step.dtype).min for step in out.logits)
-        setattr(getattr(model, where), "pad_token_id", None)
+        getattr(model, where).pad_token_id = None
     model.config.pad_token_id = pad
     assert model(ids).logits[0, -1].argmax() == pad  # forward itself is not masked: the pad is a real output
     labels = ids.clone()

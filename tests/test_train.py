@@ -382,7 +382,8 @@ def test_replay_resumes_the_descent_from_stored_logits():
 def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+               "--dynamo_backend", "no",
                str(ROOT / "tests" / "ddp_probe.py"), *TINY, "--data_path", str(small_corpus), "--output_dir", str(out),
                "--max_steps", "6", "--use_cpu", "--contrastive_type", "pcd", "--do_train", "true",
                "--keep_checkpoints", "true"]
@@ -449,7 +450,8 @@ def test_research_syntax_maps_onto_the_flags():
     research = run_train.parse_args(["model.use_contrastive=true", "model.contrastive_type=pcd", "train.max_steps=100",
                                      "data.batch_size=64", "model.refine_steps=6", "train.compile=false"])
     flags = run_train.parse_args(["--use_contrastive", "true", "--contrastive_type", "pcd", "--max_steps", "100",
-                                  "--per_device_train_batch_size", "64", "--think_steps", "6", "--torch_compile", "false"])
+                                  "--per_device_train_batch_size", "64", "--think_steps", "6",
+                                  "--torch_compile", "false"])
     for part in ("model", "data", "loss"):
         assert asdict(getattr(research, part)) == asdict(getattr(flags, part))
     ta, tb = research.training, flags.training
@@ -485,7 +487,8 @@ def test_presets():
     cpu = run_train.parse_args(["--preset", "cpu", "--max_steps", "7"])
     assert (gpu.model.n_layer, gpu.model.n_embd, gpu.training.per_device_train_batch_size, gpu.training.max_steps) \
         == (6, 384, 64, 5000)
-    assert (cpu.model.n_layer, cpu.model.n_embd, cpu.training.learning_rate, cpu.training.max_steps) == (4, 128, 1e-3, 7)
+    assert (cpu.model.n_layer, cpu.model.n_embd, cpu.training.learning_rate, cpu.training.max_steps) \
+        == (4, 128, 1e-3, 7)
 
 
 def test_preset_follows_the_machine_and_says_why(monkeypatch):
@@ -688,8 +691,9 @@ def test_resuming_refuses_a_flag_that_changes_what_the_run_computes(interrupted,
 
 
 def test_resuming_accepts_flags_that_only_change_where_results_go(interrupted, tmp_path):
-    parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted), "--think_steps", "1", "--logging_steps",
-                                   "2", "--output_dir", str(tmp_path / "elsewhere"), "--keep_checkpoints", "false"])
+    parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted), "--think_steps", "1",
+                                   "--logging_steps", "2", "--output_dir", str(tmp_path / "elsewhere"),
+                                   "--keep_checkpoints", "false"])
     assert (parsed.model.think_steps, parsed.training.logging_steps) == (1, 2)
 
 
