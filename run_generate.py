@@ -32,17 +32,9 @@ from typing import Literal
 # The pictures live in nanoebm.plots, the comparison in nanoebm.compare, what both share with generation (the
 # teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
 # imports torch, transformers or matplotlib before a function needs it (--help stays fast).
-from configuration_nanoebm import OPTION
 from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
-from nanoebm.cli import (
-    UsageError,
-    check_unk_token,
-    raise_usage_error,
-    reject_unknown,
-    report,
-    translate_research_syntax,
-    unk_token_field,
-)
+from nanoebm.cli import (UsageError, check_unk_token, model_options, raise_usage_error, reject_unknown, report,
+                         translate_research_syntax, unk_token_field)
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
@@ -52,13 +44,15 @@ from nanoebm.plots import make_folder, plot_comparison, write_plots
 # Arguments
 
 
+THINKING = model_options(("think_steps", "think_lr", "think_samples"))  # (help, research aliases) of each
+
+
 def model_option(name):
     """A flag for one of the model's thinking options (configuration_nanoebm.OPTIONS), for this run only: unset, the
     model's own value holds."""
-    option = OPTION[name]
-    aliases = "".join(f" Research syntax also: {alias}=VALUE." for alias in option.aliases)
-    return field(default=None, metadata={"help": f"{option.help[0].upper()}{option.help[1:]} (default: the "
-                                                 f"model's own).{aliases}"})
+    text, aliases = THINKING[name]
+    research = "".join(f" Research syntax also: {alias}=VALUE." for alias in aliases)
+    return field(default=None, metadata={"help": f"{text[0].upper()}{text[1:]} (default: the model's own).{research}"})
 
 
 @dataclass
@@ -200,7 +194,7 @@ RESEARCH_KEYS = {
     "sample": "do_sample",
     "sample_temp": "temperature",
     "sample_top_p": "top_p",
-    **{alias: name for name in ("think_steps", "think_lr", "think_samples") for alias in OPTION[name].aliases},
+    **{alias: name for name, (_, aliases) in THINKING.items() for alias in aliases},
 }
 
 

@@ -10,6 +10,7 @@ import difflib
 import re
 import sys
 from dataclasses import field
+from pathlib import Path
 
 KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\-]*)=(.*)$", re.DOTALL)
 
@@ -98,3 +99,26 @@ def report(prog: str, error: BaseException, status: int = 2) -> int:
     message = re.sub(r"\s*\n\s*", " ", str(error).strip())
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return status
+
+
+def model_options(names) -> dict:
+    """{name: (help, aliases)} of entries of configuration_nanoebm.OPTIONS, the one definition of the model's options,
+    read from that file's source: importing it imports torch (transformers' PreTrainedConfig does), which a program's
+    --help does not need, and the table is plain data. tests/test_settings.py checks this against the imported table."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec("configuration_nanoebm").origin
+    tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and [getattr(target, "id", None) for target in node.targets] == ["OPTIONS"])
+    found = {}
+    for call in table.elts:
+        name, help_text = call.args[0].value, call.args[2].value
+        aliases = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "aliases"), ())
+        if name in names:
+            found[name] = (help_text, tuple(aliases))
+    missing = set(names) - set(found)
+    if missing:
+        raise KeyError(f"configuration_nanoebm.OPTIONS has no {sorted(missing)}")
+    return found

@@ -34,6 +34,16 @@ def test_every_option_is_a_config_field_and_a_flag_with_its_default():
     assert generate_flags["think_steps"].metadata["help"].startswith("Gradient steps K")
 
 
+def test_the_table_read_without_importing_it_is_the_table():
+    """run_generate reads the thinking options from configuration_nanoebm's source (importing it costs torch)."""
+    from nanoebm.cli import model_options
+
+    names = [option.name for option in OPTIONS]
+    assert model_options(names) == {option.name: (option.help, option.aliases) for option in OPTIONS}
+    with pytest.raises(KeyError, match="think_harder"):
+        model_options(["think_harder"])
+
+
 def test_tie_word_embeddings_is_refused_not_ignored():
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         NanoEBMConfig(tie_word_embeddings=True)
