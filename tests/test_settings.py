@@ -114,3 +114,15 @@ def test_a_continued_folder_ranks_above_the_recipe(tmp_path, corpus_text):
     assert parsed.settings["landscape"].source == f"continued {out}"
     assert parsed.model.think_steps == 3 and parsed.loss.aux_ce_weight == 0.1  # the recipe's loss, the flag
     assert parsed.training.per_device_train_batch_size == 4  # the continued run's batch
+
+
+def test_every_preset_and_recipe_names_real_settings():
+    """Presets and recipes are data: a misspelt key would be silently dropped by the merge, so each must name a flag."""
+    from transformers import TrainingArguments
+
+    from nanoebm.recipes import RECIPES
+    from nanoebm.settings import PRESETS, TRAINING_DEFAULTS
+
+    known = {f.name for cls in (*run_train.NANOEBM_ARGUMENTS, TrainingArguments) for f in run_train.fields(cls)}
+    for name, values in [*PRESETS.items(), *RECIPES.items(), ("defaults", TRAINING_DEFAULTS)]:
+        assert set(values) <= known, (name, set(values) - known)
