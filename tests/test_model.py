@@ -26,6 +26,8 @@ def trained(corpus_ids):
     ("position_embedding", "alibi", "allowed"),
     ("think_max_move", -0.1, ">= 0"),
     ("dropout", 1.0, "[0, 1)"),
+    ("residual_init_power", -0.5, ">= 0"),
+    ("residual_init_power", float("nan"), ">= 0"),
 ])
 def test_config_rejects_bad_values(field, value, needle):
     with pytest.raises(ValueError) as err:
@@ -411,6 +413,17 @@ def test_initialisation_is_nanogpts_on_every_transformers_version():
         assert abs(float(proj.weight.std()) - 128 ** -0.5) < 5e-3
     assert float(head.mixture[0].weight.std()) == pytest.approx(0.02, abs=1e-3)
     assert not head.mixture[-1].weight.any() and abs(float(torch.tanh(head.correction_scale)) - 0.5) < 1e-6
+
+
+@pytest.mark.parametrize("power", [0.0, 0.25, 0.5])
+def test_residual_projections_start_at_the_chosen_power_of_2_n_layer(power):
+    """residual_init_power p: every c_proj starts at std initializer_range / (2 n_layer) ** p (0.5 nanoGPT's)."""
+    model = make_model(n_layer=4, n_embd=128, n_head=4, residual_init_power=power).requires_grad_(False)
+    expected = 0.02 / (2 * 4) ** power
+    for block in model.transformer.h:
+        for proj in (block.attn.c_proj, block.mlp.c_proj):  # 16k and 65k weights: the std is within 2%
+            assert float(proj.weight.std()) == pytest.approx(expected, rel=0.02)
+        assert float(block.mlp.c_fc.weight.std()) == pytest.approx(0.02, rel=0.02)
 
 
 # -- vocabulary sizing: len(tokenizer), resize_token_embeddings, padded labels ------------------------------------
