@@ -164,22 +164,31 @@ def mean_std(values):
 
 
 def report(records, command):
+    """Mean ± std over seeds per cell, the change against nanoGPT's p = 0.5 paired by seed, and every seed's values."""
     cells = {}
     for r in records:
-        cells.setdefault((r["model"], r["power"]), []).append(r)
-    lines = ["nats/char, mean ± std over seeds (per seed in brackets); odd: the odd-indexed windows, T fitted on the "
-             "even-indexed ones", "",
-             "| model | p | seeds | " + " | ".join(title for _, title in COLUMNS) + " | T |",
-             "|---|---:|---:|" + "---:|" * (len(COLUMNS) + 1)]
-    for (model, power), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        runs = sorted(runs, key=lambda r: r["seed"])
-        row = [model, f"{power:g}", ",".join(str(r["seed"]) for r in runs)]
-        for key, _ in COLUMNS + (("temperature", "T"),):
-            values = [r[key] for r in runs]
-            mean, std = mean_std(values)
-            row.append(f"{mean:.4f} ± {std:.4f} ({', '.join(f'{v:.4f}' for v in values)})")
-        lines.append("| " + " | ".join(row) + " |")
-    print("\n".join(lines))
+        cells.setdefault((r["model"], r["power"]), {})[r["seed"]] = r
+    order = sorted(cells, key=lambda cell: (cell[0] != "plain_gpt", cell[0], -cell[1]))
+    print("nats/char, mean ± std over seeds; odd: the odd-indexed windows, T fitted on the even-indexed ones\n")
+    print("| model | p | seeds | " + " | ".join(title for _, title in COLUMNS) + " | T | System 2 vs p=0.5 |")
+    print("|---|---:|---|" + "---:|" * (len(COLUMNS) + 2))
+    for cell in order:
+        runs = cells[cell]
+        row = [cell[0], f"{cell[1]:g}", ",".join(map(str, sorted(runs)))]
+        for key in [key for key, _ in COLUMNS] + ["temperature"]:
+            mean, std = mean_std([r[key] for r in runs.values()])
+            row.append(f"{mean:.4f} ± {std:.4f}")
+        nanogpt = cells.get((cell[0], 0.5), {})
+        paired = [100 * (r["system2"] / nanogpt[seed]["system2"] - 1) for seed, r in runs.items() if seed in nanogpt]
+        row.append(f"{mean_std(paired)[0]:+.2f}% ± {mean_std(paired)[1]:.2f}" if paired and cell[1] != 0.5 else "-")
+        print("| " + " | ".join(row) + " |")
+    print("\nper seed: System 1 / System 2 / odd: calibrated System 1 / odd: System 2\n")
+    print("| model | p | seed | System 1 | System 2 | odd: calibrated System 1 | odd: System 2 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for cell in order:
+        for seed, r in sorted(cells[cell].items()):
+            print(f"| {cell[0]} | {cell[1]:g} | {seed} | {r['system1']:.4f} | {r['system2']:.4f} | "
+                  f"{r['odd_system1_calibrated']:.4f} | {r['odd_system2']:.4f} |")
     print(f"\nreproduce: {command}")
 
 
@@ -193,6 +202,7 @@ def main():
     parser.add_argument("--eval_blocks", type=int, default=1716, help="validation blocks run_train.py draws (it "
                         "does not evaluate: the models are scored here)")
     parser.add_argument("--train_only", action="store_true", help="train the missing runs, score nothing")
+    parser.add_argument("--no_train", action="store_true", help="score and report the runs trained so far")
     parser.add_argument("--report", help="print the table of a saved results file")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -205,8 +215,8 @@ def main():
     for seed in args.seeds:  # every cell once before any second seed
         for power in args.powers:
             for model in args.models:
-                folder = train(args, model, power, seed)
-                if folder and not args.train_only:
+                folder = folder_of(args, model, power, seed) if args.no_train else train(args, model, power, seed)
+                if folder and (folder / "model.safetensors").is_file() and not args.train_only:
                     records.append({"model": model, "power": power, "seed": seed, **score_folder(folder)})
     if args.train_only:
         return
