@@ -55,8 +55,8 @@ def train(args, model, power, seed) -> Path | None:
     command = [sys.executable, str(ROOT / "run_train.py"), "--preset", "cpu", "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--data_seed", str(seed), "--residual_init_power", f"{power:g}",
                "--output_dir", str(out), "--do_train", "true", "--do_eval", "false", "--save_strategy", "no",
-               "--eval_blocks", str(args.eval_blocks), "--logging_steps", "200", "--dataloader_num_workers", "0", "--report_to", "none",
-               "--disable_tqdm", "true", *MODELS[model]]
+               "--eval_blocks", str(args.eval_blocks), "--logging_steps", "200", "--dataloader_num_workers", "0",
+               "--report_to", "none", "--disable_tqdm", "true", *MODELS[model]]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     start = time.time()

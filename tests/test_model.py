@@ -404,7 +404,8 @@ def test_no_stale_state_between_optimizer_steps_and_evaluation():
 def test_initialisation_is_nanogpts_on_every_transformers_version():
     """transformers initialises children before parents and, from 5.24, never twice: the scaled stds must still land
     (residual projections 0.02 / sqrt(2 n_layer), energy projections 1 / sqrt(d_energy), an open gate's zero output)."""
-    model = make_model(n_layer=4, n_embd=128, n_head=4, correction_scale_init=0.5).requires_grad_(False)
+    model = make_model(n_layer=4, n_embd=128, n_head=4, correction_scale_init=0.5,
+                       residual_init_power=0.5).requires_grad_(False)
     for block in model.transformer.h:
         for proj in (block.attn.c_proj, block.mlp.c_proj):
             assert abs(float(proj.weight.std()) - 0.02 / (2 * 4) ** 0.5) < 1e-3
@@ -519,7 +520,8 @@ def test_resize_token_embeddings_resizes_the_energy_head_too(corpus_ids):
         after = model(ids).energies
     assert torch.allclose(after[..., :65], before, atol=1e-5)  # the old ids keep their energies
     mean = before.mean(-1, keepdim=True).expand(-1, -1, 2)
-    assert torch.allclose(after[..., 65:], mean, atol=1e-4)  # the new ones start as the average candidate
+    # the new ones start as the average candidate (transformers draws their embeddings from N(mean, 1e-9 cov))
+    assert torch.allclose(after[..., 65:], mean, atol=1e-3)
     assert after[..., 65:].min() > before.min(-1).values.max()  # above every position's favourite: never greedy's pick
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 25) and (out[0, 20:] < 65).all()
