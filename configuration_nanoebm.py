@@ -54,7 +54,11 @@ OPTIONS = (
     Option("rope_theta", 10000.0, "base of the rotary frequencies (position_embedding='rope')", float,
            kept="the saved weights are trained with these frequencies"),
     Option("initializer_range", 0.02, "std of the normal initialisation of the weights (the residual projections "
-           "get it divided by sqrt(2 * n_layer), as nanoGPT)", float,
+           "get it divided by (2 * n_layer) ** residual_init_power)", float,
+           kept="it initialises weights the saved model has already trained"),
+    Option("residual_init_power", 0.0, "the residual projections (attention and MLP outputs) start at std "
+           "initializer_range / (2 * n_layer) ** residual_init_power: 0 the plain initializer_range (it trained "
+           "best here, docs/DESIGN.md), 0.5 nanoGPT's (GPT-2's) scaled init", float,
            kept="it initialises weights the saved model has already trained"),
     # the energy
     Option("d_energy", None, "width of the space where context and token projections meet (default: n_embd)", int,
@@ -186,6 +190,9 @@ class NanoEBMConfig(PreTrainedConfig):
         for field in ("think_lr", "think_lr_random_scale", "softmax_temperature", "rope_theta", "initializer_range"):
             need(isinstance(getattr(self, field), (int, float)) and math.isfinite(getattr(self, field)), field,
                  "must be a finite number")
+        need(isinstance(self.residual_init_power, (int, float)) and math.isfinite(self.residual_init_power)
+             and self.residual_init_power >= 0, "residual_init_power",
+             "must be a finite number >= 0 (0.5 is nanoGPT's scaled init, 0 the plain initializer_range)")
         for field in ("entropy_weight", "think_max_move", "absolute_clamp", "langevin_noise",
                       "think_init_noise_std", "energy_convergence_threshold", "think_samples_noise_std"):
             value = getattr(self, field)

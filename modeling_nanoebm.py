@@ -183,7 +183,7 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
 
 
 def residual_std(config):
-    return config.initializer_range / math.sqrt(2 * config.n_layer)
+    return config.initializer_range / (2 * config.n_layer) ** config.residual_init_power
 
 
 def inverse_softplus(x: float) -> float:

@@ -61,6 +61,20 @@ def test_a_flag_takes_effect_on_the_model(tmp_path):
     assert (model.config.rope_theta, model.config.initializer_range) == (500.0, 0.01)
 
 
+@pytest.mark.parametrize("power", ["0", "0.5"])
+def test_residual_init_power_flag_reaches_the_config(tmp_path, power):
+    """Both values (the default and the other) come through the flag to the config and the weights."""
+    parsed = run_train.parse_args([*TINY, "--residual_init_power", power, "--output_dir", str(tmp_path)])
+    assert parsed.model.residual_init_power == float(power)
+    from nanoebm import training
+    from tokenization_char import CharTokenizer
+
+    model = training.build_model(None, parsed.model, CharTokenizer(vocab={c: i for i, c in enumerate("abc")}))
+    assert model.config.residual_init_power == float(power)
+    expected = 0.02 / (2 * 1) ** float(power)  # TINY has one layer
+    assert float(model.transformer.h[0].mlp.c_proj.weight.std()) == pytest.approx(expected, rel=0.1)
+
+
 def test_layers_merge_in_order_and_linked_settings_go_together():
     merged = merge([("default", {"a": 1, "b": 1, "use_contrastive": True}), ("preset", {"b": 2, "c": 2}),
                     ("recipe", {"c": 3, "use_contrastive": False}), ("command line", {"contrastive_type": "pcd"})])

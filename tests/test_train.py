@@ -599,7 +599,8 @@ NEW_THINKING = {"use_thinking": "false", "think_steps": "3", "think_lr": "2.0", 
 NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bias": "false",
             "position_embedding": "rope", "d_energy": "16", "use_token_bias": "false", "landscape": "linear",
             "use_soft_tokens": "true", "correction_scale_init": "0.5", "block_size": "64",
-            "rope_theta": "500.0", "initializer_range": "0.05"}
+            "rope_theta": "500.0", "initializer_range": "0.05",
+            "residual_init_power": "0.25"}
 
 
 def test_every_model_flag_is_either_kept_or_taken_on_continue():
