@@ -66,10 +66,10 @@ def test_residual_init_power_flag_reaches_the_config(tmp_path, power):
     """Both values (the default and the other) come through the flag to the config and the weights."""
     parsed = run_train.parse_args([*TINY, "--residual_init_power", power, "--output_dir", str(tmp_path)])
     assert parsed.model.residual_init_power == float(power)
-    from nanoebm import training
+    from nanoebm import continuing
     from tokenization_char import CharTokenizer
 
-    model = training.build_model(None, parsed.model, CharTokenizer(vocab={c: i for i, c in enumerate("abc")}))
+    model = continuing.build_model(None, parsed.model, CharTokenizer(vocab={c: i for i, c in enumerate("abc")}))
     assert model.config.residual_init_power == float(power)
     expected = 0.02 / (2 * 1) ** float(power)  # TINY has one layer
     assert float(model.transformer.h[0].mlp.c_proj.weight.std()) == pytest.approx(expected, rel=0.1)
