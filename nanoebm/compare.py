@@ -11,7 +11,7 @@ from nanoebm.analysis import encode, resolved_thinking
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
-from nanoebm.scoring import calibrated_system1, score_blocks
+from nanoebm.scoring import calibrated_on_even_blocks, score_blocks
 
 
 def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
@@ -50,10 +50,7 @@ def calibration_columns(scores) -> dict:
     bpc_system2_heldout; None with a single block."""
     import math
 
-    import torch
-
-    even = torch.arange(scores["nll1"].shape[0]) % 2 == 0
-    result = calibrated_system1(scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu(), even)
+    result = calibrated_on_even_blocks(scores)
     if result is None:
         return dict(temperature_system1=None, bpc_system1_calibrated=None, bpc_system2_heldout=None)
     return dict(temperature_system1=result["temperature"],

@@ -101,21 +101,32 @@ def calibrated_system1(tempered, system2, fit) -> dict | None:
                 system2=float(system2[scored].mean()) if system2 is not None else None)
 
 
+def block_means(scores):
+    """Each block's mean NLL of System 1 at every one of TEMPERATURES (N, G) and of System 2 (N,), on the CPU, from
+    `score_blocks(..., tempered=True)`."""
+    return scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu()
+
+
+def calibrated_on_even_blocks(scores) -> dict | None:
+    """`calibrated_system1` of scored blocks, the temperature fitted on the even-numbered ones and scored on the odd
+    ones (training's evaluation splits the same way, over the blocks every process gathered)."""
+    import torch
+
+    tempered, system2 = block_means(scores)
+    return calibrated_system1(tempered, system2, torch.arange(len(tempered)) % 2 == 0)
+
+
 def against_calibrated(model, blocks, other=None, batch_size: int = 64) -> dict:
     """The model's own thinking (System 2) against System 1 at its best temperature, in nats per character: T fitted
     on the even-numbered `blocks`, which `calibrated_system1` scores on the odd-numbered ones; `other` blocks (an
     out-of-distribution text) are all scored at that same T. {"in": ..., "other": ...} (no "other" without it)."""
-    import torch
+    def scored(part):
+        return score_blocks(model, part, batch_size, tempered=True, trace=False)
 
-    def per_block(part):
-        scores = score_blocks(model, part, batch_size, tempered=True, trace=False)
-        return scores["nll1_tempered"].mean(1).cpu(), scores["nll2"].mean(1).cpu()
-
-    tempered, system2 = per_block(blocks)
-    result = {"in": calibrated_system1(tempered, system2, torch.arange(len(tempered)) % 2 == 0)}
+    result = {"in": calibrated_on_even_blocks(scored(blocks))}
     if other is not None and result["in"] is not None and not math.isnan(result["in"]["temperature"]):
         k = TEMPERATURES.index(result["in"]["temperature"])
-        tempered, system2 = per_block(other)
+        tempered, system2 = block_means(scored(other))
         result["other"] = dict(temperature=TEMPERATURES[k], system1=float(tempered[:, UNCALIBRATED].mean()),
                                system1_calibrated=float(tempered[:, k].mean()), system2=float(system2.mean()))
     return result
