@@ -40,6 +40,7 @@ HYBRID = ["--recipe", "ebt_hybrid"]
 VARIANTS = {
     # nanoebm's own code path with thinking off and a linear landscape: plain next-token CE, the same backbone
     "plain_gpt": ["--landscape", "linear", "--use_thinking", "false", "--use_contrastive", "false"],
+    "linear": ["--landscape", "linear"],  # thinking on the per-token landscape with no correction: T by construction
     "default": [],  # nanoebm's default: the mixture landscape, 2 closed-form steps, contrastive divergence
     # the best soft-token recipe of bench/ablation.py (no trust region, alpha 1), with the default contrastive term
     "soft_tokens": ["--landscape", "soft_tokens", "--think_max_move", "0", "--think_lr", "1.0"],
@@ -202,16 +203,18 @@ def measure(name, seed, args, data):
     folder = Path(args.runs) / f"{name}-s{seed}"
     result_file = folder / "thinking.json"
     record = json.loads(result_file.read_text()) if result_file.is_file() and not args.force else None
-    if record is not None and "calibration" in record and (not args.quality or "word_share" in record):
+    curves = args.calibration_only or (record is not None and "validation" in record)
+    if record is not None and curves and "calibration" in record and (not args.quality or "word_share" in record):
         return record
     torch.set_num_threads(args.threads)
     model = NanoEBMForCausalLM.from_pretrained(folder).eval()
     tokenizer = CharTokenizer.from_pretrained(folder)
     train_text, val_text, milton = data
     block = model.config.block_size
-    if record is None:  # the curves (a record measured earlier keeps its own)
+    if record is None:
         record = dict(variant=name, seed=seed, flags=VARIANTS[name], think_steps=model.config.think_steps,
                       thinks=model.config.use_thinking, landscape=model.config.landscape)
+    if "validation" not in record and not args.calibration_only:  # the curves (an earlier record keeps its own)
         started = time.perf_counter()
         record["validation"] = thinking_curve(model, blocks_of(tokenizer, val_text, block, args.eval_blocks))
         record["milton"] = thinking_curve(model, blocks_of(tokenizer, milton, block, args.milton_blocks))
@@ -259,9 +262,11 @@ def mean_std(values):
 
 
 def report(records, args):
+    calibration_table(records)
     by = {}
     for r in records:
-        by.setdefault(r["variant"], []).append(r)
+        if "validation" in r:  # the curves (`--calibration_only` measures none)
+            by.setdefault(r["variant"], []).append(r)
     plain = {r["seed"]: r for r in by.get("plain_gpt", [])}
     lines = ["| recipe | seeds | val: own (trained steps) | val: best S2 (setting) | S2 vs own | Milton: own | "
              "Milton: best S2 | S2 vs own | val vs plain GPT | Milton vs plain GPT |", "|---" * 10 + "|"]
@@ -285,8 +290,6 @@ def report(records, args):
             f"{mean_std([b[0] for b in best_m])[0]:.4f} ({best_m[0][1]}) | {gain_m[0]:+.2f}% | "
             f"{pv[0]:+.2f}% ± {pv[1]:.2f} | {pm[0]:+.2f}% ± {pm[1]:.2f} |")
     print("\n".join(lines))
-
-    calibration_table(by)
     for text in ("validation", "milton"):
         print(f"\n{text}: bits/char against test-time steps (G = 1) and self-verification samples (trained steps)\n")
         print("| recipe | " + " | ".join(f"{k} steps" for k in STEPS) + " | " +
@@ -318,30 +321,45 @@ def report(records, args):
     print(f"\nreproduce: python bench/thinking.py {' '.join(sys.argv[1:])}")
 
 
-def calibration_table(by):
+def calibration_table(records):
     """Each recipe's thinking against System 1 at its best temperature (fitted on the even validation blocks; the
-    validation columns score the odd ones, Milton all its blocks at the same T)."""
+    validation columns score the odd ones, Milton all its blocks at the same T), and against the plain GPT of the
+    same seed (the same initialisation and data order) at T = 1 and at its own fitted T."""
+    by = {}
+    for r in records:
+        if "calibration" in r:
+            by.setdefault(r["variant"], []).append(r)
+    plain = {r["seed"]: r["calibration"] for r in by.get("plain_gpt", [])}
     print("\nSystem 2 against calibrated System 1 (T fitted on the even validation blocks; validation scored on the "
-          "odd ones, Milton at the same T), bits/char\n")
-    print("| recipe | seeds | T | val: S1 | val: S1 at T | val: S2 | val: S2 vs calibrated S1 | Milton: S1 at T | "
-          "Milton: S2 | Milton: S2 vs calibrated S1 |")
-    print("|---" * 10 + "|")
+          "odd ones, Milton at the same T), bits/char, mean ± std over seeds\n")
+    print("| recipe | seeds | T | val: S1 | val: S1 at T | val: S2 | val: S2 vs calibrated S1 | val: S2 vs plain GPT "
+          "(at T = 1 / at its T) | Milton: S1 at T | Milton: S2 | Milton: S2 vs calibrated S1 | Milton: S2 vs plain "
+          "GPT (at T = 1 / at its T) |")
+    print("|---" * 12 + "|")
     for name, runs in by.items():
-        runs = [r for r in runs if "calibration" in r]
-        if not runs:
-            continue
         cell = {}
         for text in ("validation", "milton"):
             for key in ("temperature", "system1", "system1_calibrated", "system2"):
                 cell[text, key] = mean_std([r["calibration"][text][key] for r in runs])
             cell[text, "gain"] = mean_std([100 * (r["calibration"][text]["system2"]
                                                   / r["calibration"][text]["system1_calibrated"] - 1) for r in runs])
+            for key in ("system1", "system1_calibrated"):  # paired by seed
+                diffs = [100 * (r["calibration"][text]["system2"] / plain[r["seed"]][text][key] - 1)
+                         for r in runs if r["seed"] in plain]
+                cell[text, "plain", key] = mean_std(diffs) if diffs else (math.nan, 0.0)
+
+        def gain(text, cell=cell):
+            return f"{cell[text, 'gain'][0]:+.2f}% ± {cell[text, 'gain'][1]:.2f}"
+
+        def vs_plain(text, cell=cell):
+            plain_cells = cell[text, 'plain', 'system1'][0], cell[text, 'plain', 'system1_calibrated'][0]
+            return f"{plain_cells[0]:+.2f}% / {plain_cells[1]:+.2f}%"
+
         print(f"| {name} | {len(runs)} | {cell['validation', 'temperature'][0]:.2f} | "
               f"{cell['validation', 'system1'][0]:.4f} | {cell['validation', 'system1_calibrated'][0]:.4f} | "
-              f"{cell['validation', 'system2'][0]:.4f} | {cell['validation', 'gain'][0]:+.2f}% ± "
-              f"{cell['validation', 'gain'][1]:.2f} | {cell['milton', 'system1_calibrated'][0]:.4f} | "
-              f"{cell['milton', 'system2'][0]:.4f} | {cell['milton', 'gain'][0]:+.2f}% ± "
-              f"{cell['milton', 'gain'][1]:.2f} |")
+              f"{cell['validation', 'system2'][0]:.4f} | {gain('validation')} | {vs_plain('validation')} | "
+              f"{cell['milton', 'system1_calibrated'][0]:.4f} | {cell['milton', 'system2'][0]:.4f} | "
+              f"{gain('milton')} | {vs_plain('milton')} |")
 
 
 def plot(records, path):
@@ -434,6 +452,8 @@ def main():
     parser.add_argument("--eval_blocks", type=int, default=500, help="evenly spaced validation blocks")
     parser.add_argument("--milton_blocks", type=int, default=500)
     parser.add_argument("--force", action="store_true", help="measure again")
+    parser.add_argument("--calibration_only", action="store_true",
+                        help="measure only System 2 against calibrated System 1 (no thinking curves)")
     parser.add_argument("--plot", help="write the thinking curves to this PNG")
     parser.add_argument("--noise_sweep", nargs="+", type=float, metavar="STD",
                         help="only: validation bits/char with G=4 self-verification samples at each start-noise std")
