@@ -706,6 +706,9 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         computes no J at all and returns energy_trace=None.
     return_landscape: also return the belief-dependent energy function (the Trainer's contrastive term).
     detach_refine: cut the gradient between thinking steps (training).
+    detach_system1: the landscape reads the backbone's states, the token features and E_base detached, so the losses
+        on thinking (refined CE, contrastive) train only the energy's own parameters (the mixture MLP, its gate, alpha)
+        and System 1 learns from its own CE alone, as a plain GPT does (training; `linear` and `mixture` only).
     truncate_refine: the loss reads only the last step: autograd descents (ebt, coupled) differentiate only that step
         twice (training).
     think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true, instead
@@ -765,16 +768,19 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     # -- landscape -------------------------------------------------------------------------------------------
 
-    def vocabulary_products(self):
+    def vocabulary_products(self, detached=False):
         """What every position shares: W_e e_y (V x d_energy) and, for `mixture`, the correction MLP's weights
         folded with the vocabulary: its first layer's token half applied to every embedding (V x n_embd), and its
         output layer read out against every W_e e_y (n_embd x V, and the bias's (V,)). Computed once per `generate`
-        call (the weights cannot change while decoding), else once per forward."""
+        call (the weights cannot change while decoding), else once per forward. `detached`: the embeddings and W_e
+        e_y as constants, so only the MLP's own weights learn from these products (`detach_system1`)."""
         frozen = getattr(self, "_frozen_vocabulary", None)
         if frozen is not None:
             return frozen
         embeddings = self.transformer.wte.weight
         features = self.energy_head.token_proj(embeddings)
+        if detached:
+            embeddings, features = embeddings.detach(), features.detach()
         if self.config.landscape != "mixture":
             return dict(features=features)
         first, _, second = self.energy_head.mixture
@@ -795,12 +801,16 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         finally:
             self._frozen_vocabulary = self._decoding_padding = None
 
-    def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None):
-        """E(h, . | p) for the positions in `hidden` (B, n, d)."""
+    def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None,
+                        detached=False):
+        """E(h, . | p) for the positions in `hidden` (B, n, d); `detached`: with System 1's parts (h, the vocabulary's
+        features, E_base) as constants (`detach_system1`, per-token landscapes only)."""
         token_embeddings = self.transformer.wte.weight
-        vocabulary = self.vocabulary_products()
+        vocabulary = self.vocabulary_products(detached)
         features = vocabulary["features"]
         base = self.energy_head.base_energy(hidden, features)
+        if detached:
+            hidden, base = hidden.detach(), base.detach()
         landscape = self.config.landscape
         if landscape == "linear":
             return Landscape(base)
@@ -879,6 +889,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         return_energy_trace: bool = True,
         return_landscape: bool = False,
         detach_refine: bool = False,
+        detach_system1: bool = False,
         truncate_refine: bool = False,
         think_start: torch.Tensor | None = None,
         think_start_mask: torch.Tensor | None = None,
@@ -889,6 +900,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         on, with the loss when labels are given. The arguments beyond transformers' usual ones: see the class."""
         thinking, steps, samples, soft = self.thinking_plan(
             use_thinking, think_steps, think_lr, think_samples, think_start, think_start_mask, return_landscape)
+        if detach_system1 and soft:
+            raise ValueError(f"detach_system1=True needs an energy with parameters of its own beside System 1's "
+                             f"('linear' or 'mixture'); landscape={self.config.landscape!r} runs its energy through "
+                             f"the backbone System 1 uses")
         out = self.transformer(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             cache=cache if cache is not None else past_key_values, use_cache=use_cache,
@@ -896,8 +911,12 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
         T = out.last_hidden_state.shape[1]
         n = T if not logits_to_keep else min(logits_to_keep, T)
-        landscape = self.positions_landscape(out, n, attention_mask, samples, soft)
-        system1 = -landscape.base[:, :n]
+        landscape = self.positions_landscape(out, n, attention_mask, samples, soft, detach_system1)
+        if detach_system1:  # System 1's logits keep their own gradient: the landscape's copy of E_base has none
+            features = self.energy_head.token_proj(self.transformer.wte.weight)
+            system1 = -self.energy_head.base_energy(out.last_hidden_state[:, -n:], features)
+        else:
+            system1 = -landscape.base[:, :n]
         step_logits, trace, logits = (), None, system1
         if thinking:
             logits, step_logits, trace = self.system2(
@@ -905,7 +924,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 return_energy_trace=return_energy_trace, detach_refine=detach_refine, truncate_refine=truncate_refine,
             )
             if samples > 1 and return_landscape:  # the landscape of the n positions, once
-                landscape = self.positions_landscape(out, n, attention_mask, 1, soft)
+                landscape = self.positions_landscape(out, n, attention_mask, 1, soft, detach_system1)
         logits = self.never_padding(logits)
         loss = None
         if labels is not None or shift_labels is not None:
@@ -935,13 +954,14 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
             return logits
         return logits.index_fill(-1, torch.tensor(padding, device=logits.device), torch.finfo(logits.dtype).min)
 
-    def positions_landscape(self, out, n, attention_mask, copies=1, soft=False):
+    def positions_landscape(self, out, n, attention_mask=None, copies=1, soft=False, detached=False):
         """The landscape of the backbone output `out`'s last `n` positions, `copies` times over (sample-major). With
-        `soft`, the copies' provisional tokens read the same real keys and values (never a cache write)."""
+        `soft`, the copies' provisional tokens read the same real keys and values (never a cache write);
+        `detached`: see `build_landscape`."""
         kept = out.last_hidden_state[:, -n:]
         hidden = kept.repeat(1, copies, 1) if copies > 1 else kept
         if not soft:
-            return self.build_landscape(hidden)
+            return self.build_landscape(hidden, detached=detached)
         cache = getattr(out, CACHE_NAME)
         kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else out.context_kv
         S = kv[0][0].shape[2]

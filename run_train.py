@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from configuration_nanoebm import OPTIONS
+from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, landscape_of
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
@@ -131,6 +131,9 @@ class LossArguments:
     random_think_steps: str | None = opt("draw K per batch uniformly from 'LO-HI' (e.g. '2-3'); default fixed K")
     truncate_refine: bool = opt("main CE on the last thinking step only (default: mean over steps)", False)
     detach_refine: bool = opt("cut the gradient between thinking steps", False)
+    detach_system1: bool = opt("the thinking losses (refined CE, contrastive) train only the energy's own parameters "
+                               "and System 1 learns from its auxiliary CE alone, as a plain GPT does (linear and "
+                               "mixture landscapes)", False)
     think_lr_lr_multiplier: float = opt("learning-rate multiplier of the learnable step size alpha", 3.0)
     think_replay_prob: float = opt("replay buffer (EBT): probability that a batch row is a replayed block whose "
                                    "descent resumes from the logits an earlier step refined it to; 0 disables", 0.0)
@@ -448,9 +451,28 @@ def parse_args(argv=None) -> ParsedArguments:
     training_args = parsed[-1]
     check_loggers(training_args.report_to)
     check_training_numbers(training_args)
+    check_detach_system1(parsed[3], settings)
     settle_training(training_args, parsed[4], checkpoint)
     return ParsedArguments(*parsed, argv=argv, preset=preset, preset_reason=reason, settings=settings,
                            resume_from=checkpoint)
+
+
+def check_detach_system1(loss, settings):
+    """--detach_system1 keeps the thinking losses off System 1: it needs an energy with parameters of its own (not
+    one computed by the backbone System 1 uses) and a System 1 loss to learn from."""
+    if not loss.detach_system1:
+        return
+
+    def value(name):
+        return settings[name].value if name in settings else OPTION[name].default
+
+    landscape = landscape_of(value("use_soft_tokens"), value("landscape"))
+    if landscape in PROVISIONAL_LANDSCAPES:
+        raise UsageError(f"--detach_system1 true is invalid with --landscape {landscape}: its energy runs through "
+                         f"the backbone System 1 uses; allowed landscapes: linear, mixture")
+    if loss.aux_ce_weight == 0:
+        raise UsageError("--detach_system1 true is invalid with --aux_ce_weight 0: System 1 would learn from "
+                         "nothing; give --aux_ce_weight in (0, 1]")
 
 
 def choose_preset(given: dict, source):

@@ -131,6 +131,7 @@ class EBMTrainer(Trainer):
             outputs = model(
                 input_ids=input_ids, use_thinking=steps > 0, think_steps=steps,
                 detach_refine=self.ebm.detach_refine, truncate_refine=self.ebm.truncate_refine,
+                detach_system1=self.ebm.detach_system1,
                 return_landscape=self.contrastive is not None,
                 return_energy_trace=want_trace, think_start=start, think_start_mask=start_mask,
             )

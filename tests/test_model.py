@@ -194,6 +194,36 @@ def test_detach_refine_and_early_stop_keep_the_gradient_of_the_last_move():
     assert last != 0 and torch.allclose(last, first, rtol=1e-4)
 
 
+def test_detach_system1_trains_only_the_energy_from_the_thinking_loss():
+    """detach_system1: the refined CE's gradient reaches the mixture MLP, its gate and alpha, never the backbone or the
+    base head (System 1 learns from its own CE, which still reaches them); the logits are the same numbers."""
+    torch.manual_seed(0)
+    model = make_model(landscape="mixture", correction_scale=0.5).train()
+    ids = torch.randint(0, 65, (2, 12))
+    torch.manual_seed(1)
+    plain = model(ids, shift_labels=ids, think_steps=2)
+    torch.manual_seed(1)
+    out = model(ids, shift_labels=ids, think_steps=2, detach_system1=True)
+    assert torch.allclose(out.logits, plain.logits) and torch.allclose(out.system1_logits, plain.system1_logits)
+    named = dict(model.named_parameters())
+    grads = torch.autograd.grad(out.loss, list(named.values()), allow_unused=True, retain_graph=True)
+    moved = {name for name, g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    energy_own = {name for name in named if name.startswith("energy_head.mixture") or name in (
+        "energy_head.correction_scale", "think_lr_raw")}
+    assert moved and moved <= energy_own and "think_lr_raw" in moved and "energy_head.correction_scale" in moved
+    system1_loss = model.next_token_loss(out.system1_logits, shift_labels=ids)
+    grads = torch.autograd.grad(system1_loss, list(named.values()), allow_unused=True)
+    reached = {name for name, g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    assert "transformer.wte.weight" in reached and "energy_head.context_proj.weight" in reached
+    assert not reached & energy_own
+
+
+def test_detach_system1_refuses_an_energy_computed_by_the_backbone():
+    model = make_model(landscape="soft_tokens").train()
+    with pytest.raises(ValueError, match="detach_system1=True .*'soft_tokens'"):
+        model(torch.randint(0, 65, (1, 8)), think_steps=1, detach_system1=True)
+
+
 def test_bad_forward_inputs():
     model = make_model().eval()
     with pytest.raises(ValueError, match="empty"):

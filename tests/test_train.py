@@ -98,6 +98,32 @@ def test_detach_refine_changes_the_gradient(tmp_path, small_corpus):
     assert torch.isfinite(grads[1]).all() and not torch.allclose(grads[0], grads[1])
 
 
+def test_detach_system1_keeps_the_thinking_loss_off_system1(tmp_path, small_corpus):
+    """--detach_system1: the Trainer's whole loss (refined CE, System 1 CE, contrastive) gives the backbone exactly the
+    gradient of the System 1 CE share alone, and still trains the mixture's own weights."""
+    trainer, model, batch = make_trainer(tmp_path, small_corpus, "--detach_system1", "true", "--aux_ce_weight", "0.5",
+                                         "--contrastive_type", "cd")
+    assert trainer.ebm.detach_system1 and trainer.contrastive is not None
+    trainer.compute_loss(model, batch).backward()
+    whole = model.transformer.wte.weight.grad.clone()
+    assert model.energy_head.mixture[0].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    out = model(batch["input_ids"], use_thinking=False)
+    (0.5 * model.next_token_loss(out.system1_logits, shift_labels=batch["shift_labels"])).backward()
+    assert torch.allclose(whole, model.transformer.wte.weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--landscape", "ebt"], "--landscape ebt"),
+    (["--recipe", "ebt_hybrid"], "--landscape ebt"),
+    (["--use_soft_tokens", "true"], "--landscape soft_tokens"),
+    (["--aux_ce_weight", "0"], "--aux_ce_weight 0"),
+])
+def test_detach_system1_refuses_what_it_cannot_keep_apart(tmp_path, flags, needle):
+    with pytest.raises(UsageError, match=needle):
+        run_train.parse_args([*TINY, "--output_dir", str(tmp_path / "o"), "--detach_system1", "true", *flags])
+
+
 @pytest.mark.parametrize("kind", ["cd", "pcd", "fast_pcd"])
 def test_contrastive_term_lowers_true_energy_against_negatives(tmp_path, small_corpus, kind):
     trainer, model, batch = make_trainer(tmp_path, small_corpus, "--contrastive_type", kind, "--contrastive_k", "3",
