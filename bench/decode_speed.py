@@ -79,6 +79,9 @@ VARIANTS = (
     ("thinking_linear_cached", dict(landscape="linear"), dict(use_thinking=True, think_steps=None)),
     ("thinking_mixture_cached", dict(landscape="mixture"), dict(use_thinking=True, think_steps=None)),
     ("thinking_soft_tokens_cached", dict(landscape="soft_tokens"), dict(use_thinking=True, think_steps=None)),
+    # the Energy-Based Transformer's scalar energy as nanoebm's EBT recipes configure it (nanoebm/recipes.py)
+    ("thinking_ebt_cached", dict(landscape="ebt", think_max_move=0.0, entropy_weight=0.0),
+     dict(use_thinking=True, think_steps=None)),
     ("system1_uncached", dict(), dict(use_thinking=False, use_cache=False)),
     ("system1_rope_cached", dict(position_embedding="rope"), dict(use_thinking=False)),
 )
@@ -88,6 +91,7 @@ LABELS = {
     "thinking_linear_cached": "thinking K={k}, `linear`, KV cache",
     "thinking_mixture_cached": "thinking K={k}, `mixture`, KV cache",
     "thinking_soft_tokens_cached": "thinking K={k}, `soft_tokens`, KV cache",
+    "thinking_ebt_cached": "thinking K={k}, `ebt` (the EBT recipes' energy), KV cache",
     "system1_uncached": "System 1, no cache (`use_cache=False`)",
     "system1_rope_cached": "System 1, KV cache, `rope` positions",
 }

@@ -2,6 +2,9 @@
 """Training cost of each recipe, side by side in one run: ms per optimizer step of run_train.py's Trainer.
 
     python bench/train_speed.py --variants plain_gpt kl kl_free_soft --steps 60
+    python bench/train_speed.py --variants plain_gpt default ebt_hybrid --repeats 3
+
+Variants are bench/ablation.py's, and bench/thinking.py's for the names ablation.py lacks (`default`, the EBT recipes).
 
 Each variant trains `--steps` steps (the CPU preset unless --extra says otherwise) in this process, one after the
 other and round-robin over `--repeats`; the first `--skip` steps of each run are not timed (start-up, warm-up).
@@ -22,6 +25,13 @@ from transformers import TrainerCallback  # noqa: E402
 
 import run_train  # noqa: E402
 from ablation import VARIANTS, flags  # noqa: E402
+from thinking import VARIANTS as THINKING  # noqa: E402
+
+EXTRA = {name: value for name, value in THINKING.items() if name not in VARIANTS}
+
+
+def variant_flags(name):
+    return flags(name) if name in VARIANTS else EXTRA[name]
 
 
 class StepTimer(TrainerCallback):
@@ -38,7 +48,7 @@ class StepTimer(TrainerCallback):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["plain_gpt", "kl"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["plain_gpt", "kl"], choices=sorted({*VARIANTS, *EXTRA}))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
@@ -54,7 +64,7 @@ def main():
             run_train.main(["--preset", "cpu", "--max_steps", str(args.steps), "--do_train", "true",
                             "--do_eval", "false", "--save_strategy", "no", "--logging_steps", str(args.steps),
                             "--disable_tqdm", "true", "--output_dir", f"{args.output_dir}/{name}",
-                            "--overwrite_output_dir", "true", *flags(name), *args.extra],
+                            "--overwrite_output_dir", "true", *variant_flags(name), *args.extra],
                            callbacks=[timer])
             timings[name].append(1000 * statistics.median(timer.times))
     base = statistics.median(timings[args.variants[0]])
