@@ -270,6 +270,9 @@ def report(records, args):
     for r in records:
         if "validation" in r:  # the curves (`--calibration_only` measures none)
             by.setdefault(r["variant"], []).append(r)
+    if not by:
+        print(f"\nreproduce: python bench/thinking.py {' '.join(sys.argv[1:])}")
+        return
     plain = {r["seed"]: r for r in by.get("plain_gpt", [])}
     lines = ["| recipe | seeds | val: own (trained steps) | val: best S2 (setting) | S2 vs own | Milton: own | "
              "Milton: best S2 | S2 vs own | val vs plain GPT | Milton vs plain GPT |", "|---" * 10 + "|"]
