@@ -358,8 +358,8 @@ def calibration_table(records):
             return f"{cell[text, 'gain'][0]:+.2f}% ± {cell[text, 'gain'][1]:.2f}"
 
         def vs_plain(text, cell=cell):
-            plain_cells = cell[text, 'plain', 'system1'][0], cell[text, 'plain', 'system1_calibrated'][0]
-            return f"{plain_cells[0]:+.2f}% / {plain_cells[1]:+.2f}%"
+            (at_one, spread), at_its_t = cell[text, "plain", "system1"], cell[text, "plain", "system1_calibrated"][0]
+            return f"{at_one:+.2f}% ± {spread:.2f} / {at_its_t:+.2f}%"
 
         print(f"| {name} | {len(runs)} | {cell['validation', 'temperature'][0]:.2f} | "
               f"{cell['validation', 'system1'][0]:.4f} | {cell['validation', 'system1_calibrated'][0]:.4f} | "
