@@ -46,7 +46,8 @@ VARIANTS = {
     "soft_tokens": ["--landscape", "soft_tokens", "--think_max_move", "0", "--think_lr", "1.0"],
     # System 1 trained as the plain GPT is (its own CE alone); the thinking losses train only the energy's parameters
     "mixture_detached": ["--detach_system1", "true", "--aux_ce_weight", "0.5"],
-    "linear_detached": ["--landscape", "linear", "--detach_system1", "true", "--aux_ce_weight", "0.5"],  # alpha alone
+    # a control: the linear descent starts at its own minimum and never moves, so this is System 1's CE at weight 0.5
+    "linear_detached": ["--landscape", "linear", "--detach_system1", "true", "--aux_ce_weight", "0.5"],
     "ebt_system2": ["--recipe", "ebt_system2"],
     "ebt_system1": ["--recipe", "ebt_system1"],
     "ebt_hybrid": HYBRID,
