@@ -207,8 +207,9 @@ def measure(name, seed, args, data):
     folder = Path(args.runs) / f"{name}-s{seed}"
     result_file = folder / "thinking.json"
     record = json.loads(result_file.read_text()) if result_file.is_file() and not args.force else None
-    curves = args.calibration_only or (record is not None and "validation" in record)
-    if record is not None and curves and "calibration" in record and (not args.quality or "word_share" in record):
+    curves_settled = args.calibration_only or (record is not None and "validation" in record)  # none asked, or kept
+    if (record is not None and curves_settled and "calibration" in record
+            and (not args.quality or "word_share" in record)):
         return record
     torch.set_num_threads(args.threads)
     model = NanoEBMForCausalLM.from_pretrained(folder).eval()
