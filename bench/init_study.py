@@ -2,9 +2,10 @@
 """Which residual-projection init trains best? The attention and MLP output projections (`c_proj`) start at std
 initializer_range / (2 n_layer) ** p: p = 0.5 is nanoGPT's (GPT-2's) scaled init, 0 the plain initializer_range.
 For each p, seed and model (the plain GPT, and nanoebm's default recipe at the same init) this trains nanoGPT's CPU
-config (4x128, block 64, batch 12, 2000 steps, lr 1e-3, dropout 0) through run_train.py, one run at a time on one
-thread, then scores every saved model teacher-forced over the whole validation split of the embedded tiny
-Shakespeare (its last 10%) in non-overlapping 64-character windows, nats per character:
+config (4x128, block 64, batch 12, 2000 steps, lr 1e-3, dropout 0; --n_layer/--n_head/--n_embd widen it, e.g.
+to the GPU preset's 6x384) through run_train.py, one run at a time on one thread, then scores every saved model
+teacher-forced over the whole validation split of the embedded tiny Shakespeare (its last 10%) in non-overlapping
+64-character windows, nats per character:
 
 - System 1 (thinking off) and System 2 (the model's own thinking) over all windows;
 - on the odd-indexed windows: System 1, System 2 and System 1 at its best temperature T (calibrated System 1, T
@@ -13,6 +14,8 @@ Shakespeare (its last 10%) in non-overlapping 64-character windows, nats per cha
     python bench/init_study.py                                  # train what is missing, score, print, write JSON
     python bench/init_study.py --seeds 0 --powers 0.5 0         # a part of the grid
     python bench/init_study.py --report bench/results/init_study.json
+    python bench/init_study.py --n_layer 6 --n_head 6 --n_embd 384 --max_steps 1000 --powers 0.5 0
+                                # runs in ../init-runs-6x384-1000steps, results in init_study_6x384-1000steps.json
 
 A run whose folder (under --runs, outside the repository) holds a model is not trained again.
 """
@@ -38,7 +41,7 @@ MODELS = {
 }
 POWERS = (0.5, 0.0, 0.25)  # the two ends first
 BLOCK = 64
-RESULTS = ROOT / "bench" / "results" / "init_study.json"
+CPU_SIZE = (4, 4, 128)  # the cpu preset's n_layer, n_head, n_embd
 
 
 def folder_of(args, model, power, seed) -> Path:
@@ -52,7 +55,8 @@ def train(args, model, power, seed) -> Path | None:
         return out
     if out.exists():
         shutil.rmtree(out)  # a run stopped before it saved: start it again
-    command = [sys.executable, str(ROOT / "run_train.py"), "--preset", "cpu", "--max_steps", str(args.max_steps),
+    size = ["--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd", str(args.n_embd)]
+    command = [sys.executable, str(ROOT / "run_train.py"), "--preset", "cpu", *size, "--max_steps", str(args.max_steps),
                "--seed", str(seed), "--data_seed", str(seed), "--residual_init_power", f"{power:g}",
                "--output_dir", str(out), "--do_train", "true", "--do_eval", "false", "--save_strategy", "no",
                "--eval_blocks", str(args.eval_blocks), "--logging_steps", "200", "--dataloader_num_workers", "0",
@@ -197,15 +201,26 @@ def main():
     parser.add_argument("--powers", nargs="+", type=float, default=list(POWERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
-    parser.add_argument("--runs", default=str(ROOT.parent / "init-runs"), help="model folders (outside the repo)")
+    parser.add_argument("--n_layer", type=int, default=CPU_SIZE[0])
+    parser.add_argument("--n_head", type=int, default=CPU_SIZE[1])
+    parser.add_argument("--n_embd", type=int, default=CPU_SIZE[2])
+    parser.add_argument("--runs", help="model folders, outside the repo (default: ../init-runs, and "
+                        "../init-runs-<n_layer>x<n_embd>[-<max_steps>steps] for another size or length, so two "
+                        "set-ups never share a folder)")
     parser.add_argument("--max_steps", type=int, default=2000)
     parser.add_argument("--eval_blocks", type=int, default=1716, help="validation blocks run_train.py draws (it "
                         "does not evaluate: the models are scored here)")
     parser.add_argument("--train_only", action="store_true", help="train the missing runs, score nothing")
     parser.add_argument("--no_train", action="store_true", help="score and report the runs trained so far")
     parser.add_argument("--report", help="print the table of a saved results file")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", help="results JSON (default: bench/results/init_study.json, and "
+                        "init_study_<n_layer>x<n_embd>[-<max_steps>steps].json for another size or length)")
     args = parser.parse_args()
+    suffix = ""
+    if (args.n_layer, args.n_head, args.n_embd) != CPU_SIZE or args.max_steps != 2000:
+        suffix = f"_{args.n_layer}x{args.n_embd}" + (f"-{args.max_steps}steps" if args.max_steps != 2000 else "")
+    args.runs = args.runs or str(ROOT.parent / f"init-runs{suffix.replace('_', '-')}")
+    args.out = args.out or str(ROOT / "bench" / "results" / f"init_study{suffix}.json")
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         report(saved["records"], saved["command"])
