@@ -56,9 +56,9 @@ OPTIONS = (
     Option("initializer_range", 0.02, "std of the normal initialisation of the weights (the residual projections "
            "get it divided by (2 * n_layer) ** residual_init_power)", float,
            kept="it initialises weights the saved model has already trained"),
-    Option("residual_init_power", 0.5, "the residual projections (attention and MLP outputs) start at std "
+    Option("residual_init_power", 0.25, "the residual projections (attention and MLP outputs) start at std "
            "initializer_range / (2 * n_layer) ** residual_init_power: 0.5 nanoGPT's (GPT-2's) scaled init, 0 the "
-           "plain initializer_range. Chosen by measurement per size (docs/DESIGN.md): 0.5 at this default 6x384, "
+           "plain initializer_range. Chosen by measurement per size (docs/DESIGN.md): 0.25 at this default 6x384, "
            "0 in the cpu preset's 4x128", float,
            kept="it initialises weights the saved model has already trained"),
     # the energy

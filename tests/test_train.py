@@ -515,15 +515,15 @@ def test_presets():
         == (6, 384, 64, 5000)
     assert (cpu.model.n_layer, cpu.model.n_embd, cpu.training.learning_rate, cpu.training.max_steps) \
         == (4, 128, 1e-3, 7)
-    # the residual init measured best at each size: nanoGPT's scaled init at 6x384 (the config's default), the plain
-    # 0.02 at 4x128 (the cpu preset's); a flag still wins over the preset
+    # the residual init measured best at each size: 0.25 at 6x384 (the config's default), the plain 0.02 at 4x128
+    # (the cpu preset's); a flag still wins over the preset
     from nanoebm.continuing import build_model
     from tokenization_char import CharTokenizer
 
     tokenizer = CharTokenizer(vocab={c: i for i, c in enumerate("abc")})
     flagged = run_train.parse_args(["--preset", "cpu", "--residual_init_power", "0.5"])
     assert [build_model(None, parsed.model, tokenizer).config.residual_init_power
-            for parsed in (gpu, cpu, flagged)] == [0.5, 0.0, 0.5]
+            for parsed in (gpu, cpu, flagged)] == [0.25, 0.0, 0.5]
 
 
 def test_preset_follows_the_machine_and_says_why(monkeypatch):
