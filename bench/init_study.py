@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nanoebm.settings import PRESETS  # noqa: E402  (after the path: the bench runs from a checkout)
+
 MODELS = {
     # nanoebm's own code path as nanoGPT: linear landscape, thinking and contrastive divergence off (plain CE)
     "plain_gpt": ["--landscape", "linear", "--use_thinking", "false", "--use_contrastive", "false"],
@@ -41,7 +43,7 @@ MODELS = {
 }
 POWERS = (0.5, 0.0, 0.25)  # the two ends first
 BLOCK = 64
-CPU_SIZE = (4, 4, 128)  # the cpu preset's n_layer, n_head, n_embd
+CPU = {key: PRESETS["cpu"][key] for key in ("n_layer", "n_head", "n_embd", "max_steps")}  # the study's default set-up
 
 
 def folder_of(args, model, power, seed) -> Path:
@@ -201,13 +203,12 @@ def main():
     parser.add_argument("--powers", nargs="+", type=float, default=list(POWERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
-    parser.add_argument("--n_layer", type=int, default=CPU_SIZE[0])
-    parser.add_argument("--n_head", type=int, default=CPU_SIZE[1])
-    parser.add_argument("--n_embd", type=int, default=CPU_SIZE[2])
+    for key in ("n_layer", "n_head", "n_embd"):
+        parser.add_argument(f"--{key}", type=int, default=CPU[key])
     parser.add_argument("--runs", help="model folders, outside the repo (default: ../init-runs, and "
                         "../init-runs-<n_layer>x<n_embd>[-<max_steps>steps] for another size or length, so two "
                         "set-ups never share a folder)")
-    parser.add_argument("--max_steps", type=int, default=2000)
+    parser.add_argument("--max_steps", type=int, default=CPU["max_steps"])
     parser.add_argument("--eval_blocks", type=int, default=1716, help="validation blocks run_train.py draws (it "
                         "does not evaluate: the models are scored here)")
     parser.add_argument("--train_only", action="store_true", help="train the missing runs, score nothing")
@@ -216,11 +217,12 @@ def main():
     parser.add_argument("--out", help="results JSON (default: bench/results/init_study.json, and "
                         "init_study_<n_layer>x<n_embd>[-<max_steps>steps].json for another size or length)")
     args = parser.parse_args()
-    suffix = ""
-    if (args.n_layer, args.n_head, args.n_embd) != CPU_SIZE or args.max_steps != 2000:
-        suffix = f"_{args.n_layer}x{args.n_embd}" + (f"-{args.max_steps}steps" if args.max_steps != 2000 else "")
-    args.runs = args.runs or str(ROOT.parent / f"init-runs{suffix.replace('_', '-')}")
-    args.out = args.out or str(ROOT / "bench" / "results" / f"init_study{suffix}.json")
+    tag = ""  # names another set-up's runs folder and results file
+    if any(getattr(args, key) != value for key, value in CPU.items()):
+        longer = args.max_steps != CPU["max_steps"]
+        tag = f"{args.n_layer}x{args.n_embd}" + (f"-{args.max_steps}steps" if longer else "")
+    args.runs = args.runs or str(ROOT.parent / ("init-runs" + (f"-{tag}" if tag else "")))
+    args.out = args.out or str(ROOT / "bench" / "results" / ("init_study" + (f"_{tag}" if tag else "") + ".json"))
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         report(saved["records"], saved["command"])
