@@ -18,6 +18,8 @@ PROVISIONAL_LANDSCAPES = ("soft_tokens", "ebt")  # the backbone reads a candidat
 THINK_INITS = ("base_energy", "zeros", "random")
 THINK_GRADIENTS = ("plain", "natural")
 POSITION_EMBEDDINGS = ("learned", "rope")
+ADAPT_PARAMS = ("all", "head", "norms", "lora")
+ADAPT_RULES = ("sgd", "rms")
 
 
 class Option(NamedTuple):
@@ -111,6 +113,22 @@ OPTIONS = (
     Option("energy_convergence_threshold", 0.0, "each position stops moving once its own |J_k - J_(k-1)| falls "
            "below it (its logits and J then repeat, so a row's result never depends on its batch mates); 0 never "
            "stops early", float),
+    # learning while reading (the second System 2): every one of these may change on a saved model
+    Option("use_adaptation", False, "whether forward and generate learn while reading by default: text is read in "
+           "windows, each predicted by the weights learned from the windows before it, then learned from (descent "
+           "on the weights; the loaded weights are put back after every call)", bool),
+    Option("adapt_lr", 3e-3, "learning rate of the update after each window read", float),
+    Option("adapt_params", "all", "which weights learn: 'all', 'head' (the energy head), 'norms' (every bias and "
+           "LayerNorm) or 'lora' (low-rank factors added to every matrix)", str, ADAPT_PARAMS),
+    Option("adapt_rule", "sgd", "'sgd' (theta -= adapt_lr * g) or 'rms' (each gradient divided by the root of its "
+           "running mean square over the windows read, floored at a tenth of its mean)", str, ADAPT_RULES),
+    Option("adapt_decay", 0.0, "after every update the weights move this fraction back toward the trained ones; "
+           "0 disables", float),
+    Option("adapt_window", None, "tokens per window: each window is scored, then learned from (at most "
+           "block_size; default: block_size)", int),
+    Option("adapt_rank", 4, "rank of the low-rank factors of adapt_params='lora'", int),
+    Option("adapt_on_output", False, "in generation, also learn from the generated text, every adapt_window tokens "
+           "(the prompt is always read with learning)", bool),
 )
 OPTION = {option.name: option for option in OPTIONS}
 
@@ -203,10 +221,43 @@ class NanoEBMConfig(PreTrainedConfig):
             need(self.think_init_noise_std > 0, "think_init_noise_std",
                  "must be > 0 when think_init='random' (it is the std of the random start)")
 
+        problem = adaptation_problem({name: getattr(self, name) for name in ADAPT_FIELDS}, self.block_size)
+        if problem is not None:
+            need(False, *problem)
+
     def to_dict(self):
         out = super().to_dict()
         out["use_soft_tokens"] = self.use_soft_tokens  # the research code's flag, kept in sync for readers
         return out
+
+
+ADAPT_FIELDS = ("use_adaptation", "adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window",
+                "adapt_rank", "adapt_on_output")
+
+
+def adaptation_problem(values: dict, block_size: int):
+    """(field, what is allowed) of the first invalid learning-while-reading setting in `values`, or None. The config
+    and every call that overrides these (forward, generate) check them here."""
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = (
+        ("use_adaptation", isinstance(values["use_adaptation"], bool), "must be true or false"),
+        ("adapt_lr", number(values["adapt_lr"]) and values["adapt_lr"] > 0, "must be a finite number > 0"),
+        ("adapt_params", values["adapt_params"] in ADAPT_PARAMS, f"allowed: {ADAPT_PARAMS}"),
+        ("adapt_rule", values["adapt_rule"] in ADAPT_RULES, f"allowed: {ADAPT_RULES}"),
+        ("adapt_decay", number(values["adapt_decay"]) and 0 <= values["adapt_decay"] < 1, "must be in [0, 1)"),
+        ("adapt_window", values["adapt_window"] is None or integer(values["adapt_window"])
+         and 2 <= values["adapt_window"] <= block_size,
+         f"must be an integer in [2, block_size={block_size}]"),
+        ("adapt_rank", integer(values["adapt_rank"]) and values["adapt_rank"] >= 1, "must be an integer >= 1"),
+        ("adapt_on_output", isinstance(values["adapt_on_output"], bool), "must be true or false"),
+    )
+    return next(((name, allowed) for name, ok, allowed in checks if not ok), None)
 
 
 def landscape_of(use_soft_tokens, landscape):

@@ -29,9 +29,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a saved model folder loaded with trust_remote_code (a package)
-    from .configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
+    from .configuration_nanoebm import ADAPT_FIELDS, OPTION, NanoEBMConfig, adaptation_problem, ordinary_file_modes
 except ImportError:  # from a checkout, as a top-level module
-    from configuration_nanoebm import NanoEBMConfig, ordinary_file_modes
+    from configuration_nanoebm import ADAPT_FIELDS, OPTION, NanoEBMConfig, adaptation_problem, ordinary_file_modes
 
 logger = logging.get_logger(__name__)
 
@@ -713,6 +713,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         twice (training).
     think_start, think_start_mask: logits (B, n, V) to start the descent from where the mask (B, n) is true, instead
         of `think_init` (training's replay buffer).
+    use_adaptation, adapt_lr, adapt_params, adapt_rule, adapt_decay, adapt_window, adapt_rank: learning while reading
+        for this call (the config's otherwise; not in training): each row is read in windows of `adapt_window` tokens,
+        each predicted by the weights learned from the windows before it, then learned from (`read_row`). Text longer
+        than block_size is read whole; the loaded weights are put back after the call.
     """
 
     def __init__(self, config: NanoEBMConfig):
@@ -791,8 +795,17 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
-        """GenerationMixin.generate, with the vocabulary-wide products computed once per call rather than per token,
-        and the model's pad id never chosen (`padding_ids`)."""
+        """GenerationMixin.generate; with learning while reading (`use_adaptation`, or the config's), the prompt is
+        read with learning first and continued by the adapted weights (`generate_reading`)."""
+        adapt = {name: kwargs.pop(name) for name in ADAPT_FIELDS if name in kwargs}
+        settings = adaptation_settings(self.config, adapt)
+        if settings is not None:
+            return generate_reading(self, settings, *args, **kwargs)
+        return self.generate_static(*args, use_adaptation=False, **kwargs)
+
+    def generate_static(self, *args, **kwargs):
+        """GenerationMixin.generate with the weights as they are, the vocabulary-wide products computed once per call
+        rather than per token, and the model's pad id never chosen (`padding_ids`)."""
         with torch.no_grad():
             self._frozen_vocabulary = self.vocabulary_products()
         self._decoding_padding = self.padding_ids()
@@ -893,6 +906,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         truncate_refine: bool = False,
         think_start: torch.Tensor | None = None,
         think_start_mask: torch.Tensor | None = None,
+        use_adaptation: bool | None = None,
+        adapt_lr: float | None = None,
+        adapt_params: str | None = None,
+        adapt_rule: str | None = None,
+        adapt_decay: float | None = None,
+        adapt_window: int | None = None,
+        adapt_rank: int | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> NanoEBMCausalLMOutput:
@@ -900,6 +920,13 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         on, with the loss when labels are given. The arguments beyond transformers' usual ones: see the class."""
         thinking, steps, samples, soft = self.thinking_plan(
             use_thinking, think_steps, think_lr, think_samples, think_start, think_start_mask, return_landscape)
+        reading = adaptation_settings(self.config, dict(
+            use_adaptation=use_adaptation, adapt_lr=adapt_lr, adapt_params=adapt_params, adapt_rule=adapt_rule,
+            adapt_decay=adapt_decay, adapt_window=adapt_window, adapt_rank=adapt_rank))
+        if reading is not None and not self.training:
+            return forward_reading(self, input_ids, attention_mask, labels, shift_labels, reading, dict(
+                use_thinking=use_thinking, think_steps=think_steps, think_lr=think_lr, think_samples=think_samples,
+                return_energy_trace=return_energy_trace))
         if detach_system1 and soft:
             raise ValueError(f"detach_system1=True needs an energy with parameters of its own beside System 1's "
                              f"('linear' or 'mixture'); landscape={self.config.landscape!r} runs its energy through "
@@ -1062,6 +1089,285 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         )
         model_kwargs["nanoebm_generated"] = model_kwargs.get("nanoebm_generated", 0) + num_new_tokens
         return model_kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning while reading (the second System 2): descent on the weights over the text already read
+
+
+class AdaptationDivergedError(FloatingPointError):
+    """Learning while reading produced a NaN or Inf loss or weight."""
+
+
+def adaptation_settings(config, overrides) -> dict | None:
+    """The learning-while-reading settings of one call: the config's, with the call's `overrides` (the ADAPT_FIELDS a
+    caller gave, None meaning the config's own); None when the call does not learn. A bad value is a ValueError that
+    names the argument, as for thinking: generate forwards them from the user untouched."""
+    values = {name: getattr(config, name, OPTION[name].default) for name in ADAPT_FIELDS}
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    problem = adaptation_problem(values, config.block_size)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}={values[problem[0]]!r} is invalid: {problem[1]}")
+    if values["adapt_window"] is None:
+        values["adapt_window"] = config.block_size
+    return values if values["use_adaptation"] else None
+
+
+def learning_weights(model, group: str) -> dict:
+    """{name: parameter} of the weights `group` names: 'head' the energy head's, 'norms' every bias and LayerNorm,
+    'lora' every matrix of the blocks and the energy head (through low-rank adapters), 'all' every weight but alpha
+    (the descent's step size is a setting of thinking, not of the text)."""
+    chosen = {}
+    for name, param in model.named_parameters():
+        if name.endswith("think_lr_raw"):
+            continue
+        if group == "all" or (group == "head" and name.startswith("energy_head.")) \
+                or (group == "norms" and (param.dim() == 1 or ".ln_" in name or "ln_f" in name)) \
+                or (group == "lora" and param.dim() == 2 and ".wte." not in name and ".wpe." not in name):
+            chosen[name] = param
+    return chosen
+
+
+class Reader:
+    """One call's learning while reading: the trained weights it starts from, the adapted copy it writes into the
+    model (restored bit for bit by `restore`), and the update rule's state. Strictly causal by use: a window is scored
+    (`window_outputs`) before `learn` reads it.
+
+    The rule: 'sgd' steps theta -= lr g; 'rms' divides each gradient by the root of its running mean square over the
+    windows read so far (floored at a tenth of the tensor's mean root, as Krause et al. floor theirs), which needs no
+    statistics of the training data, so any saved folder can learn. `adapt_decay` pulls the weights back toward the
+    trained ones by that fraction after every update. 'lora' learns rank-`adapt_rank` factors B A added to each
+    matrix (B starts at zero: the first window is scored by the trained model)."""
+
+    def __init__(self, model, settings: dict, seed: int = 0):
+        self.model, self.settings, self.updates = model, settings, 0
+        self.weights = learning_weights(model, settings["adapt_params"])
+        self.trained = {name: p.detach().clone() for name, p in self.weights.items()}
+        if settings["adapt_params"] == "lora":
+            draw = torch.Generator(device="cpu").manual_seed(seed)
+            rank = settings["adapt_rank"]
+            self.factors = {
+                name: [torch.zeros(p.shape[0], rank, dtype=torch.float32, device=p.device),  # B
+                       (torch.randn(rank, p.shape[1], generator=draw) / math.sqrt(p.shape[1])).to(p.device)]  # A
+                for name, p in self.weights.items()
+            }
+        self.square = {}
+
+    def restore(self):
+        """Put the trained weights back (bit for bit: the copies were taken before any update)."""
+        with torch.no_grad():
+            for name, param in self.weights.items():
+                param.copy_(self.trained[name])
+
+    def gradients(self, loss) -> dict:
+        """d loss / d weight of every learning weight, without touching any `.grad` (the loaded model's state)."""
+        names = list(self.weights)
+        grads = torch.autograd.grad(loss, [self.weights[n] for n in names], allow_unused=True)
+        return {n: g if g is not None else torch.zeros_like(self.weights[n]) for n, g in zip(names, grads)}
+
+    def learn(self, loss):
+        """One update from a window's System 1 cross-entropy `loss`; a non-finite loss or weight puts the trained
+        weights back and raises, naming the knob to lower."""
+        if not torch.isfinite(loss):
+            self.diverged(f"the loss of window {self.updates + 1} is {float(loss)}")
+        grads = self.gradients(loss)
+        with torch.no_grad():
+            if self.settings["adapt_params"] == "lora":
+                self.learn_factors(grads)
+            else:
+                for name, grad in grads.items():
+                    self.step(self.weights[name], name, grad.float(), self.trained[name])
+        self.updates += 1
+        if not all(torch.isfinite(p).all() for p in self.weights.values()):
+            self.diverged(f"update {self.updates} made a weight NaN or Inf")
+
+    def learn_factors(self, grads):
+        """The gradient of W = W0 + B A reaches B as G A^T and A as B^T G."""
+        for name, grad in grads.items():
+            B, A = self.factors[name]
+            grad = grad.float()
+            gB, gA = grad @ A.T, B.T @ grad
+            self.step(B, name + ".B", gB, torch.zeros_like(B))
+            self.step(A, name + ".A", gA, None)
+            self.weights[name].copy_((self.trained[name].float() + B @ A).to(self.weights[name].dtype))
+
+    def step(self, tensor, key, grad, anchor):
+        lr, decay = self.settings["adapt_lr"], self.settings["adapt_decay"]
+        if self.settings["adapt_rule"] == "rms":
+            square = self.square.get(key)
+            square = grad.square() if square is None else 0.99 * square + 0.01 * grad.square()
+            self.square[key] = square
+            root = square.sqrt()
+            grad = grad / root.clamp(min=0.1 * float(root.mean()) + 1e-12)
+        tensor.sub_((lr * grad).to(tensor.dtype))
+        if decay > 0 and anchor is not None:
+            tensor.add_((decay * (anchor.float() - tensor.float())).to(tensor.dtype))
+
+    def diverged(self, what):
+        self.restore()
+        raise AdaptationDivergedError(
+            f"learning while reading diverged: {what}: lower adapt_lr (now {self.settings['adapt_lr']:.4g})"
+            + (" or raise adapt_decay" if self.settings["adapt_rule"] == "rms" else "")
+        )
+
+
+def read_row(model, ids, settings, forward_kwargs):
+    """Read one row of token ids (T,) in windows of `adapt_window` tokens, each read from its own start: a window is
+    scored by the weights learned from the windows before it, then learned from: its System 1 cross-entropy on every
+    target it has scored, the first token after it included (strictly causal: each character is predicted before
+    any weight learns from it). Returns each window's outputs, in order, and the Reader whose weights are now in the
+    model (the caller restores them)."""
+    reader = Reader(model, settings)
+    outputs, W = [], settings["adapt_window"]
+    try:
+        for start in range(0, ids.shape[0], W):
+            window, targets = ids[start:start + W][None].clone(), ids[start + 1:start + W + 1].clone()
+            with torch.inference_mode(False), torch.enable_grad():
+                out = adapted_forward(model, reader, window, forward_kwargs)
+                if targets.numel():
+                    reader.learn(F.cross_entropy(out.system1_logits[0, :targets.numel()].float(), targets))
+            outputs.append(detached_output(out))
+    except BaseException:
+        reader.restore()
+        raise
+    return outputs, reader
+
+
+def adapted_forward(model, reader, window, forward_kwargs):
+    """The model's output on one window, read by the weights the reader has learned so far; NaN or Inf there (in
+    System 1, or in thinking on the adapted landscape) is the learning's fault once it has moved the weights."""
+    try:
+        out = model(window, use_cache=False, use_adaptation=False, **forward_kwargs)
+    except ThinkingDivergedError as error:
+        if reader.updates:
+            reader.diverged(f"thinking on the weights learned from {reader.updates} window(s) failed ({error})")
+        raise
+    if reader.updates and not torch.isfinite(out.system1_logits).all():
+        reader.diverged(f"the weights learned from {reader.updates} window(s) give NaN or Inf logits")
+    return out
+
+
+def detached_output(out):
+    return {key: (value.detach() if torch.is_tensor(value) else tuple(v.detach() for v in value) if
+                  isinstance(value, tuple) else value)
+            for key, value in (("logits", out.logits), ("system1_logits", out.system1_logits),
+                               ("step_logits", out.step_logits), ("energy_trace", out.energy_trace))}
+
+
+def joined_outputs(windows: list[dict]) -> dict:
+    """One row's windows joined along the positions."""
+    joined = {}
+    for key in ("logits", "system1_logits", "energy_trace"):
+        parts = [w[key] for w in windows]
+        joined[key] = None if parts[0] is None else torch.cat(parts, dim=1)
+    steps = [w["step_logits"] for w in windows]
+    joined["step_logits"] = tuple(torch.cat(parts, dim=1) for parts in zip(*steps)) if steps[0] else ()
+    return joined
+
+
+def forward_reading(model, input_ids, attention_mask, labels, shift_labels, settings, forward_kwargs):
+    """`forward` with learning while reading: each row read alone (`read_row`, no row learns from another's text),
+    its weights put back before the next; padded positions get zero logits. Text longer than block_size is welcome:
+    every window is read from its own start."""
+    if input_ids is None:
+        raise ValueError("use_adaptation=True reads token ids: pass input_ids, not inputs_embeds")
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -T:].bool()
+    rows = []
+    for b in range(B):
+        windows, reader = read_row(model, input_ids[b][mask[b]], settings, forward_kwargs)
+        reader.restore()
+        rows.append(joined_outputs(windows))
+    joined = {}
+    for key in ("logits", "system1_logits", "energy_trace"):
+        if rows[0][key] is None:
+            joined[key] = None
+            continue
+        full = rows[0][key].new_zeros(B, T, *rows[0][key].shape[2:])
+        for b, row in enumerate(rows):
+            full[b, mask[b]] = row[key][0]
+        joined[key] = full
+    step_logits = []
+    for k in range(len(rows[0]["step_logits"])):
+        full = rows[0]["logits"].new_zeros(B, T, rows[0]["logits"].shape[-1])
+        for b, row in enumerate(rows):
+            full[b, mask[b]] = row["step_logits"][k][0]
+        step_logits.append(full)
+    loss = None
+    if labels is not None or shift_labels is not None:
+        loss = model.next_token_loss(joined["logits"], labels, shift_labels, attention_mask, model.padding_ids())
+    return NanoEBMCausalLMOutput(loss=loss, logits=joined["logits"], system1_logits=joined["system1_logits"],
+                                 energies=-joined["system1_logits"], step_logits=tuple(step_logits),
+                                 energy_trace=joined["energy_trace"])
+
+
+def generate_reading(model, settings, inputs=None, **kwargs):
+    """`generate` with learning while reading: each row's prompt is read with learning (all of it, however long),
+    then continued by the adapted weights (the last block_size tokens as context); with `adapt_on_output` the model
+    also learns from every `adapt_window` tokens it writes, and the next chunk re-reads its window, so no key or value
+    computed by older weights is used. Rows, and with `adapt_on_output` every returned sequence, are generated one at
+    a time, each from the trained weights, which are put back afterwards. Returns the sequences (B * n, P + new),
+    padded on the right with the pad id where a row stopped early."""
+    input_ids = kwargs.pop("input_ids", inputs)
+    if input_ids is None or input_ids.shape[-1] == 0:
+        raise ValueError("use_adaptation=True needs a prompt to read: pass input_ids with at least one token")
+    if kwargs.get("return_dict_in_generate") or kwargs.get("num_beams", 1) > 1:
+        raise ValueError("use_adaptation=True returns the sequences of greedy or sampled decoding: leave "
+                         "return_dict_in_generate and num_beams at their defaults")
+    attention_mask = kwargs.pop("attention_mask", None)
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.pop("max_new_tokens", None) or config.max_new_tokens
+    new = new if new is not None else max(0, (kwargs.pop("max_length", None) or config.max_length) - input_ids.shape[1])
+    copies = kwargs.pop("num_return_sequences", None) or config.num_return_sequences or 1
+    per_row = []
+    for b in range(input_ids.shape[0]):
+        prompt = input_ids[b][mask[b]]
+        if settings["adapt_on_output"]:
+            per_row.append([generate_row(model, prompt, settings, new, 1, kwargs)[0] for _ in range(copies)])
+        else:
+            per_row.append(generate_row(model, prompt, settings, new, copies, kwargs))
+    pad = kwargs.get("pad_token_id", config.pad_token_id)
+    pad = pad if pad is not None else (config.eos_token_id if isinstance(config.eos_token_id, int) else 0)
+    longest = max(len(seq) for row in per_row for seq in row)
+    sequences = input_ids.new_full((input_ids.shape[0] * copies, input_ids.shape[1] + longest), pad)
+    for b, row in enumerate(per_row):
+        for i, seq in enumerate(row):
+            sequences[b * copies + i, :input_ids.shape[1]] = input_ids[b]
+            sequences[b * copies + i, input_ids.shape[1]:input_ids.shape[1] + len(seq)] = seq
+    return sequences
+
+
+def generate_row(model, prompt, settings, new, copies, kwargs):
+    """The new tokens of `copies` continuations of one row's `prompt` (1-D, no padding), each a 1-D tensor."""
+    _, reader = read_row(model, prompt, settings, dict(use_thinking=False, return_energy_trace=False))
+    block, eos = model.config.block_size, model.generation_config.eos_token_id
+    chunk = settings["adapt_window"] if settings["adapt_on_output"] else max(new, 1)
+    try:
+        context, made = prompt, [prompt.new_zeros(0)] * copies
+        while len(made[0]) < new:
+            n = min(chunk, new - len(made[0]))
+            window = context[-block:][None]
+            out = model.generate_static(window, attention_mask=torch.ones_like(window), max_new_tokens=n,
+                                        num_return_sequences=copies, use_adaptation=False, **kwargs)
+            made = [torch.cat((m, o[window.shape[1]:])) for m, o in zip(made, out)]
+            fresh = out[0, window.shape[1]:]
+            if not settings["adapt_on_output"] or len(fresh) < n or (eos is not None and bool(
+                    torch.isin(fresh, torch.as_tensor(eos, device=fresh.device)).any())):
+                break
+            context = torch.cat((context, fresh))
+            learn_from(model, reader, context[-min(n + 1, block):])  # the chunk, read after the token before it
+        return made
+    finally:
+        reader.restore()
+
+
+def learn_from(model, reader, ids):
+    """One update of `reader` on the System 1 cross-entropy of the text `ids` (1-D), read from its start."""
+    with torch.inference_mode(False), torch.enable_grad():
+        window = ids[None].clone()
+        out = model(window, use_cache=False, use_adaptation=False, use_thinking=False, return_energy_trace=False)
+        reader.learn(F.cross_entropy(out.system1_logits[0, :-1].float(), window[0, 1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ UNCALIBRATED = TEMPERATURES.index(1.0)
 
 
 def score_batch(model, inputs, targets, *, use_thinking=True, think_steps=None, think_lr=None, think_samples=None,
-                trace=True, detail=False, tempered=False) -> dict:
+                trace=True, detail=False, tempered=False, use_adaptation=False) -> dict:
     """Per-position numbers of one teacher-forced forward over `inputs` (B, T) whose next characters are `targets`
     (B, T), as float32 tensors on the model's device:
 
@@ -34,11 +34,15 @@ def score_batch(model, inputs, targets, *, use_thinking=True, think_steps=None, 
 
     use_thinking, think_steps, think_lr, think_samples: as the model's forward takes them (None: the model's own).
     think_samples reaches the model only when given, so folders saved before it existed still score.
+    use_adaptation: False (the default) scores with the weights as they are, whatever the config says; only a True
+    reaches the model, so folders saved before learning while reading existed still score (see `score_reading`).
     """
     import torch
     import torch.nn.functional as F
 
     options = {"think_samples": think_samples} if think_samples is not None else {}
+    if use_adaptation or getattr(model.config, "use_adaptation", False):
+        options["use_adaptation"] = use_adaptation
     with torch.no_grad():
         out = model(inputs, use_cache=False, use_thinking=use_thinking, think_steps=think_steps, think_lr=think_lr,
                     return_energy_trace=trace, return_landscape=detail, **options)
@@ -130,3 +134,38 @@ def against_calibrated(model, blocks, other=None, batch_size: int = 64) -> dict:
         result["other"] = dict(temperature=TEMPERATURES[k], system1=float(tempered[:, UNCALIBRATED].mean()),
                                system1_calibrated=float(tempered[:, k].mean()), system2=float(system2.mean()))
     return result
+
+
+def score_reading(model, ids, *, adapt_window=None, use_thinking=True, think_steps=None, think_lr=None,
+                  **adapt) -> dict:
+    """Text read in order, with and without learning while reading: `ids` (N,) are read in consecutive windows of
+    `adapt_window` tokens (the model's own by default), each read from its own start; every character but the first is
+    a target. Returns per-character NLLs in reading order, (N - 1,) float32 on the CPU: nll1_static, nll2_static (each
+    window scored by the trained weights) and nll1_adapted, nll2_adapted (each window scored by the weights learned
+    from the windows before it: one pass, never two). `adapt`: the other adapt_* settings (the model's own where not
+    given); System 2 is the static System 1 where the call does not think."""
+    import torch
+    import torch.nn.functional as F
+
+    window = adapt_window or model.config.adapt_window or model.config.block_size
+    ids = ids.to(model.device)
+    targets = ids[1:]
+    thinking = dict(use_thinking=use_thinking, think_steps=think_steps, think_lr=think_lr)
+    with torch.no_grad():
+        adapted = model(ids[None], use_adaptation=True, adapt_window=window, return_energy_trace=False, **thinking,
+                        **adapt)
+
+    def nll(logits):
+        return F.cross_entropy(logits[0, :-1].float(), targets, reduction="none").cpu()
+
+    full = (ids.numel() - 1) // window
+    static = score_blocks(model, ids[:full * window + 1].unfold(0, window + 1, window), 64, trace=False,
+                          use_adaptation=False, **thinking)
+    nll1, nll2 = [static["nll1"].flatten().cpu()] if full else [], [static["nll2"].flatten().cpu()] if full else []
+    if ids.numel() - 1 > full * window:  # the last, shorter window
+        rest = ids[full * window:][None]
+        tail = score_batch(model, rest[:, :-1], rest[:, 1:], trace=False, use_adaptation=False, **thinking)
+        nll1.append(tail["nll1"].flatten().cpu())
+        nll2.append(tail["nll2"].flatten().cpu())
+    return dict(nll1_static=torch.cat(nll1), nll2_static=torch.cat(nll2), nll1_adapted=nll(adapted.system1_logits),
+                nll2_adapted=nll(adapted.logits))
