@@ -1320,6 +1320,12 @@ def generate_reading(model, settings, inputs=None, **kwargs):
     new = kwargs.pop("max_new_tokens", None) or config.max_new_tokens
     new = new if new is not None else max(0, (kwargs.pop("max_length", None) or config.max_length) - input_ids.shape[1])
     copies = kwargs.pop("num_return_sequences", None) or config.num_return_sequences or 1
+    streamer = kwargs.pop("streamer", None)
+    if streamer is not None:
+        if input_ids.shape[0] * copies > 1:
+            raise ValueError("a streamer follows one sequence: pass one prompt and num_return_sequences=1")
+        streamer.put(input_ids[0][mask[0]].cpu())
+        kwargs["streamer"] = streamer  # each generate call gets its own ContinuationStreamer (generate_row)
     per_row = []
     for b in range(input_ids.shape[0]):
         prompt = input_ids[b][mask[b]]
@@ -1327,6 +1333,8 @@ def generate_reading(model, settings, inputs=None, **kwargs):
             per_row.append([generate_row(model, prompt, settings, new, 1, kwargs)[0] for _ in range(copies)])
         else:
             per_row.append(generate_row(model, prompt, settings, new, copies, kwargs))
+    if streamer is not None:
+        streamer.end()
     pad = kwargs.get("pad_token_id", config.pad_token_id)
     pad = pad if pad is not None else (config.eos_token_id if isinstance(config.eos_token_id, int) else 0)
     longest = max(len(seq) for row in per_row for seq in row)
@@ -1336,6 +1344,22 @@ def generate_reading(model, settings, inputs=None, **kwargs):
             sequences[b * copies + i, :input_ids.shape[1]] = input_ids[b]
             sequences[b * copies + i, input_ids.shape[1]:input_ids.shape[1] + len(seq)] = seq
     return sequences
+
+
+class ContinuationStreamer:
+    """Passes each generate call's new tokens to the user's streamer: not the window it was given as its prompt (the
+    whole prompt was streamed once), nor its end (the next chunk continues the same text)."""
+
+    def __init__(self, streamer):
+        self.streamer, self.prompt_seen = streamer, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.streamer.put(value)
+        self.prompt_seen = True
+
+    def end(self):
+        pass
 
 
 def generate_row(model, prompt, settings, new, copies, kwargs):
@@ -1348,8 +1372,11 @@ def generate_row(model, prompt, settings, new, copies, kwargs):
         while len(made[0]) < new:
             n = min(chunk, new - len(made[0]))
             window = context[-block:][None]
+            call = dict(kwargs)
+            if call.get("streamer") is not None:
+                call["streamer"] = ContinuationStreamer(call["streamer"])
             out = model.generate_static(window, attention_mask=torch.ones_like(window), max_new_tokens=n,
-                                        num_return_sequences=copies, use_adaptation=False, **kwargs)
+                                        num_return_sequences=copies, use_adaptation=False, **call)
             made = [torch.cat((m, o[window.shape[1]:])) for m, o in zip(made, out)]
             fresh = out[0, window.shape[1]:]
             if not settings["adapt_on_output"] or len(fresh) < n or (eos is not None and bool(

@@ -45,12 +45,15 @@ from nanoebm.plots import make_folder, plot_comparison, write_plots
 
 
 THINKING = model_options(("think_steps", "think_lr", "think_samples"))  # (help, research aliases) of each
+ADAPTING = ("use_adaptation", "adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank",
+            "adapt_on_output")  # configuration_nanoebm.ADAPT_FIELDS, named here without importing torch
+MODEL_FLAGS = {**THINKING, **model_options(ADAPTING)}
 
 
 def model_option(name):
-    """A flag for one of the model's thinking options (configuration_nanoebm.OPTIONS), for this run only: unset, the
-    model's own value holds."""
-    text, aliases = THINKING[name]
+    """A flag for one of the model's thinking or learning options (configuration_nanoebm.OPTIONS), for this run only:
+    unset, the model's own value holds."""
+    text, aliases = MODEL_FLAGS[name]
     research = "".join(f" Research syntax also: {alias}=VALUE." for alias in aliases)
     return field(default=None, metadata={"help": f"{text[0].upper()}{text[1:]} (default: the model's own).{research}"})
 
@@ -80,6 +83,14 @@ class GenerateArguments:
     think_steps: int | None = model_option("think_steps")
     think_lr: float | None = model_option("think_lr")
     think_samples: int | None = model_option("think_samples")
+    use_adaptation: bool | None = model_option("use_adaptation")
+    adapt_lr: float | None = model_option("adapt_lr")
+    adapt_params: str | None = model_option("adapt_params")
+    adapt_rule: str | None = model_option("adapt_rule")
+    adapt_decay: float | None = model_option("adapt_decay")
+    adapt_window: int | None = model_option("adapt_window")
+    adapt_rank: int | None = model_option("adapt_rank")
+    adapt_on_output: bool | None = model_option("adapt_on_output")
     do_sample: bool = field(
         default=False,
         metadata={"help": "Sample from the (refined) distribution; without it decoding is greedy. "
@@ -175,6 +186,12 @@ class GenerateArguments:
         metadata={"help": "Corpus for --compare (its last 10%% is the validation text). Default: $NANOEBM_DATA, "
                           "else the embedded tiny Shakespeare."},
     )
+    reading_chars: int = field(
+        default=20000,
+        metadata={"help": "--compare: read the first this many characters of the validation text in order, in "
+                          "consecutive windows, with and without learning while reading (the model's adapt_* "
+                          "settings, or the flags); 0 skips it."},
+    )
     eval_blocks: int = field(
         default=20,
         metadata={"help": "--compare: validation blocks of block_size + 1 characters, at evenly spaced "
@@ -199,7 +216,8 @@ RESEARCH_KEYS = {
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: what from_pretrained's dtype accepts by name
-COMPARE_ONLY = ("compare", "data_path", "eval_blocks", "output_dir")  # flags a generate run's JSON leaves out
+# flags a generate run's JSON leaves out
+COMPARE_ONLY = ("compare", "data_path", "eval_blocks", "reading_chars", "output_dir")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -381,6 +399,23 @@ def load_model(path: str, device, unk_token: str | None = None, dtype: str = "au
     return model.to(device).eval(), tokenizer
 
 
+def check_learning(args: GenerateArguments, model, label: str) -> None:
+    """The learning-while-reading flags given, against the loaded model (the window is bounded by its block_size)."""
+    given = {name: getattr(args, name) for name in ADAPTING if getattr(args, name) is not None}
+    if not given:
+        return
+    if not hasattr(model.config, "adapt_lr"):
+        raise UsageError(f"{label}: its model code predates learning while reading (--{next(iter(given))}): continue "
+                         f"it with this nanoebm's run_train.py, or drop the --adapt flags")
+    from configuration_nanoebm import adaptation_problem
+
+    values = {name: getattr(model.config, name) for name in ADAPTING}
+    values.update(given)
+    problem = adaptation_problem(values, model.config.block_size)
+    if problem is not None:
+        raise UsageError(f"--{problem[0]} {values[problem[0]]!r} is invalid: {problem[1]}")
+
+
 def read_prompt(args: GenerateArguments) -> str:
     if args.prompt_file is not None:
         if args.prompt_file == "-":
@@ -406,7 +441,7 @@ def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, to
     never = sorted(i for i in never if i is not None and i < model.config.vocab_size)
     if never:
         kwargs["suppress_tokens"] = never
-    overrides = {name: getattr(args, name) for name in ("think_steps", "think_lr", "think_samples")}
+    overrides = {name: getattr(args, name) for name in ("think_steps", "think_lr", "think_samples", *ADAPTING)}
     kwargs.update({name: value for name, value in overrides.items() if value is not None})  # None: the model's own
     if args.do_sample:  # transformers would otherwise apply its default top_k=50
         kwargs.update(top_k=args.top_k or 0, temperature=args.temperature, top_p=args.top_p)
@@ -434,6 +469,7 @@ def run_generate(args: GenerateArguments) -> int:
     with a summary line on stderr, and write the pictures and the JSON asked for."""
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model_name_or_path, device, args.unk_token, args.dtype)
+    check_learning(args, model, repr(args.model_name_or_path))
     prompt = read_prompt(args)
     if prompt == "":
         note("empty prompt: starting from a newline '\\n'")
@@ -465,6 +501,9 @@ def run_description(args: GenerateArguments, thinking: dict, n: int, device) -> 
     """The line that says, before generating, which model decodes how, how much, where."""
     mode = (f"System 2 ({thinking['think_steps']} thinking steps, alpha={thinking['think_lr']:.4g})"
             if thinking["use_thinking"] and thinking["think_steps"] > 0 else "System 1 (no thinking)")
+    if thinking["use_adaptation"]:
+        mode += (f", learning while reading (adapt_lr={thinking['adapt_lr']:.4g}, a window of "
+                 f"{thinking['adapt_window']} characters{', from its own output too' if args.adapt_on_output else ''})")
     decoding = (f"sampling (T={args.temperature}, top_k={args.top_k or 'off'}, top_p={args.top_p}, seed={args.seed})"
                 if args.do_sample else "greedy")
     if args.num_beams > 1:
@@ -602,6 +641,7 @@ def run_compare(args: GenerateArguments) -> int:
     rows = []
     for path, label in zip(args.compare, labels, strict=True):
         model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
+        check_learning(args, model, repr(str(path)))
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
         row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)

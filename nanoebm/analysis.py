@@ -46,10 +46,18 @@ def thinking_module(model):
 
 
 def resolved_thinking(model, args) -> dict:
-    """use_thinking, think_steps and think_lr as a run uses them: the flags where given, else the model's own."""
+    """use_thinking, think_steps and think_lr as a run uses them, and whether it learns while reading (with the rate
+    and window): the flags where given, else the model's own."""
     steps = args.think_steps if args.think_steps is not None else int(model.config.think_steps)
     alpha = args.think_lr if args.think_lr is not None else float(model.think_lr.detach())
-    return dict(use_thinking=args.use_thinking and not args.no_thinking, think_steps=steps, think_lr=alpha)
+    resolved = dict(use_thinking=args.use_thinking and not args.no_thinking, think_steps=steps, think_lr=alpha)
+    for name in ("use_adaptation", "adapt_lr", "adapt_window"):
+        given = getattr(args, name, None)
+        resolved[name] = given if given is not None else getattr(model.config, name, None)
+    resolved["use_adaptation"] = bool(resolved["use_adaptation"])
+    if resolved["adapt_window"] is None and resolved["use_adaptation"]:
+        resolved["adapt_window"] = model.config.block_size
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from nanoebm.analysis import encode, resolved_thinking
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
-from nanoebm.scoring import calibrated_on_even_blocks, score_blocks
+from nanoebm.scoring import calibrated_on_even_blocks, score_blocks, score_reading
 
 
 def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label: str) -> dict:
@@ -38,7 +38,7 @@ def evaluate_model(model, tokenizer, val: str, prompt: str, args, device, label:
         think_steps=thinking["think_steps"], think_lr=thinking["think_lr"],
         parameters=sum(p.numel() for p in model.parameters()),
         bpc_system1=s1["bits_per_char"], bpc_system2=s2["bits_per_char"], n_chars=s1["n_chars"],
-        **calibration_columns(scores),
+        **calibration_columns(scores), **reading_columns(model, tokenizer, val, args),
         energy_gap=float((trace[..., 0] - trace[..., -1]).mean()) if trace is not None else None,
         tokens_per_s_system1=speed["system1"], tokens_per_s_system2=speed["system2"],
     )
@@ -56,6 +56,30 @@ def calibration_columns(scores) -> dict:
     return dict(temperature_system1=result["temperature"],
                 bpc_system1_calibrated=result["system1_calibrated"] / math.log(2),
                 bpc_system2_heldout=result["system2"] / math.log(2))
+
+
+ADAPT_FLAGS = ("adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank")
+
+
+def reading_columns(model, tokenizer, val: str, args) -> dict:
+    """Bits per character of the first args.reading_chars characters of `val` read in order, in consecutive windows:
+    System 1 and System 2 static and with learning while reading (the model's adapt_* settings, or the flags given),
+    on the same characters (`score_reading`, one pass in reading order). None where it is skipped (reading_chars 0,
+    or a folder whose model code predates learning while reading)."""
+    import math
+
+    import torch
+
+    names = ("bpc_system1_static_reading", "bpc_system2_static_reading", "bpc_system1_adapted", "bpc_system2_adapted")
+    if args.reading_chars <= 0 or not hasattr(model.config, "adapt_lr"):
+        return dict.fromkeys(names + ("reading_chars",))
+    text = val[:args.reading_chars]
+    ids = torch.tensor(encode(tokenizer, text, "the validation text"))
+    adapt = {name: getattr(args, name) for name in ADAPT_FLAGS if getattr(args, name, None) is not None}
+    scores = score_reading(model, ids, think_steps=args.think_steps, think_lr=args.think_lr, **adapt)
+    values = [float(scores[k].mean()) / math.log(2) for k in ("nll1_static", "nll2_static", "nll1_adapted",
+                                                               "nll2_adapted")]
+    return dict(zip(names, values), reading_chars=len(text))
 
 
 def decode_speed(model, tokenizer, prompt: str, args, device) -> dict:
@@ -130,17 +154,21 @@ def comparison_table(rows: list[dict]) -> str:
     System 1's temperature T fitted on the even-numbered ones: thinking that only recalibrates System 1 shows about
     0 there."""
     header = ("| model | trained on | landscape | think steps | bpc System 1 | bpc System 2 | S2 - S1 "
-              "| S2 - calibrated S1 (T) | energy gap J0-JK | tok/s System 1 | tok/s System 2 |")
-    lines = [header, "|" + "---|" * 11]
+              "| S2 - calibrated S1 (T) | reading: S1 static, learning | S2 static, learning | energy gap J0-JK "
+              "| tok/s System 1 | tok/s System 2 |")
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         gap = f"{r['energy_gap']:.4g}" if r["energy_gap"] is not None else "-"
         calibrated = "-" if r["bpc_system1_calibrated"] is None else (
             f"{r['bpc_system2_heldout'] - r['bpc_system1_calibrated']:+.4f} ({r['temperature_system1']:.2f})")
         trained = {True: "this text", False: f"other: {r['trained_on']}", None: f"? {r['trained_on']}"}
+        reading = ["-", "-"] if r.get("bpc_system1_adapted") is None else [
+            f"{r[f'bpc_system{k}_static_reading']:.4f}, {r[f'bpc_system{k}_adapted']:.4f}" for k in (1, 2)]
         lines.append(
             f"| {r['model']} | {trained[r['on_this_text']]} | {r['landscape']} | {r['think_steps']} "
             f"| {r['bpc_system1']:.4f} | {r['bpc_system2']:.4f} | {r['bpc_system2'] - r['bpc_system1']:+.4f} "
-            f"| {calibrated} | {gap} | {r['tokens_per_s_system1']:.1f} | {r['tokens_per_s_system2']:.1f} |"
+            f"| {calibrated} | {reading[0]} | {reading[1]} | {gap} | {r['tokens_per_s_system1']:.1f} "
+            f"| {r['tokens_per_s_system2']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -264,13 +264,16 @@ def test_plots_are_written(capsys, tmp_path, model_dir):
 def test_compare_mode(capsys, tmp_path, model_dir, linear_dir, loaded, corpus_text, tokenizer):
     out_json = tmp_path / "compare.json"
     code, out, err = run(capsys, "--compare", model_dir, linear_dir, "--eval_blocks", 3, "--max_new_tokens", 8,
-                         "--plot", tmp_path / "plots", "--output_json", out_json)
+                         "--plot", tmp_path / "plots", "--output_json", out_json, "--reading_chars", 100,
+                         "--adapt_window", 16, "--adapt_lr", 0.01)
     assert code == 0, err
-    assert "bpc System 1" in out and model_dir.name in out and linear_dir.name in out
+    assert "bpc System 1" in out and model_dir.name in out and linear_dir.name in out and "reading: S1" in out
     rows = json.loads(out_json.read_text(encoding="utf-8"))["models"]
     assert [r["landscape"] for r in rows] == ["mixture", "linear"]
     for r in rows:
         assert 0 < r["bpc_system1"] < 10 and 0 < r["bpc_system2"] < 10
+        assert r["reading_chars"] == 100 and 0 < r["bpc_system1_adapted"] < 10
+        assert r["bpc_system1_adapted"] != r["bpc_system1_static_reading"]
         assert r["tokens_per_s_system1"] > 0 and r["tokens_per_s_system2"] > 0
         assert r["n_chars"] == 3 * 32
     assert_png(tmp_path / "plots" / "compare.png")
@@ -734,3 +737,23 @@ def test_tokens_longer_than_a_character_and_ids_the_tokenizer_lacks(capsys, tmp_
         assert all(i < characters for i in ids)
     assert_png(tmp_path / "plots" / "kl_strip.png")
     assert_png(tmp_path / "plots" / "thinking_at_position.png")
+
+
+def test_generate_learning_while_reading(capsys, model_dir, corpus_text):
+    """A prompt longer than the block, read with learning, continued by the adapted weights (and learning from its
+    own output), streamed once; the same flags with System 1 only."""
+    prompt = corpus_text[1000:1100]
+    code, out, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", prompt, "--max_new_tokens", 40,
+                         "--use_adaptation", "true", "--adapt_lr", 0.01, "--adapt_window", 16, "--adapt_on_output",
+                         "true")
+    assert code == 0, err
+    assert out.startswith(prompt) and len(out) == len(prompt) + 40 + 1  # streamed once, then a newline
+    assert "learning while reading (adapt_lr=0.01, a window of 16 characters, from its own output too)" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--adapt_window", 999), ("--adapt_params", "attention"),
+                                         ("--adapt_lr", -1), ("--adapt_rule", "adam")])
+def test_bad_learning_flags_are_one_line(capsys, model_dir, flag, value):
+    code, _, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", "x", "--use_adaptation", "true",
+                       flag, value)
+    assert code == 2 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

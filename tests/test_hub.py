@@ -40,6 +40,8 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
     prompt = "ROMEO:"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     expected = tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False, think_steps=3)[0])
+    learning = dict(use_adaptation=True, adapt_lr=0.03, adapt_window=4, max_new_tokens=20, do_sample=False)
+    expected_adapted = tokenizer.decode(model.generate(ids, **learning)[0])
     weights = {k: v.sum().item() for k, v in model.state_dict().items()}
     script = textwrap.dedent(f"""
         import json, sys, torch
@@ -55,9 +57,12 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
         base = AutoModel.from_pretrained(folder, trust_remote_code=True)
         ids = tok({prompt!r}, return_tensors="pt")["input_ids"]
         text = tok.decode(lm.generate(ids, max_new_tokens=20, do_sample=False, think_steps=3)[0])
+        from transformers import pipeline
+        adapted = pipeline("text-generation", model=lm, tokenizer=tok)({prompt!r}, **{learning!r})
         hidden = base(ids).last_hidden_state
         same_hidden = torch.allclose(hidden, lm.transformer(ids).last_hidden_state)
-        print(json.dumps(dict(text=text, cls=type(lm).__name__, base=type(base).__name__, same_hidden=same_hidden,
+        print(json.dumps(dict(text=text, adapted=adapted[0]["generated_text"],
+                              cls=type(lm).__name__, base=type(base).__name__, same_hidden=same_hidden,
                               weights={{k: v.sum().item() for k, v in lm.state_dict().items()}})))
     """)
     done = run_without_nanoebm(script, cwd=tmp_path, modules_cache=tmp_path / "modules")
@@ -65,6 +70,7 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cls"] == "NanoEBMForCausalLM" and result["base"] == "NanoEBMModel" and result["same_hidden"]
     assert result["text"] == expected
+    assert result["adapted"] == expected_adapted != expected  # learning while reading, through a pipeline
     assert result["weights"].keys() == weights.keys()
     assert all(abs(result["weights"][k] - weights[k]) < 1e-4 for k in weights)
 

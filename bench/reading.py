@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Does learning while reading pay, and which update? Models trained by bench/thinking.py (nanoGPT's CPU config, 2000
+steps), each read in order, in consecutive windows, one model at a time:
+
+1. tuning: on the first half of the validation split, every update of the grid (rule x weights x rate), then the
+   window length at the best one: System 1's bits/char with learning;
+2. report, on held-out text only (the second half of validation, and Milton's Paradise Lost, whose first
+   `--milton_chars` characters are read, from ../shared/data, never committed), at the update tuning chose:
+   - System 1 static, and at its best temperature (fitted on the tuning half);
+   - compute-matched: System 1 static over overlapping windows (stride window / 3: three forward passes per window,
+     as one forward and one backward pass cost), so every character but the first ones reads 2/3 of a window or more;
+   - System 2 static (thinking), System 1 and System 2 with learning (thinking on the adapted landscape).
+
+    python bench/thinking.py --train --variants default --seeds 0 1 2 --runs ../bench-runs/thinking
+    python bench/reading.py --runs ../bench-runs/thinking --seeds 0 1 2
+    python bench/reading.py --report bench/results/reading.json
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from thinking import texts  # noqa: E402
+
+GRID = {  # (rule, weights): rates; the RMS rule's steps are in units of each weight's own gradient scale
+    ("sgd", "all"): (1e-3, 3e-3, 1e-2),
+    ("sgd", "head"): (1e-2, 3e-2, 1e-1),
+    ("sgd", "norms"): (1e-2, 3e-2, 1e-1),
+    ("sgd", "lora"): (3e-3, 1e-2, 3e-2),
+    ("rms", "all"): (3e-5, 1e-4, 3e-4),
+}
+DECAYS = (0.0, 0.01)  # tried at the best rate of each rule
+WINDOWS = (16, 32, 64)
+
+
+def ids_of(tokenizer, text):
+    import torch
+
+    return torch.tensor(tokenizer(text)["input_ids"])
+
+
+def bpc(values):
+    return float(values.mean()) / math.log(2)
+
+
+def adapted_bpc(model, ids, setting, use_thinking=False):
+    from nanoebm.scoring import score_reading
+
+    scores = score_reading(model, ids, use_thinking=use_thinking, **setting)
+    return scores
+
+
+def tune(model, ids, window):
+    """Every update of the grid on `ids`, then the decay and the window at the best: [(setting, bpc, seconds)]."""
+    rows = []
+
+    def run(setting):
+        started = time.perf_counter()
+        value = bpc(adapted_bpc(model, ids, setting)["nll1_adapted"])
+        rows.append((setting, value, time.perf_counter() - started))
+        print(f"    {setting}: {value:.4f} bits/char ({rows[-1][2]:.0f} s)", flush=True)
+        return value
+
+    for (rule, weights), rates in GRID.items():
+        for lr in rates:
+            run(dict(adapt_rule=rule, adapt_params=weights, adapt_lr=lr, adapt_window=window))
+    best = min(rows, key=lambda row: row[1])[0]
+    for rule in ("sgd", "rms"):
+        of_rule = [row for row in rows if row[0]["adapt_rule"] == rule]
+        top = min(of_rule, key=lambda row: row[1])[0]
+        for decay in DECAYS[1:]:
+            run({**top, "adapt_decay": decay})
+    best = min(rows, key=lambda row: row[1])[0]
+    for w in WINDOWS:
+        if w != best["adapt_window"]:
+            run({**best, "adapt_window": w})
+    return rows
+
+
+def overlapping_static(model, ids, window):
+    """System 1 static over windows of `window` tokens every window // 3: each character scored by the window that
+    gives it the most context (the first window scores all of its own). Per-character NLL (N - 1,)."""
+    import torch
+
+    from nanoebm.scoring import score_batch
+
+    stride = max(1, window // 3)
+    out = torch.empty(ids.numel() - 1)
+    start = 0
+    while True:
+        chunk = ids[start:start + window + 1][None]
+        scores = score_batch(model, chunk[:, :-1], chunk[:, 1:], use_thinking=False, trace=False)["nll1"][0].cpu()
+        keep = 0 if start == 0 else window - stride
+        out[start + keep:start + chunk.shape[1] - 1] = scores[keep:]
+        if start + window >= ids.numel() - 1:
+            return out
+        start += stride
+
+
+def calibrated_temperature(model, ids, window):
+    """System 1's best temperature on the tuning text (consecutive windows), from nanoebm.scoring's grid."""
+    from nanoebm.scoring import TEMPERATURES, score_blocks
+
+    full = (ids.numel() - 1) // window
+    scores = score_blocks(model, ids[:full * window + 1].unfold(0, window + 1, window), 64, use_thinking=False,
+                          trace=False, tempered=True)
+    return TEMPERATURES[int(scores["nll1_tempered"].mean((0, 1)).argmin())]
+
+
+def tempered_bpc(model, ids, window, temperature):
+    """System 1 at `temperature` over the consecutive windows `score_reading` reads (the last, shorter one too)."""
+    import torch
+    import torch.nn.functional as F
+
+    nll = []
+    for start in range(0, ids.numel() - 1, 64 * window):  # 64 windows a batch
+        part = ids[start:start + 64 * window + 1]
+        full = (part.numel() - 1) // window
+        pieces = [part[:full * window + 1].unfold(0, window + 1, window)] if full else []
+        if part.numel() - 1 > full * window:
+            pieces.append(part[full * window:][None])
+        for batch in pieces:
+            out = model(batch[:, :-1], use_cache=False, use_thinking=False, use_adaptation=False)
+            nll.append(F.cross_entropy((out.system1_logits.float() / temperature).transpose(1, 2), batch[:, 1:],
+                                       reduction="none").flatten())
+    return bpc(torch.cat(nll))
+
+
+def report_text(model, ids, setting, temperature):
+    """Every row of the report on one held-out text, in bits/char."""
+    import torch
+
+    with torch.no_grad():
+        reading = adapted_bpc(model, ids, setting, use_thinking=True)
+        window = setting["adapt_window"]
+        return dict(
+            system1=bpc(reading["nll1_static"]), system1_calibrated=tempered_bpc(model, ids, window, temperature),
+            system1_overlapping=bpc(overlapping_static(model, ids, window)), system2=bpc(reading["nll2_static"]),
+            system1_adapted=bpc(reading["nll1_adapted"]), system2_adapted=bpc(reading["nll2_adapted"]),
+        )
+
+
+def measure(args):
+    import torch
+
+    from modeling_nanoebm import NanoEBMForCausalLM
+    from tokenization_char import CharTokenizer
+
+    torch.set_num_threads(args.threads)
+    _, val_text, milton = texts()
+    half = len(val_text) // 2
+    results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+    for seed in args.seeds:
+        key = f"{args.variant}-s{seed}"
+        folder = Path(args.runs) / key
+        if key in results and not args.force:
+            continue
+        model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+        tokenizer = CharTokenizer.from_pretrained(folder)
+        tuning, held = ids_of(tokenizer, val_text[:half]), ids_of(tokenizer, val_text[half:])
+        other = ids_of(tokenizer, milton[:args.milton_chars])
+        window = model.config.block_size
+        print(f"[{key}] tuning on {tuning.numel()} characters", flush=True)
+        with torch.no_grad():
+            rows = tune(model, tuning, window)
+            temperature = calibrated_temperature(model, tuning, window)
+        best = min(rows, key=lambda row: row[1])[0]
+        print(f"[{key}] best {best}, System 1's temperature {temperature:.3f}", flush=True)
+        results[key] = dict(tuning=[dict(setting=s, bpc=v, seconds=t) for s, v, t in rows], best=best,
+                            temperature=temperature, validation=report_text(model, held, best, temperature),
+                            milton=report_text(model, other, best, temperature))
+        Path(args.results).write_text(json.dumps(results, indent=1))
+        print_report(results)
+    print(f"\nreproduce: python bench/reading.py {' '.join(sys.argv[1:])}")
+
+
+ROWS = (("system1", "System 1, static"), ("system1_calibrated", "System 1 at its best temperature (fitted on tuning)"),
+        ("system1_overlapping", "System 1, overlapping windows (compute-matched: 3 passes per window)"),
+        ("system2", "System 2 (thinking), static"), ("system1_adapted", "System 1, learning while reading"),
+        ("system2_adapted", "System 2, learning while reading"))
+
+
+def print_report(results):
+    runs = sorted(results)
+    print("\nbest update per run: " + "; ".join(f"{run}: {results[run]['best']}" for run in runs))
+    for text in ("validation", "milton"):
+        print(f"\n{text} (held out), bits/char, mean ± std over {len(runs)} run(s), and against calibrated System 1:")
+        print("| | bits/char | vs calibrated System 1 |\n|---|---:|---:|")
+        for name, label in ROWS:
+            values = [results[r][text][name] for r in runs]
+            gains = [100 * (results[r][text][name] / results[r][text]["system1_calibrated"] - 1) for r in runs]
+            spread = lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""  # noqa: E731
+            print(f"| {label} | {statistics.mean(values):.4f}{spread(values)} | "
+                  f"{statistics.mean(gains):+.2f}%{spread(gains)} |")
+    print("\ntuning (first half of validation), System 1 with learning, bits/char per run:")
+    settings = [row["setting"] for row in results[runs[0]]["tuning"]]
+    for setting in settings:
+        cells = []
+        for run in runs:
+            match = [row["bpc"] for row in results[run]["tuning"] if row["setting"] == setting]
+            cells.append(f"{match[0]:.4f}" if match else "-")
+        print(f"| {setting} | " + " | ".join(cells) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(ROOT.parent / "bench-runs" / "thinking"))
+    parser.add_argument("--variant", default="default", help="which bench/thinking.py variant's runs to read")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--milton_chars", type=int, default=120_000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "reading.json"))
+    parser.add_argument("--force", action="store_true", help="measure runs already in the results file again")
+    parser.add_argument("--report", help="print the tables of a saved results file")
+    args = parser.parse_args()
+    if args.report:
+        print_report(json.loads(Path(args.report).read_text()))
+        return
+    measure(args)
+
+
+if __name__ == "__main__":
+    main()
