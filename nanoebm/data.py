@@ -195,15 +195,28 @@ def text_chunks(source: Source, chunk_chars: int = CHUNK_CHARS):
                              f"permissions") from None
 
 
+def file_stats(paths) -> list:
+    return [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+
+
+def text_hash(source: Source) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for chunk in text_chunks(source):
+        digest.update(chunk.encode("utf-8"))
+    return digest.hexdigest()
+
+
 def fingerprint(source: Source) -> dict:
-    """What identifies the corpus without reading it: the files' resolved paths, sizes and modification times, or the
-    data set's own fingerprint (datasets derives it from its Arrow files). Checking it costs a stat per file."""
+    """What identifies the corpus without reading it: the files' resolved paths, sizes and modification times; for a
+    data set, those of the Arrow files it is read from (`cache_files`, datasets' public record of them). Checking it
+    costs a stat per file. A data set held in memory (no Arrow file) is identified by a hash of its text column."""
     if source.kind == "files":
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in source.files]
-        return {"files": stats}
+        return {"files": file_stats(source.files)}
     dataset = open_dataset(source)
-    return {"dataset": source.where, "config": source.config, "column": source.column,
-            "fingerprint": dataset._fingerprint, "rows": len(dataset)}
+    arrow = sorted(f["filename"] for f in dataset.cache_files)
+    content = file_stats(arrow) if arrow else text_hash(source)
+    return {"dataset": source.where, "config": source.config, "column": source.column, "arrow": content,
+            "rows": len(dataset)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
