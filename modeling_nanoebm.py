@@ -130,10 +130,19 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     # activation checkpointing of the backbone's blocks (NanoEBMModel.run_block), switched on by transformers'
-    # gradient_checkpointing_enable / the Trainer's --gradient_checkpointing
+    # activation_checkpointing_enable / the Trainer's --activation_checkpointing (gradient_checkpointing_* before 5.23)
     supports_gradient_checkpointing = True
     # forward takes **kwargs; without this the Trainer would divide the loss by the accumulation steps twice
     accepts_loss_kwargs = False
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23: its names of 5.23
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            """transformers 5.23's name for gradient_checkpointing_enable, so one spelling works on every version."""
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+        def activation_checkpointing_disable(self):
+            self.gradient_checkpointing_disable()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry),
@@ -335,9 +344,9 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
             # gradients through the context's keys and values, nor the descent's torch.autograd.grad
             if reads_context and not torch.is_grad_enabled():
                 raise ValueError(
-                    f"gradient_checkpointing_kwargs use_reentrant=True cannot carry the gradients that "
-                    f"landscape={self.config.landscape!r} needs (through the context's keys and values and the "
-                    f"thinking descent): use use_reentrant=False, the default"
+                    f"activation_checkpointing_kwargs (gradient_checkpointing_kwargs) use_reentrant=True cannot "
+                    f"carry the gradients that landscape={self.config.landscape!r} needs (through the context's keys "
+                    f"and values and the thinking descent): use use_reentrant=False, the default"
                 )
             with sdpa_kernel(kernels) if kernels is not None else nullcontext():
                 return block(*inputs)
