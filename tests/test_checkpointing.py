@@ -169,3 +169,19 @@ def test_the_trainer_flag_trains_with_checkpointing(tmp_path, corpus_text):
     assert callback.seen == [True] * 4
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_system2_loss"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_replayed_blocks_run_the_attention_kernels_the_forward_chose():
+    """The backward pass replays each block outside the forward's `sdpa_kernel` context: the replay restores the
+    kernels the forward ran with (read from torch's public switches), so a math-only forward replays math-only."""
+    model = make_model(**THINKING, **LANDSCAPES["soft_tokens"]).train()
+    model.activation_checkpointing_enable()
+    seen = []
+    model.transformer.h[0].register_forward_hook(
+        lambda *_: seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())))
+    ids = torch.randint(0, 65, (2, 16))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = model(ids, shift_labels=ids)
+    assert torch.backends.cuda.flash_sdp_enabled()  # the context is left: the default switches again
+    out.loss.backward()
+    assert len(seen) > 1 and set(seen) == {(False, True)}, seen  # the forward and its replays alike
