@@ -134,6 +134,23 @@ def test_an_edited_corpus_is_prepared_again(tmp_path, corpus):
     assert tokenizer.decode(blocks[0].tolist()) == TEXT.upper()[int(len(TEXT) * 0.9):][:17]
 
 
+def test_a_saved_dataset_written_again_is_prepared_again(tmp_path):
+    """A save_to_disk data set is keyed by its Arrow files (path, size, modification time), as text files are: the
+    same rows saved again with other text (same length) are prepared again."""
+    import shutil
+
+    from datasets import Dataset
+
+    rows = TEXT.split("\n")[:-1]
+    args = data_args(tmp_path, data_path=str(tmp_path / "saved"))
+    Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "saved"))
+    data.build_data(args, None, 16, 0)
+    shutil.rmtree(tmp_path / "saved")
+    Dataset.from_dict({"text": [r.upper() for r in rows]}).save_to_disk(str(tmp_path / "saved"))
+    _, blocks, tokenizer = data.build_data(args, None, 16, 0)
+    assert tokenizer.decode(blocks[0].tolist()) == TEXT.upper()[int(len(TEXT) * 0.9):][:17]
+
+
 def test_an_unwritable_cache_folder_falls_back_to_the_temp_dir(tmp_path, corpus, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
