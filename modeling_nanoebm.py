@@ -17,11 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-try:  # private in torch: a saved folder must import whatever torch runs it, so its absence only costs the pinning
-    from torch.nn.attention import _cur_sdpa_kernel_backends
-except ImportError:
-    _cur_sdpa_kernel_backends = None
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -135,10 +130,19 @@ class NanoEBMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     # activation checkpointing of the backbone's blocks (NanoEBMModel.run_block), switched on by transformers'
-    # gradient_checkpointing_enable / the Trainer's --gradient_checkpointing
+    # activation_checkpointing_enable / the Trainer's --activation_checkpointing (gradient_checkpointing_* before 5.23)
     supports_gradient_checkpointing = True
     # forward takes **kwargs; without this the Trainer would divide the loss by the accumulation steps twice
     accepts_loss_kwargs = False
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23: its names of 5.23
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            """transformers 5.23's name for gradient_checkpointing_enable, so one spelling works on every version."""
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+        def activation_checkpointing_disable(self):
+            self.gradient_checkpointing_disable()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a folder that every Auto class can load with trust_remote_code (AutoModel needs its own entry),
@@ -325,18 +329,25 @@ class NanoEBMModel(NanoEBMPreTrainedModel):
         state replays the same dropout."""
         if not self.checkpointing():
             return block(x, mask, rotary, cache, context_kv)
-        options = getattr(self._gradient_checkpointing_func, "keywords", None)  # a partial of torch's checkpoint
-        if reads_context and options is not None and options.get("use_reentrant", True):  # torch's default: True
-            raise ValueError(
-                f"gradient_checkpointing_kwargs use_reentrant=True cannot carry the gradients that "
-                f"landscape={self.config.landscape!r} needs (through the context's keys and values and the thinking "
-                f"descent): use use_reentrant=False, the default"
-            )
         # the replay runs the attention kernels this forward ran (the descent's second order needs the math one,
-        # chosen around the forward but not around the backward that replays it)
-        kernels = _cur_sdpa_kernel_backends() if _cur_sdpa_kernel_backends is not None else None
+        # chosen around the forward but not around the backward that replays it), read from torch's public switches
+        enabled = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+                                               (SDPBackend.EFFICIENT_ATTENTION,
+                                                torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                               (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+                                               (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled()))
+                   if on]
+        kernels = enabled if len(enabled) < 4 else None  # all four on: torch's default, nothing to pin
 
         def replay(*inputs):
+            # torch's reentrant checkpoint runs its first pass under no_grad (documented): there it cannot carry the
+            # gradients through the context's keys and values, nor the descent's torch.autograd.grad
+            if reads_context and not torch.is_grad_enabled():
+                raise ValueError(
+                    f"activation_checkpointing_kwargs (gradient_checkpointing_kwargs) use_reentrant=True cannot "
+                    f"carry the gradients that landscape={self.config.landscape!r} needs (through the context's keys "
+                    f"and values and the thinking descent): use use_reentrant=False, the default"
+                )
             with sdpa_kernel(kernels) if kernels is not None else nullcontext():
                 return block(*inputs)
 
@@ -737,14 +748,15 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
-    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         """transformers' resize of the token embeddings (the energy head reads the same table), extended to the
-        other tensor sized by the vocabulary: the energy head's bias b_y. A new id starts as the average candidate:
+        other tensor sized by the vocabulary: the energy head's bias b_y (the public method, so a rename of
+        transformers' private helpers cannot skip it). A new id starts as the average candidate:
         with `mean_resizing` (the default) its embedding is the mean of the old ones (transformers) and its bias the
         mean of theirs, and E_base is linear in (e_y, b_y), so its base energy is the mean of the old vocabulary's at
         every position: far below the likely characters (never System 1's argmax) until training moves it. Without
         `mean_resizing` it starts as in a fresh model (embedding N(0, initializer_range), bias 0)."""
-        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         bias, size = self.energy_head.token_bias, embeddings.weight.shape[0]
         if embeddings.weight.grad is not None and embeddings.weight.grad.shape != embeddings.weight.shape:
             embeddings.weight.grad = None  # a stale gradient of the old size would fail the next backward

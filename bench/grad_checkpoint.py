@@ -4,7 +4,7 @@
     python bench/grad_checkpoint.py --threads 1
 
 For each landscape the same model, batch and random state run one step as the Trainer does (`model(ids,
-shift_labels=ids).loss.backward()`), once plain and once after `model.gradient_checkpointing_enable()`; the losses
+shift_labels=ids).loss.backward()`), once plain and once after `model.activation_checkpointing_enable()`; the losses
 must agree. Memory, not time, is measured, so a busy machine does not change the figures:
 - on CUDA, torch.cuda.max_memory_allocated over the step;
 - on CPU, the peak of live tensor bytes in torch's memory profiler timeline (every tensor's allocation and release:
@@ -72,7 +72,7 @@ def measure(args, name, checkpointing, device):
                            n_embd=args.n_embd, dropout=args.dropout, think_steps=args.think_steps, **LANDSCAPES[name])
     model = NanoEBMForCausalLM(config).to(device).train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     ids = torch.randint(0, 65, (args.batch_size, args.block_size), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)  # the same dropout masks in both runs
     return (cuda_peak if device.type == "cuda" else cpu_peak)(model, ids.to(device))

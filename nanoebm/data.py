@@ -25,7 +25,8 @@ from nanoebm.corpus import CORPUS_FILE, fixed_blocks, resolve_data_path
 
 CHUNK_CHARS = 1 << 24  # 16 M characters: large enough for numpy to run at full speed, small enough to bound memory
 CACHE_ENV = "NANOEBM_CACHE"
-CACHE_FORMAT = 1  # bumped whenever the ids file or its sidecar changes meaning
+CACHE_FORMAT = 2  # bumped whenever the ids file or its sidecar changes meaning (2: the ids' block hashes)
+CHECK_BLOCK, CHECK_BLOCKS = 1 << 16, 256  # each start checks 256 blocks of 64 KiB of the ids file: 16 MiB at most
 MAX_REPORTED = 10
 UNICODE = 0x110000
 
@@ -194,15 +195,28 @@ def text_chunks(source: Source, chunk_chars: int = CHUNK_CHARS):
                              f"permissions") from None
 
 
+def file_stats(paths) -> list:
+    return [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+
+
+def text_hash(source: Source) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for chunk in text_chunks(source):
+        digest.update(chunk.encode("utf-8"))
+    return digest.hexdigest()
+
+
 def fingerprint(source: Source) -> dict:
-    """What identifies the corpus without reading it: the files' resolved paths, sizes and modification times, or the
-    data set's own fingerprint (datasets derives it from its Arrow files). Checking it costs a stat per file."""
+    """What identifies the corpus without reading it: the files' resolved paths, sizes and modification times; for a
+    data set, those of the Arrow files it is read from (`cache_files`, datasets' public record of them). Checking it
+    costs a stat per file. A data set held in memory (no Arrow file) is identified by a hash of its text column."""
     if source.kind == "files":
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in source.files]
-        return {"files": stats}
+        return {"files": file_stats(source.files)}
     dataset = open_dataset(source)
-    return {"dataset": source.where, "config": source.config, "column": source.column,
-            "fingerprint": dataset._fingerprint, "rows": len(dataset)}
+    arrow = sorted(f["filename"] for f in dataset.cache_files)
+    content = file_stats(arrow) if arrow else text_hash(source)
+    return {"dataset": source.where, "config": source.config, "column": source.column, "arrow": content,
+            "rows": len(dataset)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,6 +352,42 @@ def write_atomically(path: Path, write):
         raise
 
 
+def block_hashes(content: bytes) -> str:
+    """An 8-byte BLAKE2 hash of each CHECK_BLOCK bytes of `content` (the last block may be shorter), concatenated."""
+    view = memoryview(content)
+    return "".join(hashlib.blake2b(view[i: i + CHECK_BLOCK], digest_size=8).hexdigest()
+                   for i in range(0, len(view), CHECK_BLOCK))
+
+
+def checked_blocks(n: int) -> list:
+    """Which of a file's `n` blocks a start checks: all of them up to CHECK_BLOCKS, else the first, the last and
+    random others (a fresh draw each run, so damage anywhere is caught by some run, and one in a sampled block at
+    once), so the check reads 16 MiB at most however large the file (under 0.1 s for 1 GB: docs/DESIGN.md)."""
+    if n <= CHECK_BLOCKS:
+        return list(range(n))
+    return sorted({0, n - 1, *random.SystemRandom().sample(range(1, n - 1), CHECK_BLOCKS - 2)})
+
+
+def ids_intact(path: Path, digests, warn: bool = False) -> bool:
+    """Whether the sampled blocks of an ids file (of the size its sidecar records) hash as they did when it was
+    written: a file damaged in place (a bad disk, a copy cut short and padded, another writer) is not trusted."""
+    n = -(-path.stat().st_size // CHECK_BLOCK)
+    if not isinstance(digests, str) or len(digests) != 16 * n:
+        return False
+    with open(path, "rb") as handle:
+        for i in checked_blocks(n):
+            handle.seek(i * CHECK_BLOCK)
+            if hashlib.blake2b(handle.read(CHECK_BLOCK), digest_size=8).hexdigest() != digests[16 * i: 16 * i + 16]:
+                if warn:
+                    from transformers.utils import logging
+
+                    logging.get_logger(__name__).warning(
+                        f"the prepared ids {path} do not match the hashes recorded when they were written (block {i} "
+                        f"of {n}): the file is damaged; preparing the corpus again")
+                return False
+    return True
+
+
 @dataclass
 class Prepared:
     """The prepared ids of a corpus, memory-mapped read-only, and the characters they index."""
@@ -381,30 +431,39 @@ def prepare(source: Source, tokenizer, data_args) -> Prepared:
     expected = {"format": CACHE_FORMAT, "chars": table.chars, "unk_id": table.unk_id,
                 "dtype": np.dtype(table.dtype).name}
     if not (isinstance(meta, dict) and {k: meta.get(k) for k in expected} == expected and ids_file.is_file()
-            and ids_file.stat().st_size == meta.get("length", -1) * np.dtype(table.dtype).itemsize):
+            and ids_file.stat().st_size == meta.get("length", -1) * np.dtype(table.dtype).itemsize
+            and ids_intact(ids_file, meta.get("ids_blake2b"), warn=True)):
         meta = write_ids(source, table, ids_file, meta_file, expected)
     return Prepared(ids_file, np.dtype(table.dtype), meta["length"], table.chars)
 
 
 def write_ids(source: Source, table: CharTable, ids_file: Path, meta_file: Path, expected: dict) -> dict:
     """Stream the corpus through the lookup table into `ids_file` (temp file, then rename), then the sidecar with the
-    length and a BLAKE2 hash of the text, so a later run can tell the file is whole and whose it is."""
-    digest, length = hashlib.blake2b(digest_size=16), 0
+    length, a BLAKE2 hash of the text (whose ids they are) and one of every CHECK_BLOCK bytes of the ids (what a
+    later run samples to tell the file is whole: `ids_intact`)."""
+    digest, length, blocks, pending = hashlib.blake2b(digest_size=16), 0, [], b""
 
     def write(handle):
-        nonlocal length
+        nonlocal length, pending
         with progress_bar(None, f"nanoebm: preparing {source.where}") as bar:
             for chunk in text_chunks(source):
                 digest.update(chunk.encode("utf-8"))
-                handle.write(table.encode(chunk, length, f"the corpus {source.where}").tobytes())
+                ids = table.encode(chunk, length, f"the corpus {source.where}").tobytes()
+                handle.write(ids)
+                pending += ids
+                whole = len(pending) // CHECK_BLOCK * CHECK_BLOCK
+                blocks.append(block_hashes(pending[:whole]))
+                pending = pending[whole:]
                 length += len(chunk)
                 bar.update(len(chunk))
+            blocks.append(block_hashes(pending))
 
     write_atomically(ids_file, write)
     if length == 0:
         ids_file.unlink(missing_ok=True)
         raise empty_corpus(source)
-    meta = {**expected, "length": length, "text_blake2b": digest.hexdigest(), "source": source.where}
+    meta = {**expected, "length": length, "text_blake2b": digest.hexdigest(), "ids_blake2b": "".join(blocks),
+            "source": source.where}
     write_atomically(meta_file, lambda h: h.write(json.dumps(meta, ensure_ascii=False).encode()))
     return meta
 

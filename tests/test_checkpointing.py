@@ -1,17 +1,23 @@
-"""Activation (gradient) checkpointing of the backbone: transformers' gradient_checkpointing_enable and the Trainer's
---gradient_checkpointing. The thinking descent differentiates through the backbone (soft tokens, ebt), twice in
-training: a checkpointed model must give the same loss and the same gradients, and keep fewer activations."""
+"""Activation checkpointing of the backbone: transformers' activation_checkpointing_enable and the Trainer's
+--activation_checkpointing (gradient_checkpointing_* before transformers 5.23, still accepted). The thinking descent
+differentiates through the backbone (soft tokens, ebt), twice in training: a checkpointed model must give the same
+loss and the same gradients, and keep fewer activations."""
 
+import dataclasses
 import math
+import warnings
 import weakref
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 import run_train
 from conftest import make_model
 from modeling_nanoebm import CACHE_NAME
+
+# the names transformers deprecated in 5.23 warn: nanoebm's own use of them would fail here
+pytestmark = pytest.mark.filterwarnings("error:.*gradient_checkpointing.*deprecated:FutureWarning")
 
 THINKING = dict(think_steps=2)
 LANDSCAPES = {
@@ -46,7 +52,7 @@ def saved_bytes():
 def loss_and_gradients(recipe, dropout, checkpointing, **call):
     model = make_model(dropout=dropout, **THINKING, **LANDSCAPES[recipe]).train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     torch.manual_seed(1)  # the same batch, dropout masks, Langevin noise and random step sizes in both runs
     ids = torch.randint(0, 65, (2, 24))
     hooks, total = saved_bytes()
@@ -86,14 +92,32 @@ def test_the_cache_is_never_written_in_a_checkpointed_training_step():
 
 def test_decoding_ignores_checkpointing_and_disable_restores_the_plain_model():
     model = make_model(**THINKING, **LANDSCAPES["ebt"])
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.transformer.gradient_checkpointing
     prompt = torch.randint(0, 65, (1, 5))
     model.eval()
     with_flag = model.generate(prompt, max_new_tokens=6, do_sample=False)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     assert not model.transformer.gradient_checkpointing
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), with_flag)
+
+
+def test_the_names_before_transformers_5_23_still_work():
+    """gradient_checkpointing_enable / _disable and their kwargs: what users and transformers < 5.23 call (5.23 and
+    later warn that they are deprecated)."""
+    plain, plain_grads, _ = loss_and_gradients("soft_tokens", 0.0, checkpointing=False)
+    model = make_model(**THINKING, **LANDSCAPES["soft_tokens"]).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.transformer.gradient_checkpointing
+        torch.manual_seed(1)
+        ids = torch.randint(0, 65, (2, 24))
+        out = model(ids, shift_labels=ids)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7)
+        model.gradient_checkpointing_disable()
+        assert not model.transformer.gradient_checkpointing
 
 
 @pytest.mark.parametrize("recipe", ["soft_tokens", "ebt"])
@@ -101,7 +125,7 @@ def test_reentrant_checkpointing_is_refused_where_thinking_reads_the_backbone(re
     """The reentrant checkpoint drops gradients through the context's keys and values and cannot run
     torch.autograd.grad: one message, rather than silently wrong gradients."""
     model = make_model(**THINKING, **LANDSCAPES[recipe]).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     ids = torch.randint(0, 65, (2, 16))
     with pytest.raises(ValueError, match="use_reentrant=True.*use_reentrant=False"):
         model(ids, shift_labels=ids)
@@ -110,7 +134,7 @@ def test_reentrant_checkpointing_is_refused_where_thinking_reads_the_backbone(re
 def test_reentrant_checkpointing_still_works_for_the_per_token_landscapes():
     plain, plain_grads, _ = loss_and_gradients("mixture", 0.0, checkpointing=False)
     model = make_model(**THINKING, **LANDSCAPES["mixture"]).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     torch.manual_seed(1)
     ids = torch.randint(0, 65, (2, 24))
     out = model(ids, shift_labels=ids)
@@ -129,6 +153,9 @@ class SeesCheckpointing(TrainerCallback):
 
 
 def test_the_trainer_flag_trains_with_checkpointing(tmp_path, corpus_text):
+    """--activation_checkpointing where transformers has it (5.23), else --gradient_checkpointing."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    flag = "--activation_checkpointing" if "activation_checkpointing" in fields else "--gradient_checkpointing"
     corpus = tmp_path / "small.txt"
     corpus.write_text(corpus_text[:60000])
     callback = SeesCheckpointing()
@@ -136,9 +163,25 @@ def test_the_trainer_flag_trains_with_checkpointing(tmp_path, corpus_text):
         ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
          "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--max_steps", "4", "--logging_steps", "2",
          "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--landscape", "ebt",
-         "--gradient_checkpointing", "true", "--data_path", str(corpus), "--output_dir", str(tmp_path / "out")],
+         flag, "true", "--data_path", str(corpus), "--output_dir", str(tmp_path / "out")],
         callbacks=[callback],
     )
     assert callback.seen == [True] * 4
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_system2_loss"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_replayed_blocks_run_the_attention_kernels_the_forward_chose():
+    """The backward pass replays each block outside the forward's `sdpa_kernel` context: the replay restores the
+    kernels the forward ran with (read from torch's public switches), so a math-only forward replays math-only."""
+    model = make_model(**THINKING, **LANDSCAPES["soft_tokens"]).train()
+    model.activation_checkpointing_enable()
+    seen = []
+    model.transformer.h[0].register_forward_hook(
+        lambda *_: seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())))
+    ids = torch.randint(0, 65, (2, 16))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = model(ids, shift_labels=ids)
+    assert torch.backends.cuda.flash_sdp_enabled()  # the context is left: the default switches again
+    out.loss.backward()
+    assert len(seen) > 1 and set(seen) == {(False, True)}, seen  # the forward and its replays alike

@@ -73,6 +73,43 @@ def test_a_prepared_corpus_is_reused_and_a_damaged_one_rebuilt(tmp_path, corpus)
     assert json.loads(meta_file.read_text())["length"] == len(TEXT)
 
 
+def test_a_damaged_ids_file_of_the_right_size_is_rebuilt(tmp_path, corpus, caplog):
+    """A flipped byte keeps the size the sidecar records: the sampled block hashes catch it (a file this small is
+    checked whole) and the ids are prepared again, with a warning."""
+    args = data_args(tmp_path, data_path=str(corpus))
+    data.build_data(args, None, 16, 0)
+    ids_file = next((tmp_path / "cache").rglob("ids-*.bin"))
+    good = ids_file.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF
+    ids_file.write_bytes(bytes(damaged))
+    with caplog.at_level("WARNING"):
+        train, _, _ = data.build_data(args, None, 16, 0)
+    assert ids_file.read_bytes() == good and np.array_equal(np.asarray(train.ids), np.frombuffer(good, np.uint8)[
+        : int(len(TEXT) * 0.9)])
+    assert "do not match the hashes recorded" in caplog.text
+
+
+def test_the_cache_check_reads_a_bounded_sample_of_a_large_file(tmp_path, monkeypatch):
+    """Past CHECK_BLOCKS blocks only a sample is read (the first, the last and random others): damage in the first
+    or last block is always caught, a whole file is never read."""
+    monkeypatch.setattr(data, "CHECK_BLOCK", 64)
+    monkeypatch.setattr(data, "CHECK_BLOCKS", 8)
+    path = tmp_path / "ids.bin"
+    content = np.random.default_rng(0).integers(0, 256, 64 * 100 + 10, dtype=np.uint8).tobytes()
+    path.write_bytes(content)
+    digests = data.block_hashes(content)
+    assert data.ids_intact(path, digests)
+    for where in (0, len(content) - 1):
+        damaged = bytearray(content)
+        damaged[where] ^= 1
+        path.write_bytes(bytes(damaged))
+        assert not data.ids_intact(path, digests)
+    picks = data.checked_blocks(101)
+    assert len(picks) == 8 and {0, 100} <= set(picks) and picks != data.checked_blocks(101)  # another sample each run
+    assert data.checked_blocks(8) == list(range(8))
+
+
 def test_a_cache_for_another_vocabulary_is_never_reused(tmp_path, corpus):
     args = data_args(tmp_path, data_path=str(corpus))
     own, _, _ = data.build_data(args, None, 16, 0)
@@ -93,6 +130,23 @@ def test_an_edited_corpus_is_prepared_again(tmp_path, corpus):
     data.build_data(args, None, 16, 0)
     corpus.write_text(TEXT.upper(), encoding="utf-8")
     os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 10**9))
+    _, blocks, tokenizer = data.build_data(args, None, 16, 0)
+    assert tokenizer.decode(blocks[0].tolist()) == TEXT.upper()[int(len(TEXT) * 0.9):][:17]
+
+
+def test_a_saved_dataset_written_again_is_prepared_again(tmp_path):
+    """A save_to_disk data set is keyed by its Arrow files (path, size, modification time), as text files are: the
+    same rows saved again with other text (same length) are prepared again."""
+    import shutil
+
+    from datasets import Dataset
+
+    rows = TEXT.split("\n")[:-1]
+    args = data_args(tmp_path, data_path=str(tmp_path / "saved"))
+    Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "saved"))
+    data.build_data(args, None, 16, 0)
+    shutil.rmtree(tmp_path / "saved")
+    Dataset.from_dict({"text": [r.upper() for r in rows]}).save_to_disk(str(tmp_path / "saved"))
     _, blocks, tokenizer = data.build_data(args, None, 16, 0)
     assert tokenizer.decode(blocks[0].tolist()) == TEXT.upper()[int(len(TEXT) * 0.9):][:17]
 

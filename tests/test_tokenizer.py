@@ -438,3 +438,38 @@ def test_fast_tokenizer_refuses_unknown_characters_or_maps_them_to_unk(tmp_path,
     # the unk character stays text: skipping special tokens drops only the pad
     assert fast.decode(ids, skip_special_tokens=True) == lossy.decode(ids, skip_special_tokens=True) == "Hi    "
     assert CharTokenizer.from_pretrained(tmp_path).unk_token == " "
+
+
+def test_a_model_folders_tokenizer_loads_quietly_without_remote_code(tmp_path, small):
+    """A model folder's config.json names custom code, so `AutoTokenizer.from_pretrained(folder)` without
+    trust_remote_code first asks whether to run it (transformers asks for every such folder, and on a terminal waits)
+    and, refused, warns about the model type. The README's load without remote code reads tokenizer.json alone:
+    nothing printed, CharTokenizer's ids. An unknown character is refused, in the words `tokenizers` has (it cannot
+    name the character or its position: CharTokenizer, with trust_remote_code=True, does)."""
+    from conftest import make_model
+
+    quiet = 'PreTrainedTokenizerFast.from_pretrained("out")'
+    assert quiet in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    folder = tmp_path / "out"
+    make_model(vocab_size=len(small)).save_pretrained(folder)
+    small.save_pretrained(folder)
+    script = textwrap.dedent(
+        f"""
+        import json, os
+        os.environ["TRANSFORMERS_VERBOSITY"] = "warning"  # transformers' own warnings count here
+        from transformers import PreTrainedTokenizerFast
+        tok = {quiet}
+        try:
+            tok("Hi \\u2603")
+            refusal = None
+        except Exception as error:
+            refusal = f"{{type(error).__name__}}: {{error}}"
+        print(json.dumps({{"ids": tok({SMALL_TEXT!r})["input_ids"], "refusal": refusal, "pad": tok.pad_token_id}}))
+        """
+    )
+    proc = run_without_nanoebm(script, cwd=tmp_path, modules_cache=tmp_path / "modules", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ids"] == small(SMALL_TEXT)["input_ids"] and result["pad"] == small.vocab_size
+    assert result["refusal"] == "Exception: WordLevel error: Missing [UNK] token from the vocabulary"
