@@ -2,8 +2,10 @@
 """Does learning while reading pay, and which update? Models trained by bench/thinking.py (nanoGPT's CPU config, 2000
 steps), each read in order, in consecutive windows, one model at a time:
 
-1. tuning: on the first half of the validation split, every update of the grid (rule x weights x rate), then the
-   window length at the best one: System 1's bits/char with learning;
+1. tuning: on the first `--tune_chars` characters of the first half of the validation split, System 1's bits/char
+   with learning: on the first seed every update of the grid (rule x weights x rate), then the decay and the window
+   at the best ones; on every other seed the best update of each (rule, weights) family and the overall best, as
+   the first seed chose them (a grid per seed is more than this machine gives in a session);
 2. report, on held-out text only (the second half of validation, and Milton's Paradise Lost, whose first
    `--milton_chars` characters are read, from ../shared/data, never committed), at the update tuning chose:
    - System 1 static, and at its best temperature (fitted on the tuning half);
@@ -34,7 +36,7 @@ GRID = {  # (rule, weights): rates; the RMS rule's steps are in units of each we
     ("sgd", "all"): (1e-3, 3e-3, 1e-2),
     ("sgd", "head"): (1e-2, 3e-2, 1e-1),
     ("sgd", "norms"): (1e-2, 3e-2, 1e-1),
-    ("sgd", "lora"): (3e-3, 1e-2, 3e-2),
+    ("sgd", "lora"): (1e-2, 3e-2, 1e-1),
     ("rms", "all"): (3e-5, 1e-4, 3e-4),
 }
 DECAYS = (0.0, 0.01)  # tried at the best rate of each rule
@@ -51,38 +53,47 @@ def bpc(values):
     return float(values.mean()) / math.log(2)
 
 
-def adapted_bpc(model, ids, setting, use_thinking=False):
+def score_reading_of(model, ids, setting, use_thinking=False):
     from nanoebm.scoring import score_reading
 
-    scores = score_reading(model, ids, use_thinking=use_thinking, **setting)
-    return scores
+    return score_reading(model, ids, use_thinking=use_thinking, **setting)
+
+
+def run_setting(model, ids, setting, rows):
+    started = time.perf_counter()
+    value = bpc(score_reading_of(model, ids, setting)["nll1_adapted"])
+    rows.append(dict(setting=setting, bpc=value, seconds=time.perf_counter() - started))
+    print(f"    {setting}: {value:.4f} bits/char ({rows[-1]['seconds']:.0f} s)", flush=True)
 
 
 def tune(model, ids, window):
-    """Every update of the grid on `ids`, then the decay and the window at the best: [(setting, bpc, seconds)]."""
+    """Every update of the grid on `ids`, then the decay at the best rate of each rule and the window at the best:
+    [{setting, bpc, seconds}]."""
     rows = []
-
-    def run(setting):
-        started = time.perf_counter()
-        value = bpc(adapted_bpc(model, ids, setting)["nll1_adapted"])
-        rows.append((setting, value, time.perf_counter() - started))
-        print(f"    {setting}: {value:.4f} bits/char ({rows[-1][2]:.0f} s)", flush=True)
-        return value
-
     for (rule, weights), rates in GRID.items():
         for lr in rates:
-            run(dict(adapt_rule=rule, adapt_params=weights, adapt_lr=lr, adapt_window=window))
-    best = min(rows, key=lambda row: row[1])[0]
+            run_setting(model, ids, dict(adapt_rule=rule, adapt_params=weights, adapt_lr=lr, adapt_window=window),
+                        rows)
     for rule in ("sgd", "rms"):
-        of_rule = [row for row in rows if row[0]["adapt_rule"] == rule]
-        top = min(of_rule, key=lambda row: row[1])[0]
+        top = min((row for row in rows if row["setting"]["adapt_rule"] == rule), key=lambda row: row["bpc"])
         for decay in DECAYS[1:]:
-            run({**top, "adapt_decay": decay})
-    best = min(rows, key=lambda row: row[1])[0]
+            run_setting(model, ids, {**top["setting"], "adapt_decay": decay}, rows)
+    best = min(rows, key=lambda row: row["bpc"])["setting"]
     for w in WINDOWS:
         if w != best["adapt_window"]:
-            run({**best, "adapt_window": w})
+            run_setting(model, ids, {**best, "adapt_window": w}, rows)
     return rows
+
+
+def family_bests(rows):
+    """The best setting of each (rule, weights) family, and the overall best last."""
+    families = {}
+    for row in rows:
+        key = (row["setting"]["adapt_rule"], row["setting"]["adapt_params"])
+        if key not in families or row["bpc"] < families[key]["bpc"]:
+            families[key] = row
+    best = min(rows, key=lambda row: row["bpc"])
+    return [row["setting"] for row in families.values() if row is not best] + [best["setting"]]
 
 
 def overlapping_static(model, ids, window):
@@ -138,12 +149,15 @@ def report_text(model, ids, setting, temperature):
     """Every row of the report on one held-out text, in bits/char."""
     import torch
 
+    from nanoebm.scoring import score_windows
+
+    block = model.config.block_size  # the static rows read the longest windows the model takes: its best
     with torch.no_grad():
-        reading = adapted_bpc(model, ids, setting, use_thinking=True)
-        window = setting["adapt_window"]
+        reading = score_reading_of(model, ids, setting, use_thinking=True)
+        static = score_windows(model, ids, block, use_thinking=True)
         return dict(
-            system1=bpc(reading["nll1_static"]), system1_calibrated=tempered_bpc(model, ids, window, temperature),
-            system1_overlapping=bpc(overlapping_static(model, ids, window)), system2=bpc(reading["nll2_static"]),
+            system1=bpc(static["nll1"]), system1_calibrated=tempered_bpc(model, ids, block, temperature),
+            system1_overlapping=bpc(overlapping_static(model, ids, block)), system2=bpc(static["nll2"]),
             system1_adapted=bpc(reading["nll1_adapted"]), system2_adapted=bpc(reading["nll2_adapted"]),
         )
 
@@ -158,25 +172,31 @@ def measure(args):
     _, val_text, milton = texts()
     half = len(val_text) // 2
     results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+    chosen = None
     for seed in args.seeds:
         key = f"{args.variant}-s{seed}"
-        folder = Path(args.runs) / key
         if key in results and not args.force:
+            chosen = chosen or results[key]["chosen"]
             continue
+        folder = Path(args.runs) / key
         model = NanoEBMForCausalLM.from_pretrained(folder).eval()
         tokenizer = CharTokenizer.from_pretrained(folder)
-        tuning, held = ids_of(tokenizer, val_text[:half]), ids_of(tokenizer, val_text[half:])
-        other = ids_of(tokenizer, milton[:args.milton_chars])
-        window = model.config.block_size
+        tuning = ids_of(tokenizer, val_text[:half][:args.tune_chars])
         print(f"[{key}] tuning on {tuning.numel()} characters", flush=True)
+        rows = []
         with torch.no_grad():
-            rows = tune(model, tuning, window)
-            temperature = calibrated_temperature(model, tuning, window)
-        best = min(rows, key=lambda row: row[1])[0]
-        print(f"[{key}] best {best}, System 1's temperature {temperature:.3f}", flush=True)
-        results[key] = dict(tuning=[dict(setting=s, bpc=v, seconds=t) for s, v, t in rows], best=best,
-                            temperature=temperature, validation=report_text(model, held, best, temperature),
-                            milton=report_text(model, other, best, temperature))
+            if chosen is None:
+                rows = tune(model, tuning, model.config.block_size)
+            else:
+                for setting in family_bests(results[f"{args.variant}-s{args.seeds[0]}"]["tuning"]):
+                    run_setting(model, tuning, setting, rows)
+            temperature = calibrated_temperature(model, ids_of(tokenizer, val_text[:half]), model.config.block_size)
+        chosen = chosen or min(rows, key=lambda row: row["bpc"])["setting"]
+        print(f"[{key}] reporting {chosen}; System 1's temperature {temperature:.3f}", flush=True)
+        held, other = ids_of(tokenizer, val_text[half:]), ids_of(tokenizer, milton[:args.milton_chars])
+        results[key] = dict(tuning=rows, chosen=chosen, temperature=temperature,
+                            validation=report_text(model, held, chosen, temperature),
+                            milton=report_text(model, other, chosen, temperature))
         Path(args.results).write_text(json.dumps(results, indent=1))
         print_report(results)
     print(f"\nreproduce: python bench/reading.py {' '.join(sys.argv[1:])}")
@@ -190,24 +210,33 @@ ROWS = (("system1", "System 1, static"), ("system1_calibrated", "System 1 at its
 
 def print_report(results):
     runs = sorted(results)
-    print("\nbest update per run: " + "; ".join(f"{run}: {results[run]['best']}" for run in runs))
+    print(f"\nreported at the update chosen on {runs[0]}'s tuning text: {results[runs[0]]['chosen']}")
     for text in ("validation", "milton"):
         print(f"\n{text} (held out), bits/char, mean ± std over {len(runs)} run(s), and against calibrated System 1:")
         print("| | bits/char | vs calibrated System 1 |\n|---|---:|---:|")
         for name, label in ROWS:
             values = [results[r][text][name] for r in runs]
             gains = [100 * (results[r][text][name] / results[r][text]["system1_calibrated"] - 1) for r in runs]
-            spread = lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""  # noqa: E731
             print(f"| {label} | {statistics.mean(values):.4f}{spread(values)} | "
                   f"{statistics.mean(gains):+.2f}%{spread(gains)} |")
-    print("\ntuning (first half of validation), System 1 with learning, bits/char per run:")
-    settings = [row["setting"] for row in results[runs[0]]["tuning"]]
-    for setting in settings:
+    print("\ntuning text, System 1 with learning, bits/char per run (- not run on that seed):")
+    print("| update | " + " | ".join(runs) + " |\n|---|" + "---:|" * len(runs))
+    for row in results[runs[0]]["tuning"]:
         cells = []
         for run in runs:
-            match = [row["bpc"] for row in results[run]["tuning"] if row["setting"] == setting]
+            match = [other["bpc"] for other in results[run]["tuning"] if other["setting"] == row["setting"]]
             cells.append(f"{match[0]:.4f}" if match else "-")
-        print(f"| {setting} | " + " | ".join(cells) + " |")
+        print(f"| {describe(row['setting'])} | " + " | ".join(cells) + " |")
+
+
+def spread(values):
+    return f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+
+
+def describe(setting):
+    decay = f", decay {setting['adapt_decay']:g}" if setting.get("adapt_decay") else ""
+    return (f"{setting['adapt_rule']} {setting['adapt_params']} lr {setting['adapt_lr']:g}{decay}, window "
+            f"{setting['adapt_window']}")
 
 
 def main():
@@ -215,7 +244,8 @@ def main():
     parser.add_argument("--runs", default=str(ROOT.parent / "bench-runs" / "thinking"))
     parser.add_argument("--variant", default="default", help="which bench/thinking.py variant's runs to read")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--milton_chars", type=int, default=120_000)
+    parser.add_argument("--tune_chars", type=int, default=30_000)
+    parser.add_argument("--milton_chars", type=int, default=60_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "reading.json"))
     parser.add_argument("--force", action="store_true", help="measure runs already in the results file again")

@@ -136,36 +136,42 @@ def against_calibrated(model, blocks, other=None, batch_size: int = 64) -> dict:
     return result
 
 
+def score_windows(model, ids, window: int, **thinking) -> dict:
+    """Text read in consecutive windows of `window` tokens by the weights as they are, each window read from its own
+    start (the last one may be shorter): per-character NLLs nll1, nll2 (N - 1,) float32 on the CPU, in reading order.
+    `thinking`: use_thinking, think_steps, think_lr as `score_batch` takes them."""
+    import torch
+
+    full = (ids.numel() - 1) // window
+    parts = [score_blocks(model, ids[:full * window + 1].unfold(0, window + 1, window), 64, trace=False,
+                          **thinking)] if full else []
+    if ids.numel() - 1 > full * window:  # the last, shorter window
+        rest = ids[full * window:][None]
+        parts.append(score_batch(model, rest[:, :-1], rest[:, 1:], trace=False, **thinking))
+    return {key: torch.cat([part[key].flatten().cpu() for part in parts]) for key in ("nll1", "nll2")}
+
+
 def score_reading(model, ids, *, adapt_window=None, use_thinking=True, think_steps=None, think_lr=None,
                   **adapt) -> dict:
     """Text read in order, with and without learning while reading: `ids` (N,) are read in consecutive windows of
     `adapt_window` tokens (the model's own by default), each read from its own start; every character but the first is
     a target. Returns per-character NLLs in reading order, (N - 1,) float32 on the CPU: nll1_static, nll2_static (each
-    window scored by the trained weights) and nll1_adapted, nll2_adapted (each window scored by the weights learned
-    from the windows before it: one pass, never two). `adapt`: the other adapt_* settings (the model's own where not
-    given); System 2 is the static System 1 where the call does not think."""
+    window scored by the trained weights, `score_windows`) and nll1_adapted, nll2_adapted (each window scored by the
+    weights learned from the windows before it: one pass, never two). `adapt`: the other adapt_* settings (the model's
+    own where not given); System 2 is the static System 1 where the call does not think."""
     import torch
     import torch.nn.functional as F
 
     window = adapt_window or model.config.adapt_window or model.config.block_size
     ids = ids.to(model.device)
-    targets = ids[1:]
     thinking = dict(use_thinking=use_thinking, think_steps=think_steps, think_lr=think_lr)
     with torch.no_grad():
         adapted = model(ids[None], use_adaptation=True, adapt_window=window, return_energy_trace=False, **thinking,
                         **adapt)
 
     def nll(logits):
-        return F.cross_entropy(logits[0, :-1].float(), targets, reduction="none").cpu()
+        return F.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="none").cpu()
 
-    full = (ids.numel() - 1) // window
-    static = score_blocks(model, ids[:full * window + 1].unfold(0, window + 1, window), 64, trace=False,
-                          use_adaptation=False, **thinking)
-    nll1, nll2 = [static["nll1"].flatten().cpu()] if full else [], [static["nll2"].flatten().cpu()] if full else []
-    if ids.numel() - 1 > full * window:  # the last, shorter window
-        rest = ids[full * window:][None]
-        tail = score_batch(model, rest[:, :-1], rest[:, 1:], trace=False, use_adaptation=False, **thinking)
-        nll1.append(tail["nll1"].flatten().cpu())
-        nll2.append(tail["nll2"].flatten().cpu())
-    return dict(nll1_static=torch.cat(nll1), nll2_static=torch.cat(nll2), nll1_adapted=nll(adapted.system1_logits),
+    static = score_windows(model, ids, window, **thinking)
+    return dict(nll1_static=static["nll1"], nll2_static=static["nll2"], nll1_adapted=nll(adapted.system1_logits),
                 nll2_adapted=nll(adapted.logits))
