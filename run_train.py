@@ -110,6 +110,9 @@ class DataArguments:
     eval_blocks: int = opt("fixed validation blocks (evenly spaced, the same every evaluation)", 200)
     vocab_scan_chars: int = opt("with --streaming and no tokenizer: characters read to build the vocabulary",
                                 10_000_000)
+    eval_reading_chars: int = opt("evaluation also reads the validation text's first N characters in order, with "
+                                  "and without learning while reading (the model's adapt_* settings); 0 skips it",
+                                  10_000)
     unk_token: str | None = unk_token_field()
     data_cache_dir: str | None = opt("where a corpus's prepared ids are kept (default: $NANOEBM_CACHE, else "
                                      "~/.cache/nanoebm/data)")
@@ -119,6 +122,7 @@ class DataArguments:
             raise UsageError(f"--train_fraction {self.train_fraction} is invalid: must be in (0, 1)")
         for name in ("eval_blocks", "vocab_scan_chars"):
             check_range(name, getattr(self, name), 1)
+        check_range("eval_reading_chars", self.eval_reading_chars, 0)
         check_unk_token(self.unk_token)
 
 
@@ -750,6 +754,7 @@ def main(argv=None, callbacks=None):
     set_seed(T.seed)
     with T.main_process_first(desc="reading the corpus"):
         train_data, eval_blocks, tokenizer = data.build_data(data_args, tokenizer, model_args.block_size, T.seed)
+        reading = data.reading_ids(data_args, tokenizer, model_args.block_size) if T.do_eval else None
     model = build_model(args.start.model_name_or_path, model_args, tokenizer, resuming=args.resume_from is not None)
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
@@ -761,7 +766,7 @@ def main(argv=None, callbacks=None):
         trainer = EBMTrainer(
             model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[*(callbacks or []), guard],
-            ebm_args=args.loss, run_record=record,
+            ebm_args=args.loss, run_record=record, reading_ids=reading,
         )
         if T.do_train:
             with T.main_process_first(desc="clearing --output_dir"):

@@ -689,6 +689,26 @@ def build_stream(source: Source, data_args, tokenizer, block_size, seed):
     return train, fixed_blocks(val_ids, block_size, data_args.eval_blocks), tokenizer
 
 
+def reading_ids(data_args, tokenizer, block_size):
+    """The validation text's first --eval_reading_chars characters as ids, in order: learning while reading is scored
+    on text read in order, not on the spaced validation blocks. A stream offers only its held-out rows (those of
+    the validation blocks), so it reads at most those. None with --eval_reading_chars 0."""
+    chars = data_args.eval_reading_chars
+    if chars <= 0:
+        return None
+    source = resolve_source(data_args)
+    if data_args.streaming:
+        column = source.column if source.kind != "files" else "text"
+        text, _, _ = held_out(source, functools.partial(datasets_stream, source), column,
+                              data_args.eval_blocks * (block_size + 1))
+        ids = CharTable.of(tokenizer, data_args.unk_token).encode(text[:chars], what=f"the corpus {source.where}")
+    else:
+        prepared = prepare(source, tokenizer, data_args)
+        split = int(prepared.length * data_args.train_fraction)
+        ids = prepared.ids()[split:split + chars]
+    return torch.from_numpy(np.array(ids, dtype=np.int64))
+
+
 def held_out(source: Source, open_stream, column: str, chars: int):
     """(validation text: the stream's first `chars` characters or more, in whole rows or lines; the training stream's
     opener, without them; rows the training stream must still skip). A local source leaves them out before it is

@@ -23,7 +23,7 @@ from modeling_nanoebm import NanoEBMForCausalLM
 from nanoebm.card import RUN_RECORD
 from nanoebm.contrastive import ContrastiveSampler, ThinkingReplay, make_buffers, read_buffers
 from nanoebm.corpus import load_bpc_metric
-from nanoebm.scoring import TEMPERATURES, calibrated_system1, score_blocks
+from nanoebm.scoring import TEMPERATURES, calibrated_system1, score_blocks, score_reading
 
 logger = logging.get_logger(__name__)
 
@@ -35,10 +35,11 @@ logger = logging.get_logger(__name__)
 class EBMTrainer(Trainer):
     """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
 
-    def __init__(self, *args, ebm_args, run_record: dict | None = None, **kwargs):
+    def __init__(self, *args, ebm_args, run_record: dict | None = None, reading_ids=None, **kwargs):
         """`ebm_args` are nanoebm's loss options (run_train.LossArguments); `run_record` ({"runs": [...]}, the
-        current run last) is written into every checkpoint (nanoebm_run.json), so a resume knows what it continues."""
-        self.ebm, self.run_record = ebm_args, run_record
+        current run last) is written into every checkpoint (nanoebm_run.json), so a resume knows what it continues;
+        `reading_ids` (N,): validation text in order, which evaluation also reads with learning while reading."""
+        self.ebm, self.run_record, self.reading_ids = ebm_args, run_record, reading_ids
         model, tokenizer = kwargs.get("model"), kwargs.get("processing_class")
         pad = getattr(tokenizer, "pad_token_id", None)
         # the pad id lies outside the model's vocabulary (tokenization_char.py): in memory the configs hold it, so the
@@ -215,6 +216,9 @@ class EBMTrainer(Trainer):
         index, tempered = gathered.pop("index"), gathered.pop("system1_tempered")
         metrics = evaluation_metrics(gathered, metric_key_prefix)
         metrics.update(calibration_metrics(tempered, gathered.get("system2"), index % 2 == 0, metric_key_prefix))
+        if self.reading_ids is not None and self.reading_ids.numel() > 1:
+            with self.autocast_smart_context_manager():
+                metrics.update(reading_metrics(model, self.reading_ids, steps, metric_key_prefix))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train(was_training)
@@ -323,6 +327,23 @@ def evaluation_metrics(gathered: dict, prefix: str) -> dict:
         metrics[f"{prefix}_{name}_bpc"] = round(result["bits_per_char"], 5)
         metrics[f"{prefix}_{name}_perplexity"] = round(result["perplexity"], 4)
     metrics[f"{prefix}_loss"] = metrics.get(f"{prefix}_system2_loss", metrics[f"{prefix}_system1_loss"])
+    return metrics
+
+
+def reading_metrics(model, ids, steps: int, prefix: str) -> dict:
+    """Validation text read in order, in consecutive windows, with the trained weights ({prefix}_system{1,2}_reading_*)
+    and with learning while reading at the model's adapt_* settings ({prefix}_system{1,2}_adapted_*), as loss (nats
+    per character) and bpc on the same characters (`score_reading`; System 2 where the model thinks). Reading is
+    sequential: every process reads the same text and logs the same numbers."""
+    scores = score_reading(model, ids, use_thinking=steps > 0, think_steps=steps)
+    metrics = {}
+    for name, key in (("system1_reading", "nll1_static"), ("system1_adapted", "nll1_adapted"),
+                      ("system2_reading", "nll2_static"), ("system2_adapted", "nll2_adapted")):
+        if name.startswith("system2") and steps == 0:
+            continue
+        loss = float(scores[key].mean())
+        metrics[f"{prefix}_{name}_loss"] = round(loss, 5)
+        metrics[f"{prefix}_{name}_bpc"] = round(loss / math.log(2), 5)
     return metrics
 
 

@@ -26,7 +26,7 @@ from modeling_nanoebm import ThinkingDivergedError
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
         "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
         "--logging_steps", "5", "--save_steps", "1000", "--report_to", "none", "--disable_tqdm", "true",
-        "--dataloader_num_workers", "0"]
+        "--dataloader_num_workers", "0", "--eval_reading_chars", "200"]
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,30 @@ def test_evaluation_calibrates_system1_on_the_even_blocks_and_scores_the_odd(tmp
     assert metrics["eval_system1_calibrated_bpc"] == pytest.approx(calibrated / math.log(2), abs=2e-5)
     # fitted on the odd blocks themselves the temperature would be about 0.5, and their number lower
     assert float(scores["nll1_tempered"].mean((0, 1)).min()) < calibrated - 0.02
+
+
+def test_evaluation_reads_the_validation_text_in_order_with_and_without_learning(tmp_path, small_corpus):
+    """eval_system{1,2}_reading_* (the trained weights) and eval_system{1,2}_adapted_* (learning while reading at the
+    model's adapt_* settings) on the validation text's first --eval_reading_chars characters, as score_reading gives
+    them for the saved model."""
+    from modeling_nanoebm import NanoEBMForCausalLM
+    from nanoebm.scoring import score_reading
+
+    out, metrics = train(tmp_path, small_corpus, "--max_steps", "6", "--eval_reading_chars", "150", "--adapt_lr",
+                         "0.01", "--adapt_window", "16")
+    model = NanoEBMForCausalLM.from_pretrained(out).eval()
+    assert model.config.adapt_lr == 0.01 and model.config.adapt_window == 16 and not model.config.use_adaptation
+    parsed = run_train.parse_args([*TINY, "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "x"),
+                                   "--eval_reading_chars", "150"])
+    _, _, tokenizer = data.build_data(parsed.data, None, 32, 0)
+    ids = data.reading_ids(parsed.data, tokenizer, 32)
+    assert ids.shape == (150,)
+    scores = score_reading(model, ids, think_steps=model.config.think_steps)
+    for name, key in (("system1_reading", "nll1_static"), ("system1_adapted", "nll1_adapted"),
+                      ("system2_reading", "nll2_static"), ("system2_adapted", "nll2_adapted")):
+        assert metrics[f"eval_{name}_loss"] == pytest.approx(float(scores[key].mean()), abs=2e-5), name
+        assert metrics[f"eval_{name}_bpc"] == pytest.approx(float(scores[key].mean()) / math.log(2), abs=2e-5)
+    assert metrics["eval_system1_adapted_loss"] != metrics["eval_system1_reading_loss"]
 
 
 class StopAt(TrainerCallback):
