@@ -34,10 +34,10 @@ from thinking import texts  # noqa: E402
 
 GRID = {  # (rule, weights): rates; the RMS rule's steps are in units of each weight's own gradient scale
     ("sgd", "all"): (1e-3, 3e-3, 1e-2),
-    ("sgd", "head"): (1e-2, 3e-2, 1e-1),
+    ("sgd", "head"): (1e-2, 3e-2, 1e-1, 3e-1),
     ("sgd", "norms"): (1e-2, 3e-2, 1e-1),
-    ("sgd", "lora"): (1e-2, 3e-2, 1e-1),
-    ("rms", "all"): (3e-5, 1e-4, 3e-4),
+    ("sgd", "lora"): (1e-2, 3e-2, 1e-1, 3e-1),
+    ("rms", "all"): (1e-5, 3e-5, 1e-4, 3e-4),
 }
 DECAYS = (0.0, 0.01)  # tried at the best rate of each rule
 WINDOWS = (16, 32, 64)
@@ -59,29 +59,33 @@ def score_reading_of(model, ids, setting, use_thinking=False):
     return score_reading(model, ids, use_thinking=use_thinking, **setting)
 
 
-def run_setting(model, ids, setting, rows):
+def run_setting(model, ids, setting, rows, save=None):
+    """System 1's bits/char with learning at `setting`, appended to `rows` (and saved) unless already there."""
+    if any(row["setting"] == setting for row in rows):
+        return
     started = time.perf_counter()
     value = bpc(score_reading_of(model, ids, setting)["nll1_adapted"])
     rows.append(dict(setting=setting, bpc=value, seconds=time.perf_counter() - started))
     print(f"    {setting}: {value:.4f} bits/char ({rows[-1]['seconds']:.0f} s)", flush=True)
+    if save is not None:
+        save()
 
 
-def tune(model, ids, window):
-    """Every update of the grid on `ids`, then the decay at the best rate of each rule and the window at the best:
-    [{setting, bpc, seconds}]."""
-    rows = []
+def tune(model, ids, window, rows, save):
+    """Every update of the grid on `ids`, then the decay at the best rate of each rule and the window at the best,
+    into `rows` ({setting, bpc, seconds}; a setting already there is not run again)."""
     for (rule, weights), rates in GRID.items():
         for lr in rates:
             run_setting(model, ids, dict(adapt_rule=rule, adapt_params=weights, adapt_lr=lr, adapt_window=window),
-                        rows)
+                        rows, save)
     for rule in ("sgd", "rms"):
         top = min((row for row in rows if row["setting"]["adapt_rule"] == rule), key=lambda row: row["bpc"])
         for decay in DECAYS[1:]:
-            run_setting(model, ids, {**top["setting"], "adapt_decay": decay}, rows)
+            run_setting(model, ids, {**top["setting"], "adapt_decay": decay}, rows, save)
     best = min(rows, key=lambda row: row["bpc"])["setting"]
     for w in WINDOWS:
         if w != best["adapt_window"]:
-            run_setting(model, ids, {**best, "adapt_window": w}, rows)
+            run_setting(model, ids, {**best, "adapt_window": w}, rows, save)
     return rows
 
 
@@ -173,32 +177,36 @@ def measure(args):
     half = len(val_text) // 2
     results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
     chosen = None
+
+    def save():
+        Path(args.results).write_text(json.dumps(results, indent=1))
+
     for seed in args.seeds:
         key = f"{args.variant}-s{seed}"
-        if key in results and not args.force:
-            chosen = chosen or results[key]["chosen"]
+        entry = results.setdefault(key, {"tuning": []})
+        if "milton" in entry and not args.force:
+            chosen = chosen or entry["chosen"]
             continue
         folder = Path(args.runs) / key
         model = NanoEBMForCausalLM.from_pretrained(folder).eval()
         tokenizer = CharTokenizer.from_pretrained(folder)
         tuning = ids_of(tokenizer, val_text[:half][:args.tune_chars])
         print(f"[{key}] tuning on {tuning.numel()} characters", flush=True)
-        rows = []
+        rows = entry["tuning"]
         with torch.no_grad():
             if chosen is None:
-                rows = tune(model, tuning, model.config.block_size)
+                tune(model, tuning, model.config.block_size, rows, save)
             else:
                 for setting in family_bests(results[f"{args.variant}-s{args.seeds[0]}"]["tuning"]):
-                    run_setting(model, tuning, setting, rows)
+                    run_setting(model, tuning, setting, rows, save)
             temperature = calibrated_temperature(model, ids_of(tokenizer, val_text[:half]), model.config.block_size)
         chosen = chosen or min(rows, key=lambda row: row["bpc"])["setting"]
         print(f"[{key}] reporting {chosen}; System 1's temperature {temperature:.3f}", flush=True)
         held, other = ids_of(tokenizer, val_text[half:]), ids_of(tokenizer, milton[:args.milton_chars])
-        results[key] = dict(tuning=rows, chosen=chosen, temperature=temperature,
-                            validation=report_text(model, held, chosen, temperature),
-                            milton=report_text(model, other, chosen, temperature))
-        Path(args.results).write_text(json.dumps(results, indent=1))
-        print_report(results)
+        entry.update(chosen=chosen, temperature=temperature, validation=report_text(model, held, chosen, temperature),
+                     milton=report_text(model, other, chosen, temperature))
+        save()
+        print_report({k: v for k, v in results.items() if "milton" in v})
     print(f"\nreproduce: python bench/reading.py {' '.join(sys.argv[1:])}")
 
 
