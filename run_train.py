@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, landscape_of
+from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, as_saved, landscape_of
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
@@ -376,6 +376,7 @@ def saved_options(folder) -> dict:
         return {}
     if not isinstance(saved, dict):
         return {}
+    saved = as_saved(saved)
     return {option.name: saved[option.name] for option in MODEL_OPTIONS if option.name in saved}
 
 
@@ -628,6 +629,8 @@ def run_settings(args: ParsedArguments, config) -> dict:
 
     out = {f.name: Setting(getattr(part, f.name), source(f.name))
            for part in (args.start, args.data, args.loss, args.run) for f in fields(part)}
+    if "preset" not in args.settings:  # no layer named it: the machine chose it (choose_preset)
+        out["preset"] = Setting(args.preset, "the machine")
     for option in OPTIONS:
         out[option.name] = Setting(getattr(config, option.name),
                                    "the tokenizer" if option.name == "vocab_size" else source(option.name))
