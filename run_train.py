@@ -734,6 +734,18 @@ def startup_guard(folder: Path):
     return StartupGuard()
 
 
+def keep_logs(trainer, folder: Path):
+    """TensorBoard writes under the Trainer's output_dir, which is <output_dir>/checkpoints here and goes when the run
+    finishes: its events go to <output_dir>/runs/ instead (transformers' own layout), unless TENSORBOARD_LOGGING_DIR
+    names a folder."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder / default_logdir())
+
+
 def main(argv=None, callbacks=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -766,6 +778,7 @@ def main(argv=None, callbacks=None):
             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[*(callbacks or []), guard],
             ebm_args=args.loss, run_record=record,
         )
+        keep_logs(trainer, final_dir)
         if T.do_train:
             with T.main_process_first(desc="clearing --output_dir"):
                 if T.process_index == 0:

@@ -771,6 +771,19 @@ def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_
     assert "6 optimizer steps in all" in card and card.count(" | 3 | ") == 2  # each run's own steps
 
 
+def test_tensorboard_logs_outlive_the_checkpoints(tmp_path, small_corpus):
+    """The Trainer writes TensorBoard's events under its output_dir, <output_dir>/checkpoints here, which a finished
+    run removes: they go to <output_dir>/runs/ (transformers' own layout) and stay."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = train(tmp_path, small_corpus, "--max_steps", "4", "--logging_steps", "2", "--report_to", "tensorboard",
+                   "--do_train", "true")
+    events = sorted(out.rglob("events.out.tfevents*"))
+    assert [path.relative_to(out).parts[0] for path in events] == ["runs"], events
+    logged = EventAccumulator(str(events[0].parent)).Reload()
+    assert [event.step for event in logged.Scalars("train/loss_pred")] == [2, 4]
+
+
 def test_a_missing_logger_is_one_line_before_anything_is_written(tmp_path, small_corpus):
     import importlib.util
 
