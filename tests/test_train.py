@@ -597,14 +597,27 @@ def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, 
     assert not (tmp_path / "next").exists()  # nothing written
 
 
+class FailInFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("the run failed in its first step")
+
+
 def test_output_dir_with_a_finished_model_stops_the_run(tmp_path, small_corpus):
     out, _ = train(tmp_path, small_corpus, "--max_steps", "2", "--do_train", "true")
-    before = (out / "model.safetensors").read_bytes()
+    (out / "notes.txt").write_text("the user's own")
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     with pytest.raises(UsageError, match="--overwrite_output_dir"):
         train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true")
-    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+    # replacing it: the finished model stays until the new one is complete, so a run that fails leaves it whole
+    with pytest.raises(RuntimeError, match="first step"):
+        train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true",
+              callbacks=[FailInFirstStep()])
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true")
     assert json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]["steps_done"] == 3
+    assert (out / "model.safetensors").read_bytes() != before[run_train.Path("model.safetensors")]
+    assert (out / "notes.txt").read_text() == "the user's own" and not (out / "checkpoints").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # nothing left beside it
 
 
 # -- continuing and resuming: every flag takes effect or is refused; what a run says afterwards ------------------
