@@ -290,6 +290,24 @@ def test_exact_resume_including_the_persistent_chains_and_replay_buffers(tmp_pat
     assert particles.shape[0] == (6 if kind == "fast_pcd" else 100)
 
 
+def test_the_trainer_uses_no_private_trainer_method():
+    """A private transformers method can be renamed or removed in any release, silently (an override is then never
+    called: the contrastive state would stop being saved). EBMTrainer overrides and calls public hooks only;
+    docs/DESIGN.md, "Private APIs: the Trainer", says what replaced each."""
+    import inspect
+    import re
+
+    from transformers import Trainer
+
+    from nanoebm import trainer as module
+
+    overridden = [name for name in vars(EBMTrainer) if name.startswith("_") and not name.startswith("__")
+                  and hasattr(Trainer, name)]
+    called = sorted({name for name in re.findall(r"(?:self|super\(\))\.(_[a-z]\w*)", inspect.getsource(module))
+                     if hasattr(Trainer, name)})
+    assert overridden == [] and called == [], (overridden, called)
+
+
 def evil_pickle(marker):
     """What an attacker would put in a checkpoint: a pickle whose loading runs a shell command (touching `marker`)."""
     import os
