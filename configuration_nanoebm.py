@@ -131,6 +131,15 @@ OPTIONS = (
            "(the prompt is always read with learning)", bool),
 )
 OPTION = {option.name: option for option in OPTIONS}
+# What a model saved before an option existed was made with, where today's default differs: its config.json lacks
+# the key, and it loads as this (before residual_init_power, nanoGPT's scaled init was the only one)
+BEFORE_OPTION = {"residual_init_power": 0.5}
+
+
+def as_saved(config_dict: dict) -> dict:
+    """A saved config.json's values, with what a model saved before an option existed was made with (BEFORE_OPTION)
+    where the key is missing."""
+    return {**{name: value for name, value in BEFORE_OPTION.items() if name not in config_dict}, **config_dict}
 
 
 class NanoEBMConfig(PreTrainedConfig):
@@ -162,6 +171,12 @@ class NanoEBMConfig(PreTrainedConfig):
             setattr(self, name, value)
         super().__init__(tie_word_embeddings=False, **kwargs)
         self.validate_nanoebm()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A saved config: an option its file lacks is what the model was made with then (`as_saved`), not today's
+        default."""
+        return super().from_dict(as_saved(config_dict), **kwargs)
 
     @property
     def use_soft_tokens(self) -> bool:

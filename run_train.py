@@ -13,13 +13,14 @@ turns it off). A finished run writes a complete model folder; it never overwrite
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, landscape_of
+from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, as_saved, landscape_of
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
@@ -184,7 +185,9 @@ class RunArguments:
     """What happens to the results."""
 
     overwrite_output_dir: bool = opt("replace what --output_dir holds (a finished model, checkpoints of another "
-                                     "run); without it such a folder stops the run before anything is written", False)
+                                     "run) once this run's model is complete (it trains in <output_dir>.replacing "
+                                     "until then); without it such a folder stops the run before anything is "
+                                     "written", False)
     keep_checkpoints: bool = opt("keep <output_dir>/checkpoints/ (optimizer, RNG and contrastive state, for "
                                  "--resume_from_checkpoint) after a finished run; by default they are removed", False)
     wandb_project: str | None = opt("log to this W&B project (implies --report_to wandb; offline with "
@@ -380,6 +383,7 @@ def saved_options(folder) -> dict:
         return {}
     if not isinstance(saved, dict):
         return {}
+    saved = as_saved(saved)
     return {option.name: saved[option.name] for option in MODEL_OPTIONS if option.name in saved}
 
 
@@ -498,8 +502,6 @@ def settle_training(T, run_args, checkpoint):
     if T.lr_scheduler_type == "cosine_with_min_lr" and not T.lr_scheduler_kwargs:
         T.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
     if run_args.wandb_project:
-        import os
-
         os.environ["WANDB_PROJECT"] = run_args.wandb_project
         T.report_to = ["wandb"]
     if not T.do_train and not T.do_eval:
@@ -583,16 +585,39 @@ def resuming_own(folder: Path, args: ParsedArguments) -> bool:
     return parent in (folder.resolve(), (folder / CHECKPOINTS).resolve())
 
 
-def clear_output_dir(folder: Path, args: ParsedArguments):
-    """With --overwrite_output_dir: remove the earlier run's model files and checkpoints (never other files)."""
-    if not args.run.overwrite_output_dir or not folder.exists():
-        return
-    if not resuming_own(folder, args):
-        for stale in checkpoints_in(folder):
-            shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
-    for name in MODEL_FILES:
-        (folder / name).unlink(missing_ok=True)
+def writing_dir(folder: Path, args: ParsedArguments) -> Path:
+    """Where this run writes its model and checkpoints: `folder` itself, or, where --overwrite_output_dir replaces
+    what it holds, a folder beside it (`replace_folder` swaps them once the new model is complete, so a run that fails
+    leaves the old one whole). Leftovers of a replacing run that did not finish are cleared, unless this run resumes
+    one of their checkpoints."""
+    if not (args.run.overwrite_output_dir and folder.exists()):
+        return folder
+    finished = any((folder / name).exists() for name in MODEL_FILES)
+    if not finished and (resuming_own(folder, args) or not checkpoints_in(folder)):
+        return folder  # nothing of another run to replace
+    beside = folder.with_name(folder.name + ".replacing")
+    if beside.exists() and not resuming_own(beside, args) and args.training.process_index == 0:
+        shutil.rmtree(beside)
+    return beside
+
+
+def replace_folder(folder: Path, new: Path):
+    """Move the finished run in `new` into `folder`: each file replaces its namesake at once (os.replace), then what
+    is left of the earlier run (its model files, its checkpoints) goes; other files in `folder` stay."""
+    brought = {entry.name for entry in new.iterdir()}
+    stale = [path for path in (*(folder / name for name in MODEL_FILES), *checkpoints_in(folder), folder / CHECKPOINTS)
+             if path.parent == folder and path.name not in brought]
+    for entry in sorted(new.iterdir(), key=lambda path: path.is_dir()):  # the files first: the model is whole sooner
+        target = folder / entry.name
+        if entry.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    new.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,6 +657,8 @@ def run_settings(args: ParsedArguments, config) -> dict:
 
     out = {f.name: Setting(getattr(part, f.name), source(f.name))
            for part in (args.start, args.data, args.loss, args.run) for f in fields(part)}
+    if "preset" not in args.settings:  # no layer named it: the machine chose it (choose_preset)
+        out["preset"] = Setting(args.preset, "the machine")
     for option in OPTIONS:
         out[option.name] = Setting(getattr(config, option.name),
                                    "the tokenizer" if option.name == "vocab_size" else source(option.name))
@@ -641,24 +668,27 @@ def run_settings(args: ParsedArguments, config) -> dict:
     return out
 
 
-def write_results(trainer, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool, seconds: float,
-                  prompt: str):
-    """The model card, the run record and the metrics beside the saved model; the checkpoints go unless kept.
-    `prompt`: what the card and the summary suggest generating from (text the model can encode)."""
+def write_results(trainer, work_dir: Path, final_dir: Path, record: dict, metrics: dict, keep_checkpoints: bool,
+                  seconds: float, prompt: str):
+    """The model card, the run record and the metrics beside the model saved in `work_dir`; the checkpoints go
+    unless kept; then `work_dir` becomes `final_dir` if it is not (`writing_dir`). `prompt`: what the card and the
+    summary suggest generating from (text the model can encode)."""
     import json
 
     run = record["runs"][-1]
     evaluation = {k: v for k, v in metrics.items() if k.startswith("eval_")}
     run.update(steps_done=trainer.state.global_step, metrics=evaluation, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    (final_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
-    (final_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config, prompt))
-    (final_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
-    (final_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
+    (work_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    (work_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config, prompt))
+    (work_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+    (work_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
     if keep_checkpoints:
         kept = f"kept in {final_dir / CHECKPOINTS}/ (--resume_from_checkpoint DIR resumes one exactly)"
     else:
-        shutil.rmtree(final_dir / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
         kept = "removed (--keep_checkpoints true keeps them)"
+    if work_dir != final_dir:
+        replace_folder(final_dir, work_dir)
     print(summary(final_dir, record["runs"], metrics, trainer.model.config, seconds, kept, prompt), flush=True)
 
 
@@ -705,7 +735,7 @@ def describe_start(args: ParsedArguments, model, tokenizer) -> str:
             f"{T.world_size * T.per_device_train_batch_size * T.gradient_accumulation_steps} blocks per step")
 
 
-def startup_guard(folder: Path):
+def startup_guard(*folders: Path):
     """A context and Trainer callback: until the first training step begins, an error is bad input or a missing
     package (a logger's, an optimizer's, a data set's), raised by the Trainer, its callbacks or integrations. It
     becomes one UsageError (the library's message, with its type), and the folders this run created are removed."""
@@ -713,7 +743,8 @@ def startup_guard(folder: Path):
 
     class StartupGuard(TrainerCallback):
         def __init__(self):
-            self.created = [path for path in (folder, folder / CHECKPOINTS) if not path.exists()]
+            self.created = [path for folder in folders for path in (folder, folder / CHECKPOINTS)
+                            if not path.exists()]
             self.started = False
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -733,6 +764,18 @@ def startup_guard(folder: Path):
             raise UsageError(f"training could not start: {type(error).__name__}: {error}") from error
 
     return StartupGuard()
+
+
+def keep_logs(trainer, folder: Path):
+    """TensorBoard writes under the Trainer's output_dir, which is <output_dir>/checkpoints here and goes when the run
+    finishes: its events go to <output_dir>/runs/ instead (transformers' own layout), unless TENSORBOARD_LOGGING_DIR
+    names a folder."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder / default_logdir())
 
 
 def main(argv=None, callbacks=None):
@@ -759,19 +802,19 @@ def main(argv=None, callbacks=None):
     if T.ddp_find_unused_parameters is None:  # an extra autograd traversal per step, only where a parameter can idle
         T.ddp_find_unused_parameters = not always_thinks(model.config, args.loss)
     record = describe_run(args, model, T) if T.do_train else None
+    work_dir = final_dir
     if T.do_train:
-        T.output_dir = str(final_dir / CHECKPOINTS)
-    guard = startup_guard(final_dir)
+        with T.main_process_first(desc="preparing --output_dir"):
+            work_dir = writing_dir(final_dir, args)
+        T.output_dir = str(work_dir / CHECKPOINTS)
+    guard = startup_guard(final_dir, work_dir)
     with guard:
         trainer = EBMTrainer(
             model=model, args=T, train_dataset=train_data if T.do_train else None, eval_dataset=eval_blocks,
             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[*(callbacks or []), guard],
             ebm_args=args.loss, run_record=record, reading_ids=reading,
         )
-        if T.do_train:
-            with T.main_process_first(desc="clearing --output_dir"):
-                if T.process_index == 0:
-                    clear_output_dir(final_dir, args)
+        keep_logs(trainer, final_dir)
         if T.should_log:
             print(describe_start(args, model, tokenizer), flush=True)
         metrics, started = {}, time.perf_counter()
@@ -781,10 +824,10 @@ def main(argv=None, callbacks=None):
         metrics.update(trainer.evaluate())
     if T.do_train:
         # only a finished run writes the model folder: a crash leaves checkpoints, never a half-made model
-        trainer.save_model(str(final_dir))
+        trainer.save_model(str(work_dir))
         if trainer.is_world_process_zero():
             prompt = suggested_prompt(opening_text(train_data, eval_blocks, tokenizer))
-            write_results(trainer, final_dir, record, metrics, args.run.keep_checkpoints,
+            write_results(trainer, work_dir, final_dir, record, metrics, args.run.keep_checkpoints,
                           time.perf_counter() - started, prompt)
     trainer.close_distributed()
     return metrics
@@ -811,7 +854,8 @@ def cli(argv=None) -> int:
             raise
         return report(PROG, f"a weights file is damaged ({error}): resume from another checkpoint or retrain", 2)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted (checkpoints, if any, are in <output_dir>/{CHECKPOINTS}/)", file=sys.stderr)
+        print(f"\n{PROG}: interrupted (checkpoints, if any, are in <output_dir>/{CHECKPOINTS}/, or in "
+              f"<output_dir>.replacing/{CHECKPOINTS}/ for a run that was to replace a finished one)", file=sys.stderr)
         return 130
     return 0
 

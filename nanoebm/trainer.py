@@ -14,9 +14,12 @@ import time
 import weakref
 from collections import defaultdict
 
+from functools import partial
+
 import torch
-from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, seed_worker
 from transformers.utils import logging
 
 from modeling_nanoebm import NanoEBMForCausalLM
@@ -56,19 +59,16 @@ class EBMTrainer(Trainer):
         self.replay = next((b for b in buffers if isinstance(b, ThinkingReplay)), None)
         self._sums, self._counts = defaultdict(float), defaultdict(int)
         self._last_log = (time.perf_counter(), 0)
+        self.add_callback(TrainingStateSaver(self))
 
     # -- data: nanoebm.data's data sets bring their own order and sharding ------------------------------------
 
-    def _get_train_sampler(self, train_dataset=None):
-        """RandomOffsetBlocks orders its windows itself, in O(1) memory, seeded like the Trainer's own sampler."""
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if hasattr(dataset, "order"):
-            return dataset.order(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-        return super()._get_train_sampler(train_dataset)
-
     def get_train_dataloader(self):
-        """A stream that divides itself between ranks (StreamBlocks: each reads its own rows) is neither dispatched
-        from rank 0 nor sharded again by accelerate."""
+        """RandomOffsetBlocks orders its windows itself (`order`), in O(1) memory, seeded like the Trainer's own
+        sampler; a stream that divides itself between ranks (StreamBlocks: each reads its own rows) is neither
+        dispatched from rank 0 nor sharded again by accelerate."""
+        if hasattr(self.train_dataset, "order"):
+            return self.ordered_dataloader()
         if not getattr(self.train_dataset, "shards_itself", False) or self.args.world_size == 1:
             return super().get_train_dataloader()
         config = self.accelerator.dataloader_config
@@ -79,6 +79,22 @@ class EBMTrainer(Trainer):
             config.dispatch_batches = dispatch
         loader.dataset.num_processes, loader.dataset.process_index = 1, 0  # accelerate's IterableDatasetShard
         return loader
+
+    def ordered_dataloader(self):
+        """The DataLoader the Trainer would build, with the data set's own order as its sampler (accelerate shards
+        its batches between processes, and a resume skips the batches already trained on)."""
+        args, dataset = self.args, self.train_dataset
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        workers = args.dataloader_num_workers
+        extra = {"prefetch_factor": args.dataloader_prefetch_factor,
+                 "persistent_workers": args.dataloader_persistent_workers,
+                 "multiprocessing_context": args.dataloader_multiprocessing_context} if workers > 0 else {}
+        loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=dataset.order(seed),
+                            collate_fn=self.data_collator, num_workers=workers,
+                            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last,
+                            worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
+                            in_order=args.dataloader_in_order, **extra)
+        return self.accelerator.prepare(loader)
 
     # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
 
@@ -224,13 +240,15 @@ class EBMTrainer(Trainer):
         model.train(was_training)
         return metrics
 
-    def _save(self, output_dir=None, state_dict=None):
+    def save_model(self, output_dir=None, *args, **kwargs):
+        """The model folder (the Trainer's checkpoints save through here too), without the pad id in config.json
+        where it lies outside the vocabulary (__init__ says why)."""
         config = self.accelerator.unwrap_model(self.model).config
         pad = config.pad_token_id
         if self.pad_outside_vocabulary:
             config.pad_token_id = None
         try:
-            super()._save(output_dir, state_dict)
+            super().save_model(output_dir, *args, **kwargs)
         finally:
             config.pad_token_id = pad
 
@@ -239,10 +257,9 @@ class EBMTrainer(Trainer):
     def _buffers(self):
         return [buffer for buffer in (self.contrastive, self.replay) if buffer is not None]
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
+    def save_training_state(self, folder):
+        """Beside a checkpoint the Trainer has just written (TrainingStateSaver): each process's buffers, and the
+        run record with the steps done so far."""
         for buffer in self._buffers():
             buffer.save(os.path.join(folder, buffer.FILE.format(self.args.process_index)))
         if self.run_record is not None and self.is_world_process_zero():
@@ -289,6 +306,20 @@ class EBMTrainer(Trainer):
         else:
             logger.warning("the DDP wrapper is still referenced elsewhere: the process group is left for the "
                            "interpreter to close at exit")
+
+
+class TrainingStateSaver(TrainerCallback):
+    """Writes the trainer's contrastive and replay state and its run record into each checkpoint, once the Trainer
+    has written it (on_save: output_dir/checkpoint-<step>, the Trainer's own layout without a hyperparameter
+    search)."""
+
+    def __init__(self, trainer):
+        self.trainer = weakref.proxy(trainer)  # the trainer holds its callbacks: no cycle
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        self.trainer.save_training_state(folder)
 
 
 def block_means(scores: dict, steps: int, device) -> dict:

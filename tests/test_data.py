@@ -327,6 +327,7 @@ def test_characters_outside_the_continued_models_vocabulary_are_listed(tmp_path,
 
 def test_the_trainer_orders_windows_without_listing_them(tmp_path, corpus):
     """RandomSampler would hold a list of every window (3 GB for a 100 MB corpus); the Trainer uses WindowOrder."""
+    from accelerate.data_loader import get_sampler
     from transformers import TrainingArguments, default_data_collator
 
     from conftest import make_model
@@ -339,9 +340,10 @@ def test_the_trainer_orders_windows_without_listing_them(tmp_path, corpus):
     trainer = EBMTrainer(model=make_model(vocab_size=tokenizer.vocab_size), args=args, train_dataset=train,
                          eval_dataset=blocks, processing_class=tokenizer, data_collator=default_data_collator,
                          ebm_args=parsed.loss)
-    sampler = trainer._get_train_sampler()
+    loader = trainer.get_train_dataloader()
+    sampler = get_sampler(loader)
     assert isinstance(sampler, data.WindowOrder) and len(sampler) == len(train) and sampler.seed == 5
-    batch = next(iter(trainer.get_train_dataloader()))
+    batch = next(iter(loader))
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"][:, 1:], batch["shift_labels"][:, :-1])
 

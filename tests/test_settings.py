@@ -130,6 +130,40 @@ def test_a_continued_folder_ranks_above_the_recipe(tmp_path, corpus_text):
     assert parsed.training.per_device_train_batch_size == 4  # the continued run's batch
 
 
+def test_the_run_record_says_which_preset_the_machine_chose(tmp_path, corpus_text, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(corpus_text[:20000])
+    out = tmp_path / "out"
+    run_train.main([*TINY[2:], "--data_path", str(corpus), "--output_dir", str(out), "--max_steps", "1"])
+    settings = json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]["settings"]
+    assert settings["preset"] == {"value": "cpu", "from": "the machine"}
+    assert settings["residual_init_power"] == {"value": 0.0, "from": "preset cpu"}
+
+
+def test_a_folder_saved_before_residual_init_power_is_what_it_was_made_with(tmp_path, corpus_text):
+    """Before the option existed every model started with nanoGPT's scaled init (0.5): such a folder loads, records
+    and continues as 0.5, not as today's default."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(corpus_text[:20000])
+    old, new = tmp_path / "old", tmp_path / "new"
+    run_train.main([*TINY, "--data_path", str(corpus), "--output_dir", str(old), "--max_steps", "1",
+                    "--residual_init_power", "0.5"])
+    config = json.loads((old / "config.json").read_text())
+    del config["residual_init_power"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert NanoEBMConfig.from_pretrained(old).residual_init_power == 0.5
+    run_train.main(["--model_name_or_path", str(old), "--data_path", str(corpus), "--output_dir", str(new),
+                    "--max_steps", "1", "--residual_init_power", "0.5", "--eval_blocks", "4", *TINY[-6:]])
+    settings = json.loads((new / "nanoebm_run.json").read_text())["runs"][-1]["settings"]
+    assert settings["residual_init_power"] == {"value": 0.5, "from": "command line"}
+    assert json.loads((new / "config.json").read_text())["residual_init_power"] == 0.5
+    parsed = run_train.parse_args(["--model_name_or_path", str(old), "--output_dir", str(tmp_path / "x")])
+    assert parsed.settings["residual_init_power"] == (0.5, f"continued {old}")
+
+
 def test_every_preset_and_recipe_names_real_settings():
     """Presets and recipes are data: a misspelt key would be silently dropped by the merge, so each must name a flag."""
     from transformers import TrainingArguments

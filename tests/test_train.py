@@ -314,6 +314,27 @@ def test_exact_resume_including_the_persistent_chains_and_replay_buffers(tmp_pat
     assert particles.shape[0] == (6 if kind == "fast_pcd" else 100)
 
 
+def test_the_trainer_uses_no_private_trainer_method():
+    """A private transformers method can be renamed or removed in any release, silently (an override is then never
+    called: the contrastive state would stop being saved). EBMTrainer overrides and calls public hooks only;
+    docs/DESIGN.md, "Private APIs: the Trainer", says what replaced each."""
+    import inspect
+    import re
+
+    import transformers
+    from transformers import Trainer
+
+    from nanoebm import trainer as module
+
+    overridden = [name for name in vars(EBMTrainer) if name.startswith("_") and not name.startswith("__")
+                  and hasattr(Trainer, name)]
+    called = sorted({name for name in re.findall(r"(?:self|super\(\))\.(_[a-z]\w*)", inspect.getsource(module))
+                     if hasattr(Trainer, name)})
+    assert overridden == [] and called == [], (
+        f"nanoebm/trainer.py overrides {overridden} and calls {called}, private methods of transformers "
+        f"{transformers.__version__}'s Trainer: use a public hook (docs/DESIGN.md, 'Private APIs: the Trainer')")
+
+
 def evil_pickle(marker):
     """What an attacker would put in a checkpoint: a pickle whose loading runs a shell command (touching `marker`)."""
     import os
@@ -621,14 +642,27 @@ def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, 
     assert not (tmp_path / "next").exists()  # nothing written
 
 
+class FailInFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("the run failed in its first step")
+
+
 def test_output_dir_with_a_finished_model_stops_the_run(tmp_path, small_corpus):
     out, _ = train(tmp_path, small_corpus, "--max_steps", "2", "--do_train", "true")
-    before = (out / "model.safetensors").read_bytes()
+    (out / "notes.txt").write_text("the user's own")
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     with pytest.raises(UsageError, match="--overwrite_output_dir"):
         train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true")
-    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+    # replacing it: the finished model stays until the new one is complete, so a run that fails leaves it whole
+    with pytest.raises(RuntimeError, match="first step"):
+        train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true",
+              callbacks=[FailInFirstStep()])
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     train(tmp_path, small_corpus, "--max_steps", "3", "--do_train", "true", "--overwrite_output_dir", "true")
     assert json.loads((out / "nanoebm_run.json").read_text())["runs"][-1]["steps_done"] == 3
+    assert (out / "model.safetensors").read_bytes() != before[run_train.Path("model.safetensors")]
+    assert (out / "notes.txt").read_text() == "the user's own" and not (out / "checkpoints").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # nothing left beside it
 
 
 # -- continuing and resuming: every flag takes effect or is refused; what a run says afterwards ------------------
@@ -770,6 +804,19 @@ def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrup
                              resuming=True)
 
 
+def test_a_resumed_model_trains_in_memory_of_its_own(interrupted):
+    """Loaded weights are views into the safetensors file's mapping, at addresses 64-byte alignment does not hold
+    for; the CPU's matrix products (MKL) round differently there than on a fresh model's memory, so a resumed
+    fast_pcd run of 2x64 ended up to 2.5e-5 away from the run it repeats. Every tensor it trains is its own,
+    aligned like a fresh model's."""
+    parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted)])
+    model = continuing.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
+                                   resuming=True)
+    misaligned = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                  if tensor.data_ptr() % 64]
+    assert not misaligned, misaligned
+
+
 def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_corpus, capsys):
     out = interrupted.parent.parent
     capsys.readouterr()
@@ -782,17 +829,30 @@ def test_a_resumed_run_says_how_many_steps_it_did_and_in_all(interrupted, small_
     assert "6 optimizer steps in all" in card and card.count(" | 3 | ") == 2  # each run's own steps
 
 
+def test_tensorboard_logs_outlive_the_checkpoints(tmp_path, small_corpus):
+    """The Trainer writes TensorBoard's events under its output_dir, <output_dir>/checkpoints here, which a finished
+    run removes: they go to <output_dir>/runs/ (transformers' own layout) and stay."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = train(tmp_path, small_corpus, "--max_steps", "4", "--logging_steps", "2", "--report_to", "tensorboard",
+                   "--do_train", "true")
+    events = sorted(out.rglob("events.out.tfevents*"))
+    assert [path.relative_to(out).parts[0] for path in events] == ["runs"], events
+    logged = EventAccumulator(str(events[0].parent)).Reload()
+    assert [event.step for event in logged.Scalars("train/loss_pred")] == [2, 4]
+
+
 def test_a_missing_logger_is_one_line_before_anything_is_written(tmp_path, small_corpus):
     import importlib.util
 
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        pytest.skip("tensorboard is installed here")
+    if importlib.util.find_spec("dvclive"):  # not tensorboard: the dev extra installs it
+        pytest.skip("dvclive is installed here")
     out = tmp_path / "o"
     done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *TINY, "--data_path", str(small_corpus),
-                           "--output_dir", str(out), "--max_steps", "2", "--report_to", "tensorboard"],
+                           "--output_dir", str(out), "--max_steps", "2", "--report_to", "dvclive"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "run_train.py: error: --report_to tensorboard: that logger is not available here: pip install tensorboard"]
+        "run_train.py: error: --report_to dvclive: that logger is not available here: pip install dvclive"]
     assert not out.exists()
 
 
