@@ -1142,8 +1142,8 @@ def learning_weights(model, group: str) -> dict:
 
 class Reader:
     """One call's learning while reading: the trained weights it starts from, the adapted copy it writes into the
-    model (restored bit for bit by `restore`), and the update rule's state. Strictly causal by use: a window is scored
-    (`window_outputs`) before `learn` reads it.
+    model (restored bit for bit by `restore`), and the update rule's state. Strictly causal by use: `read_row` scores
+    a window before `learn` reads it.
 
     The rule: 'sgd' steps theta -= lr g; 'rms' divides each gradient by the root of its running mean square over the
     windows read so far (floored at a tenth of the tensor's mean root, as Krause et al. floor theirs), which needs no
@@ -1151,12 +1151,12 @@ class Reader:
     trained ones by that fraction after every update. 'lora' learns rank-`adapt_rank` factors B A added to each
     matrix (B starts at zero: the first window is scored by the trained model)."""
 
-    def __init__(self, model, settings: dict, seed: int = 0):
+    def __init__(self, model, settings: dict):
         self.model, self.settings, self.updates = model, settings, 0
         self.weights = learning_weights(model, settings["adapt_params"])
         self.trained = {name: p.detach().clone() for name, p in self.weights.items()}
-        if settings["adapt_params"] == "lora":
-            draw = torch.Generator(device="cpu").manual_seed(seed)
+        if settings["adapt_params"] == "lora":  # A drawn from its own generator: every call reads the same way
+            draw = torch.Generator(device="cpu").manual_seed(0)
             rank = settings["adapt_rank"]
             self.factors = {
                 name: [torch.zeros(p.shape[0], rank, dtype=torch.float32, device=p.device),  # B
@@ -1290,21 +1290,17 @@ def forward_reading(model, input_ids, attention_mask, labels, shift_labels, sett
         windows, reader = read_row(model, input_ids[b][mask[b]], settings, forward_kwargs)
         reader.restore()
         rows.append(joined_outputs(windows))
-    joined = {}
-    for key in ("logits", "system1_logits", "energy_trace"):
-        if rows[0][key] is None:
-            joined[key] = None
-            continue
-        full = rows[0][key].new_zeros(B, T, *rows[0][key].shape[2:])
-        for b, row in enumerate(rows):
-            full[b, mask[b]] = row[key][0]
-        joined[key] = full
-    step_logits = []
-    for k in range(len(rows[0]["step_logits"])):
-        full = rows[0]["logits"].new_zeros(B, T, rows[0]["logits"].shape[-1])
-        for b, row in enumerate(rows):
-            full[b, mask[b]] = row["step_logits"][k][0]
-        step_logits.append(full)
+
+    def padded(parts):  # each row's (1, n_b, ...) at its real positions of a (B, T, ...) tensor of zeros
+        if parts[0] is None:
+            return None
+        full = parts[0].new_zeros(B, T, *parts[0].shape[2:])
+        for b, part in enumerate(parts):
+            full[b, mask[b]] = part[0]
+        return full
+
+    joined = {key: padded([row[key] for row in rows]) for key in ("logits", "system1_logits", "energy_trace")}
+    step_logits = [padded([row["step_logits"][k] for row in rows]) for k in range(len(rows[0]["step_logits"]))]
     loss = None
     if labels is not None or shift_labels is not None:
         loss = model.next_token_loss(joined["logits"], labels, shift_labels, attention_mask, model.padding_ids())
