@@ -362,6 +362,8 @@ def check_inputs(args: GenerateArguments) -> None:
                          f"characters: give -{args.max_new_tokens} to {args.max_new_tokens - 1}")
     if args.eval_blocks < 1:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
+    if args.reading_chars < 0:
+        raise UsageError(f"--reading_chars must be >= 0 (got {args.reading_chars}); 0 skips reading")
 
 
 # ----------------------------------------------------------------------------------------------------------------

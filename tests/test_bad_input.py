@@ -63,6 +63,15 @@ GENERATE_BAD = {
     "repetition_penalty": st.one_of(NOT_A_NUMBER, NON_FINITE, NOT_POSITIVE),
     "no_repeat_ngram_size": st.one_of(NOT_AN_INTEGER, NEGATIVE),
     "dtype": st.sampled_from(["float64x", "int8", "", "half"]),
+    "reading_chars": st.one_of(NOT_AN_INTEGER, NEGATIVE),
+    "use_adaptation": NOT_A_BOOLEAN,
+    "adapt_on_output": NOT_A_BOOLEAN,
+    "adapt_lr": st.one_of(NOT_A_NUMBER, NON_FINITE, NOT_POSITIVE),
+    "adapt_params": st.text(min_size=1, max_size=8).filter(lambda s: s not in ("all", "head", "norms", "lora")),
+    "adapt_rule": st.text(min_size=1, max_size=8).filter(lambda s: s not in ("sgd", "rms")),
+    "adapt_decay": st.one_of(NOT_A_NUMBER, NON_FINITE, NEGATIVE, st.sampled_from(["1", "1.5"])),
+    "adapt_window": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE, st.sampled_from(["1", "100000"])),
+    "adapt_rank": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
 }
 
 
@@ -171,6 +180,11 @@ TRAIN_BAD = {
     "max_steps": st.one_of(NOT_AN_INTEGER),
     "learning_rate": st.one_of(NOT_A_NUMBER, NON_FINITE, st.just("-1")),
     "per_device_train_batch_size": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
+    "eval_reading_chars": st.one_of(NOT_AN_INTEGER, NEGATIVE),
+    "adapt_lr": st.one_of(NOT_A_NUMBER, NON_FINITE, NOT_POSITIVE),
+    "adapt_params": st.sampled_from(["attention", "", "ALL"]),
+    "adapt_window": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE, st.sampled_from(["1", "33"])),
+    "adapt_decay": st.one_of(NOT_A_NUMBER, NON_FINITE, st.sampled_from(["-0.1", "1"])),
 }
 TRAIN_TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
               "--per_device_train_batch_size", "4", "--eval_blocks", "4", "--max_steps", "2", "--save_steps", "1000",
