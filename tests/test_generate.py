@@ -265,7 +265,7 @@ def test_compare_mode(capsys, tmp_path, model_dir, linear_dir, loaded, corpus_te
     out_json = tmp_path / "compare.json"
     code, out, err = run(capsys, "--compare", model_dir, linear_dir, "--eval_blocks", 3, "--max_new_tokens", 8,
                          "--plot", tmp_path / "plots", "--output_json", out_json, "--reading_chars", 100,
-                         "--adapt_window", 16, "--adapt_lr", 0.01)
+                         "--adapt_window", 16, "--adapt_lr", 0.01, "--adapt_rule", "sgd")
     assert code == 0, err
     assert "bpc System 1" in out and model_dir.name in out and linear_dir.name in out and "reading: S1" in out
     rows = json.loads(out_json.read_text(encoding="utf-8"))["models"]
@@ -741,11 +741,11 @@ def test_tokens_longer_than_a_character_and_ids_the_tokenizer_lacks(capsys, tmp_
 
 def test_generate_learning_while_reading(capsys, model_dir, corpus_text):
     """A prompt longer than the block, read with learning, continued by the adapted weights (and learning from its
-    own output), streamed once; the same flags with System 1 only."""
+    own output), streamed once."""
     prompt = corpus_text[1000:1100]
     code, out, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", prompt, "--max_new_tokens", 40,
-                         "--use_adaptation", "true", "--adapt_lr", 0.01, "--adapt_window", 16, "--adapt_on_output",
-                         "true")
+                         "--use_adaptation", "true", "--adapt_lr", 0.01, "--adapt_rule", "sgd", "--adapt_window", 16,
+                         "--adapt_on_output", "true")
     assert code == 0, err
     assert out.startswith(prompt) and len(out) == len(prompt) + 40 + 1  # streamed once, then a newline
     assert "learning while reading (adapt_lr=0.01, a window of 16 characters, from its own output too)" in err

@@ -40,7 +40,8 @@ def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path
     prompt = "ROMEO:"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     expected = tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False, think_steps=3)[0])
-    learning = dict(use_adaptation=True, adapt_lr=0.03, adapt_window=4, max_new_tokens=20, do_sample=False)
+    learning = dict(use_adaptation=True, adapt_lr=0.03, adapt_rule="sgd", adapt_window=4, max_new_tokens=20,
+                    do_sample=False)
     expected_adapted = tokenizer.decode(model.generate(ids, **learning)[0])
     weights = {k: v.sum().item() for k, v in model.state_dict().items()}
     script = textwrap.dedent(f"""

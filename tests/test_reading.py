@@ -45,7 +45,7 @@ def test_first_window_scores_as_the_static_model_and_a_repeat_scores_better(read
     text = torch.cat([a, b, a])[None]
     before = snapshot(reader_model)
     with torch.no_grad():
-        adapted = reader_model(text, use_adaptation=True, adapt_lr=LR, adapt_window=W)
+        adapted = reader_model(text, use_adaptation=True, adapt_lr=LR, adapt_rule="sgd", adapt_window=W)
         static = reader_model(a[None], use_cache=False)
     assert torch.equal(adapted.logits[:, :W], static.logits)
     assert torch.equal(adapted.system1_logits[:, :W], static.system1_logits)
@@ -59,8 +59,8 @@ def test_a_character_is_predicted_before_it_is_learned_from(reader_model, corpus
     changed = text.clone()
     changed[2 * W + 3] = (changed[2 * W + 3] + 1) % 65
     with torch.no_grad():
-        one = reader_model(text[None], use_adaptation=True, adapt_lr=LR, adapt_window=W).logits
-        two = reader_model(changed[None], use_adaptation=True, adapt_lr=LR, adapt_window=W).logits
+        one = reader_model(text[None], use_adaptation=True, adapt_lr=LR, adapt_rule="sgd", adapt_window=W).logits
+        two = reader_model(changed[None], use_adaptation=True, adapt_lr=LR, adapt_rule="sgd", adapt_window=W).logits
     # position t predicts character t + 1: every prediction up to the changed character's own is unchanged
     assert torch.equal(one[:, :2 * W + 3], two[:, :2 * W + 3])
     assert not torch.equal(one[:, 3 * W:], two[:, 3 * W:])  # the next window reads weights that learned from it
@@ -69,7 +69,7 @@ def test_a_character_is_predicted_before_it_is_learned_from(reader_model, corpus
 def test_thinking_runs_on_the_adapted_landscape(reader_model, corpus_ids):
     text = corpus_ids[:3 * W][None]
     with torch.no_grad():
-        adapted = reader_model(text, use_adaptation=True, adapt_lr=LR, adapt_window=W, think_steps=2)
+        adapted = reader_model(text, use_adaptation=True, adapt_lr=LR, adapt_rule="sgd", adapt_window=W, think_steps=2)
         static = reader_model(text[:, 2 * W:], use_cache=False, think_steps=2)
     assert len(adapted.step_logits) == 2 and adapted.energy_trace.shape[-1] == 3
     assert not torch.allclose(adapted.logits[:, 2 * W:], static.logits)
@@ -84,7 +84,7 @@ def test_batched_rows_read_as_they_would_alone(reader_model, corpus_ids):
     batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
-    settings = dict(use_adaptation=True, adapt_lr=LR, adapt_window=W)
+    settings = dict(use_adaptation=True, adapt_lr=LR, adapt_rule="sgd", adapt_window=W)
     with torch.no_grad():
         together = reader_model(batch, attention_mask=mask, **settings)
         alone = [reader_model(row[None], **settings) for row in (long, short)]
@@ -118,9 +118,9 @@ def test_generation_reads_the_prompt_with_learning(reader_model, corpus_ids):
     before = snapshot(reader_model)
     static = reader_model.generate(prompt, max_new_tokens=3 * W, do_sample=False)
     adapted = reader_model.generate(prompt, max_new_tokens=3 * W, do_sample=False, use_adaptation=True,
-                                    adapt_lr=0.03, adapt_window=W)
+                                    adapt_lr=0.03, adapt_rule="sgd", adapt_window=W)
     on_output = reader_model.generate(prompt, max_new_tokens=3 * W, do_sample=False, use_adaptation=True,
-                                      adapt_lr=0.03, adapt_window=W, adapt_on_output=True)
+                                      adapt_lr=0.03, adapt_rule="sgd", adapt_window=W, adapt_on_output=True)
     assert adapted.shape == static.shape == on_output.shape == (1, 8 * W)
     assert torch.equal(adapted[:, :5 * W], prompt)
     assert not torch.equal(adapted, static)
@@ -144,13 +144,13 @@ def test_bad_values_name_the_argument(reader_model, corpus_ids, name, value):
 def test_a_diverging_update_restores_the_weights_and_names_the_knob(reader_model, corpus_ids):
     before = snapshot(reader_model)
     with pytest.raises(AdaptationDivergedError, match="lower adapt_lr"):
-        reader_model(corpus_ids[:4 * W][None], use_adaptation=True, adapt_lr=1e30, adapt_window=W)
+        reader_model(corpus_ids[:4 * W][None], use_adaptation=True, adapt_lr=1e30, adapt_rule="sgd", adapt_window=W)
     assert_unchanged(reader_model, before)
 
 
 def test_score_reading_reports_static_and_adapted_on_the_same_windows(reader_model, corpus_ids):
     text = corpus_ids[:4 * W + 7]
-    scores = score_reading(reader_model, text, adapt_window=W, adapt_lr=LR, use_thinking=False)
+    scores = score_reading(reader_model, text, adapt_window=W, adapt_lr=LR, adapt_rule="sgd", use_thinking=False)
     assert all(v.shape == (4 * W + 6,) for v in scores.values())
     # nothing learned yet (the static windows are scored as a batch: equal up to float rounding)
     assert torch.allclose(scores["nll1_static"][:W], scores["nll1_adapted"][:W], atol=1e-5, rtol=0)

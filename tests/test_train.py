@@ -257,8 +257,8 @@ def test_evaluation_reads_the_validation_text_in_order_with_and_without_learning
     from modeling_nanoebm import NanoEBMForCausalLM
     from nanoebm.scoring import score_reading
 
-    out, metrics = train(tmp_path, small_corpus, "--max_steps", "6", "--eval_reading_chars", "150", "--adapt_lr",
-                         "0.01", "--adapt_window", "16")
+    out, metrics = train(tmp_path, small_corpus, "--max_steps", "6", "--eval_reading_chars", "150", "--adapt_rule",
+                         "sgd", "--adapt_lr", "0.01", "--adapt_window", "16")
     model = NanoEBMForCausalLM.from_pretrained(out).eval()
     assert model.config.adapt_lr == 0.01 and model.config.adapt_window == 16 and not model.config.use_adaptation
     parsed = run_train.parse_args([*TINY, "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "x"),
