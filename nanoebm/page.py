@@ -4,8 +4,8 @@
 The page is a template (nanoebm/templates/page.html: its script and style inline) with the numbers computed here
 written into it as JSON: no server, no network, no model in the page. Everything the page can show is computed once
 here, so its thinking-steps slider only re-reads per-step numbers: every step's top-k candidates, the probability of
-the character, KL(step k || System 1) and J at every step. Probabilities are kept to 1e-4 and the rest to four
-decimals, so that 2,000 characters stay well under 2 MB.
+the character, KL(step k || System 1) and J at every step. Probabilities are kept to 1e-4, J to seven significant
+digits (the page subtracts them) and the rest to four, so that 2,000 characters stay well under 2 MB.
 
 Importing it costs no torch (imported where used).
 """
@@ -34,8 +34,10 @@ def check_html_path(value: str) -> None:
     folder = path.parent
     if path.is_dir():
         raise UsageError(f"--html {value!r} is a folder: give a file name in it, e.g. {path / 'page.html'}")
-    if not folder.is_dir():
+    if not folder.exists():
         raise UsageError(f"--html {value!r}: the folder {str(folder)!r} does not exist (create it, or give another)")
+    if not folder.is_dir():
+        raise UsageError(f"--html {value!r}: {str(folder)!r} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"--html {value!r}: {str(folder)!r} cannot be written here (give a writable folder)")
 
@@ -66,7 +68,7 @@ def model_section(model, tokenizer, ids, label: str, thinking: dict, args, learn
     section = dict(
         label=label, steps=steps, chars=token_strings(tokenizer, ids.tolist()), targets=target.tolist(),
         vocab=token_strings(tokenizer, range(model.config.vocab_size)), ctx=scores["window_start"].tolist(),
-        p=_probabilities(chosen.exp()), kl=_rounded(kl), J=_rounded(scores["trace"][0]),
+        p=_probabilities(chosen.exp()), kl=_rounded(kl), J=_rounded(scores["trace"][0], 7),  # J0 - Jk: small
         top=torch.cat([top_i, (top_p * 1e4).round().long()], -1).tolist(),
         header=[*header, ("think steps on this page", steps_note), *bpc], reading=None,
     )
@@ -171,8 +173,12 @@ def _probabilities(p):
     return (p * 1e4).round().long().tolist()
 
 
-def _rounded(x):
-    return [[round(v, 4) for v in row] if isinstance(row, list) else round(row, 4) for row in x.tolist()]
+def _rounded(x, digits: int = 4):
+    """Floats to `digits` significant digits: KL is often 1e-5, which decimals would round to 0."""
+    def r(v):
+        return float(f"{v:.{digits}g}")
+
+    return [[r(v) for v in row] if isinstance(row, list) else r(row) for row in x.tolist()]
 
 
 def write_page(path: Path, title: str, command: str, sections: list[dict], rest: str, details: str) -> Path:
