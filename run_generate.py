@@ -39,7 +39,7 @@ from nanoebm.cli import (UsageError, check_unk_token, model_options, raise_usage
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
-from nanoebm.page import check_html_path, comparison_page, comparison_section, generation_page
+from nanoebm.page import check_html_path, comparison_page, comparison_section, generation_page, log_page
 from nanoebm.plots import make_folder, plot_comparison, write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +187,11 @@ class GenerateArguments:
         default=2000,
         metadata={"help": "--html: the characters (from the first predicted one) whose details the page holds; the "
                           "rest of a longer text is shown plain (about 0.5 KB per character)."},
+    )
+    report_to: Literal["none", "wandb"] = field(
+        default="none",
+        metadata={"help": "wandb: log the --html page to Weights & Biases as wandb.Html, in a run of its own "
+                          "(project $WANDB_PROJECT, else nanoebm; offline with WANDB_MODE=offline). Needs --html."},
     )
     compare: list[str] | None = field(
         default=None,
@@ -382,6 +387,8 @@ def check_inputs(args: GenerateArguments) -> None:
         raise UsageError(f"--html_chars must be >= 1 (got {args.html_chars})")
     if args.html is not None:
         check_html_path(args.html)
+    if args.report_to == "wandb" and args.html is None:
+        raise UsageError("--report_to wandb logs the page: give --html FILE too")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,7 +523,9 @@ def run_generate(args: GenerateArguments, command: str) -> int:
     if args.output_json:
         write_json(generation_record(gen, args, thinking, model, device), Path(args.output_json))
     if args.html:
-        generation_page(model, tokenizer, gen.sequences[gen.chosen], gen.P, thinking, args, command)
+        page = generation_page(model, tokenizer, gen.sequences[gen.chosen], gen.P, thinking, args, command)
+        if args.report_to == "wandb":
+            log_page(page, command)
     return 0
 
 
@@ -683,7 +692,9 @@ def run_compare(args: GenerateArguments, command: str) -> int:
                         device=str(device), models=rows),
                    Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
     if args.html:
-        comparison_page(sections, val, args, command)
+        page = comparison_page(sections, val, args, command)
+        if args.report_to == "wandb":
+            log_page(page, command)
     return 0
 
 

@@ -195,3 +195,16 @@ def write_page(path: Path, title: str, command: str, sections: list[dict], rest:
         raise UsageError(f"cannot write --html {path}: {error}") from error
     note(f"wrote {path} ({len(html.encode()) / 1e6:.2f} MB)")
     return path
+
+
+def log_page(path: Path, command: str) -> None:
+    """--report_to wandb: the page as wandb.Html in a run of its own (project $WANDB_PROJECT, else nanoebm), as it
+    is, with nothing injected (wandb.Html would otherwise link a stylesheet from the network)."""
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanoebm"), job_type="generate",
+                     config={"command": command})
+    run.log({"page": wandb.Html(path, inject=False)})
+    where = run.url or run.dir
+    run.finish()
+    note(f"logged {path} to W&B: {where}")

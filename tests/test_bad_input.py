@@ -64,6 +64,7 @@ GENERATE_BAD = {
     "no_repeat_ngram_size": st.one_of(NOT_AN_INTEGER, NEGATIVE),
     "dtype": st.sampled_from(["float64x", "int8", "", "half"]),
     "html_chars": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
+    "report_to": st.sampled_from(["tensorboard", "", "WANDB", "all"]),
 }
 
 

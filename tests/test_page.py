@@ -256,3 +256,22 @@ def test_compare_page_switches_models_in_a_browser(browser, capsys, tmp_path, mo
     first = page.inner_text("#header")
     page.click("#models button[data-model='1']")
     assert page.inner_text("#header") != first and page.errors == [] and page.fetched == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights & Biases
+
+
+def test_report_to_wandb_logs_the_page(capsys, tmp_path, model_dir, monkeypatch):
+    """Offline, the run's folder holds the page as an HTML media file, byte for byte (nothing injected)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "nanoebm-test")
+    path = tmp_path / "page.html"
+    code, _, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 5,
+                       "--html", path, "--report_to", "wandb")
+    assert code == 0, err
+    (logged,) = (tmp_path / "wandb").glob("offline-run-*/files/media/html/page_*.html")
+    assert logged.read_text(encoding="utf-8") == path.read_text(encoding="utf-8")
+    code, _, err = run(capsys, "--model_name_or_path", model_dir, "--report_to", "wandb")
+    assert code == 2 and "--report_to wandb logs the page: give --html FILE too" in err
