@@ -311,6 +311,7 @@ def validate(args: GenerateArguments) -> None:
         note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
         args.do_sample = True
     check_inputs(args)
+    check_page(args)
     if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):
         note("--top_k / --temperature / --top_p apply to sampling only: add --do_sample (decoding is greedy)")
 
@@ -383,12 +384,18 @@ def check_inputs(args: GenerateArguments) -> None:
                          f"characters: give -{args.max_new_tokens} to {args.max_new_tokens - 1}")
     if args.eval_blocks < 1:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
+
+
+def check_page(args: GenerateArguments) -> None:
+    """--html's file (its folder must exist and take it: a refused run writes nothing), its size and its logger."""
     if args.html_chars < 1:
         raise UsageError(f"--html_chars must be >= 1 (got {args.html_chars})")
     if args.html is not None:
         check_html_path(args.html)
     if args.report_to == "wandb" and args.html is None:
         raise UsageError("--report_to wandb logs the page: give --html FILE too")
+    if args.html is None and args.html_chars != GenerateArguments.html_chars:
+        note("--html_chars sets the page's details: add --html FILE (no page is written)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,22 @@ def test_page_numbers_are_the_models(learning_page, loaded, tokenizer):
     assert header["learning while reading"] == "on" and "calibrated System 1" in " ".join(header)
 
 
+def test_every_thinking_step_is_the_models(learning_page, loaded, tokenizer):
+    """Step k of the slider is the logits after k descent steps, from a direct forward over the character's context
+    (the first window: the context is the whole prefix)."""
+    path, _ = learning_page
+    (s,) = page_data(path)["sections"]
+    ids = torch.tensor([tokenizer("".join(s["chars"]))["input_ids"]])
+    for i in (0, 5, 20):
+        assert s["ctx"][i] == 0
+        with torch.no_grad():
+            out = loaded(ids[:, :i + 1], use_cache=False, think_steps=3)
+        logits = [out.system1_logits, *out.step_logits]
+        expected = torch.stack([torch.softmax(v[0, -1], -1)[ids[0, i + 1]] for v in logits])
+        assert torch.allclose(torch.tensor(s["p"][i]) / 1e4, expected, atol=1e-4)
+        assert torch.allclose(torch.tensor(s["J"][i]), out.energy_trace[0, -1], atol=1e-5)
+
+
 def test_a_system1_run_scores_thinking_for_the_page_and_says_learning_is_absent(capsys, tmp_path, model_dir):
     path = tmp_path / "page.html"
     code, _, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 10,
