@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from nanoebm.cli import (UsageError, check_unk_token, model_options, raise_usage
 from nanoebm.compare import comparison_table, evaluate_model, training_text
 from nanoebm.corpus import resolve_data_path, validation_text
 from nanoebm.folders import check_model_folder, loading
+from nanoebm.page import check_html_path, comparison_page, comparison_section, generation_page, log_page
 from nanoebm.plots import make_folder, plot_comparison, write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +175,24 @@ class GenerateArguments:
                           "System 1 / System 2 probability, its energy and the energy gap J0 - JK (with --compare: "
                           "the comparison table)."},
     )
+    html: str | None = field(
+        default=None,
+        metadata={"help": "Write one self-contained interactive page (HTML, no network) to this file: the text "
+                          "coloured character by character by KL(S2 || S1), the energy gap, the System 1 / System 2 "
+                          "probability or the gain from learning while reading; each character's candidates and "
+                          "energy at every thinking step; a thinking-steps slider. The folder must exist. With "
+                          "--compare: one section per model over the validation text."},
+    )
+    html_chars: int = field(
+        default=2000,
+        metadata={"help": "--html: the characters (from the first predicted one) whose details the page holds; the "
+                          "rest of a longer text is shown plain (about 0.5 KB per character)."},
+    )
+    report_to: Literal["none", "wandb"] = field(
+        default="none",
+        metadata={"help": "wandb: log the --html page to Weights & Biases as wandb.Html, in a run of its own "
+                          "(project $WANDB_PROJECT, else nanoebm; offline with WANDB_MODE=offline). Needs --html."},
+    )
     compare: list[str] | None = field(
         default=None,
         metadata={"help": "Evaluate-and-compare mode: for each model folder report validation bits per character "
@@ -243,6 +263,7 @@ examples:
   run_generate.py --model_name_or_path out --num_beams 4 --repetition_penalty 1.3 --no_repeat_ngram_size 4
   run_generate.py --model_name_or_path out --dtype bfloat16
   run_generate.py --model_name_or_path out --plot plots --output_json sample.json
+  run_generate.py --model_name_or_path out --html page.html                 # one interactive page, opens from disk
   run_generate.py --compare out-a out-b --eval_blocks 20 --plot plots
   run_generate.py checkpoint=out use_thinking=true think_steps=4 topk=64 sample=true sample_temp=1.2 sample_top_p=0.9
 
@@ -290,6 +311,7 @@ def validate(args: GenerateArguments) -> None:
         note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
         args.do_sample = True
     check_inputs(args)
+    check_page(args)
     if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):
         note("--top_k / --temperature / --top_p apply to sampling only: add --do_sample (decoding is greedy)")
 
@@ -364,6 +386,18 @@ def check_inputs(args: GenerateArguments) -> None:
         raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
     if args.reading_chars < 0:
         raise UsageError(f"--reading_chars must be >= 0 (got {args.reading_chars}); 0 skips reading")
+
+
+def check_page(args: GenerateArguments) -> None:
+    """--html's file (its folder must exist and take it: a refused run writes nothing), its size and its logger."""
+    if args.html_chars < 1:
+        raise UsageError(f"--html_chars must be >= 1 (got {args.html_chars})")
+    if args.html is not None:
+        check_html_path(args.html)
+    if args.report_to == "wandb" and args.html is None:
+        raise UsageError("--report_to wandb logs the page: give --html FILE too")
+    if args.html is None and args.html_chars != GenerateArguments.html_chars:
+        note("--html_chars sets the page's details: add --html FILE (no page is written)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,9 +500,10 @@ class Generated:
     candidates: list[dict] | None = None  # with --num_candidates: every candidate's scores
 
 
-def run_generate(args: GenerateArguments) -> int:
+def run_generate(args: GenerateArguments, command: str) -> int:
     """Generate mode: continue the prompt, score the text where a choice, a picture or the JSON needs it, print it
-    with a summary line on stderr, and write the pictures and the JSON asked for."""
+    with a summary line on stderr, and write the pictures, the JSON and the page asked for (`command` is the command
+    line, which the page shows)."""
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model_name_or_path, device, args.unk_token, args.dtype)
     check_learning(args, model, repr(args.model_name_or_path))
@@ -496,6 +531,10 @@ def run_generate(args: GenerateArguments) -> int:
                     scores, gen.chosen, tokenizer, args, Path(args.plot))
     if args.output_json:
         write_json(generation_record(gen, args, thinking, model, device), Path(args.output_json))
+    if args.html:
+        page = generation_page(model, tokenizer, gen.sequences[gen.chosen], gen.P, thinking, args, command)
+        if args.report_to == "wandb":
+            log_page(page, command)
     return 0
 
 
@@ -627,8 +666,9 @@ def write_json(record: dict, path: Path) -> None:
 # Compare mode
 
 
-def run_compare(args: GenerateArguments) -> int:
-    """Compare mode: score every model on the one validation text, print the table, draw and write it."""
+def run_compare(args: GenerateArguments, command: str) -> int:
+    """Compare mode: score every model on the one validation text, print the table, draw and write it (and the
+    page, with one section per model)."""
     device = resolve_device(args.device)
     try:
         corpus = resolve_data_path(args.data_path)
@@ -640,13 +680,15 @@ def run_compare(args: GenerateArguments) -> int:
     labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare, strict=True)]
     note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
          f"speed over {args.max_new_tokens} characters, greedy, on {device}")
-    rows = []
+    rows, sections = [], []
     for path, label in zip(args.compare, labels, strict=True):
         model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
         check_learning(args, model, repr(str(path)))
         row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
         row.update(path=str(path), **training_text(path, corpus))
         rows.append(row)
+        if args.html:
+            sections.append(comparison_section(model, tokenizer, val, args, row))
         note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
     warn_other_texts(rows, corpus)
     print(comparison_table(rows), flush=True)
@@ -658,6 +700,10 @@ def run_compare(args: GenerateArguments) -> int:
         write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
                         device=str(device), models=rows),
                    Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
+    if args.html:
+        page = comparison_page(sections, val, args, command)
+        if args.report_to == "wandb":
+            log_page(page, command)
     return 0
 
 
@@ -686,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
         quiet_transformers()
-        return run_compare(args) if args.compare else run_generate(args)
+        command = shlex.join([PROG, *argv])
+        return run_compare(args, command) if args.compare else run_generate(args, command)
     except UsageError as error:
         return report(PROG, error, 2)
     except SystemExit as done:  # argparse: --help (0) or a malformed command line (2, usage already printed)

@@ -64,7 +64,8 @@ def resolved_thinking(model, args) -> dict:
 # Teacher-forced analysis
 
 
-def score_continuations(model, ids, start: int, think_steps: int | None = None, think_lr: float | None = None):
+def score_continuations(model, ids, start: int, think_steps: int | None = None, think_lr: float | None = None,
+                        steps: bool = False):
     """Per-position data for the targets ids[:, start:] of a batch of equally long sequences (B, L).
 
     One teacher-forced forward (nanoebm.scoring) with thinking on (think_steps, think_lr as given, else the model's)
@@ -73,7 +74,8 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
     targets (B, n), logp1 / logp2 (B, n, V) log-probabilities of System 1 (-E_base) and of the refined logits,
     energy (B, n) the energy of the target as the next token (E_base; for ebt the scalar energy of its one-hot),
     trace (B, n, K + 1) J at v_0..v_K or None without thinking steps,
-    window_start (n,) where each target's window began.
+    window_start (n,) where each target's window began;
+    with `steps`: logp_steps (B, n, K, V) the log-probabilities after each thinking step (score_batch).
     """
     import torch
 
@@ -82,17 +84,17 @@ def score_continuations(model, ids, start: int, think_steps: int | None = None, 
         raise ValueError(f"start={start} must be in [1, {L})")
     block = model.config.block_size
     stride = max(1, block // 2)
-    parts = {k: [] for k in ("targets", "logp1", "logp2", "energy", "trace", "window_start")}
+    parts = {k: [] for k in ("targets", "logp1", "logp2", "energy", "trace", "window_start", "logp_steps")}
     j = start
     while j < L:
         a = max(0, min(j - max(1, block - stride), L - 1 - block))
         b = min(L - 1, a + block)
         scores = score_batch(model, ids[:, a:b], ids[:, a + 1:b + 1], think_steps=think_steps, think_lr=think_lr,
-                             detail=True)
+                             detail=True, steps=steps)
         sl = slice(j - 1 - a, b - a)  # the targets ids[:, j:b + 1], not yet scored by an earlier window
         parts["targets"].append(ids[:, j:b + 1].cpu())
-        for key in ("logp1", "logp2", "energy", "trace"):
-            if scores[key] is not None:
+        for key in ("logp1", "logp2", "energy", "trace", "logp_steps"):
+            if scores.get(key) is not None:
                 parts[key].append(scores[key][:, sl].cpu())
         parts["window_start"].append(torch.full((b + 1 - j,), a, dtype=torch.long))
         j = b + 1

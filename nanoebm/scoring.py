@@ -20,7 +20,7 @@ UNCALIBRATED = TEMPERATURES.index(1.0)
 
 
 def score_batch(model, inputs, targets, *, use_thinking=True, think_steps=None, think_lr=None, think_samples=None,
-                trace=True, detail=False, tempered=False, use_adaptation=False) -> dict:
+                trace=True, detail=False, steps=False, tempered=False, use_adaptation=False) -> dict:
     """Per-position numbers of one teacher-forced forward over `inputs` (B, T) whose next characters are `targets`
     (B, T), as float32 tensors on the model's device:
 
@@ -30,6 +30,8 @@ def score_batch(model, inputs, targets, *, use_thinking=True, think_steps=None, 
     landscape evaluation it costs);
     with `detail`: logp1, logp2 (B, T, V) the log-probabilities of both systems, and energy (B, T) the target's energy
     as the next token (E_base; for ebt the scalar energy of its one-hot, one more backbone pass);
+    with `steps`: logp_steps (B, T, K, V) the log-probabilities after each thinking step v_1 .. v_K (the page's
+    thinking-steps slider);
     with `tempered`: nll1_tempered (B, T, G) System 1's NLL at each of the G TEMPERATURES (`calibrated_system1`).
 
     use_thinking, think_steps, think_lr, think_samples: as the model's forward takes them (None: the model's own).
@@ -58,6 +60,10 @@ def score_batch(model, inputs, targets, *, use_thinking=True, think_steps=None, 
             scores.update(logp1=F.log_softmax(out.system1_logits.float(), dim=-1),
                           logp2=F.log_softmax(out.logits.float(), dim=-1),
                           energy=out.landscape.token_energy(targets).float())
+        if steps:
+            empty = out.logits.new_zeros(*targets.shape, 0, out.logits.shape[-1]).float()  # no thinking: K = 0
+            scores["logp_steps"] = (torch.stack([F.log_softmax(v.float(), dim=-1) for v in out.step_logits], 2)
+                                    if out.step_logits else empty)
         if tempered:
             system1 = out.system1_logits.float()
             scores["nll1_tempered"] = torch.stack([nll(system1 / t) for t in TEMPERATURES], -1)

@@ -72,6 +72,8 @@ GENERATE_BAD = {
     "adapt_decay": st.one_of(NOT_A_NUMBER, NON_FINITE, NEGATIVE, st.sampled_from(["1", "1.5"])),
     "adapt_window": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE, st.sampled_from(["1", "100000"])),
     "adapt_rank": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
+    "html_chars": st.one_of(NOT_AN_INTEGER, NOT_POSITIVE),
+    "report_to": st.sampled_from(["tensorboard", "", "WANDB", "all"]),
 }
 
 
@@ -80,7 +82,7 @@ def test_every_generate_flag_with_a_value_is_covered():
     parser = run_generate.build_parser()
     takes_value = {a.dest for a in parser._actions if a.option_strings and a.nargs is None and a.dest != "help"}
     skipped = {"model_name_or_path", "prompt", "prompt_file", "plot", "output_json", "data_path", "output_dir",
-               "no_thinking"}
+               "no_thinking", "html"}
     assert takes_value - skipped - set(GENERATE_BAD) == set()
 
 
@@ -91,7 +93,8 @@ def test_generate_cli_refuses_bad_values(capsys, generate_model_dir, tmp_path_fa
     value = data.draw(GENERATE_BAD[flag], label="value")
     out = tmp_path_factory.mktemp("never")
     argv = ["--model_name_or_path", str(generate_model_dir), "--prompt", "First", "--max_new_tokens", "3",
-            "--plot", str(out / "plots"), "--output_json", str(out / "sample.json"), f"--{flag}", value]
+            "--plot", str(out / "plots"), "--output_json", str(out / "sample.json"), "--html", str(out / "page.html"),
+            f"--{flag}", value]
     if flag in ("temperature", "top_p", "top_k"):
         argv.append("--do_sample")
     code = run_generate.main(argv)
