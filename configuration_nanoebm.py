@@ -117,11 +117,12 @@ OPTIONS = (
     Option("use_adaptation", False, "whether forward and generate learn while reading by default: text is read in "
            "windows, each predicted by the weights learned from the windows before it, then learned from (descent "
            "on the weights; the loaded weights are put back after every call)", bool),
-    Option("adapt_lr", 3e-3, "learning rate of the update after each window read", float),
+    Option("adapt_lr", 1e-4, "learning rate of the update after each window read (chosen with adapt_rule='rms'; "
+           "'sgd' needs about 3e-3)", float),
     Option("adapt_params", "all", "which weights learn: 'all', 'head' (the energy head), 'norms' (every bias and "
            "LayerNorm) or 'lora' (low-rank factors added to every matrix)", str, ADAPT_PARAMS),
-    Option("adapt_rule", "sgd", "'sgd' (theta -= adapt_lr * g) or 'rms' (each gradient divided by the root of its "
-           "running mean square over the windows read, floored at a tenth of its mean)", str, ADAPT_RULES),
+    Option("adapt_rule", "rms", "'rms' (each gradient divided by the root of its running mean square over the "
+           "windows read, floored at a tenth of its mean) or 'sgd' (theta -= adapt_lr * g)", str, ADAPT_RULES),
     Option("adapt_decay", 0.0, "after every update the weights move this fraction back toward the trained ones; "
            "0 disables", float),
     Option("adapt_window", None, "tokens per window: each window is scored, then learned from (at most "

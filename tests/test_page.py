@@ -17,7 +17,7 @@ from run_generate import main
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LEARNING = ["--use_adaptation", "true", "--adapt_lr", 0.01, "--adapt_window", 16]
+LEARNING = ["--use_adaptation", "true", "--adapt_lr", 0.01, "--adapt_rule", "sgd", "--adapt_window", 16]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_page_numbers_are_the_models(learning_page, loaded, tokenizer):
     assert torch.equal(top[:, -1, 0], scores["logp2"][0].argmax(-1))
     assert s["ctx"] == scores["window_start"].tolist() and s["targets"] == ids[1:].tolist()
     # learning while reading: the gain is score_reading's static minus adapted NLL, the bars the adapted model's
-    nll = score_reading(loaded, ids, adapt_window=16, think_steps=3, adapt_lr=0.01)
+    nll = score_reading(loaded, ids, adapt_window=16, think_steps=3, adapt_lr=0.01, adapt_rule="sgd")
     gain = torch.tensor(s["reading"]["gain"])
     assert torch.allclose(gain, nll["nll2_static"] - nll["nll2_adapted"], rtol=1e-3, atol=1e-6)
     assert gain.abs().max() > 0
@@ -156,7 +156,7 @@ def test_compare_writes_one_page_with_a_section_per_model(capsys, tmp_path, mode
     path = tmp_path / "compare.html"
     code, out, err = run(capsys, "--compare", model_dir, linear, "--eval_blocks", 2, "--max_new_tokens", 4,
                          "--reading_chars", 40, "--html", path, "--html_chars", 60, "--adapt_lr", 0.01,
-                         "--adapt_window", 16)
+                         "--adapt_rule", "sgd", "--adapt_window", 16)
     assert code == 0, err
     sections = page_data(path)["sections"]
     assert [s["label"] for s in sections] == [model_dir.name, "linear"]
