@@ -480,9 +480,13 @@ class EnergyLandscape:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):  # a variant of another landscape must not take its place under the same name
+            raise TypeError(f"{cls.__name__} must set its own `name`, the config's landscape value")
         if cls.name not in LANDSCAPES:
             raise TypeError(f"{cls.__name__}.name={cls.name!r} has no row in configuration_nanoebm.LANDSCAPES: add "
                             f"its LandscapeFacts there (docs/DESIGN.md, 'Adding a landscape')")
+        if cls.name in LANDSCAPE_CLASSES:
+            raise TypeError(f"landscape {cls.name!r} is {LANDSCAPE_CLASSES[cls.name].__name__} already")
         LANDSCAPE_CLASSES[cls.name] = cls
 
     def __init__(self, config: NanoEBMConfig):
