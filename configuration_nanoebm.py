@@ -28,7 +28,7 @@ class Option(NamedTuple):
     default: object
     help: str
     type: type
-    choices: tuple = ()
+    choices: tuple = ()  # the allowed values (landscape's: the LANDSCAPES registry itself, so each row counts)
     kept: str = ""  # why continuing a saved model refuses another value ("": the flag takes effect)
     aliases: tuple = ()  # the research code's names for it
 

@@ -1,10 +1,10 @@
 """nanoebm: a character-level transformer that scores an energy for every candidate next token and thinks.
 
-Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes (three that score every
-token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the energy descent on
-the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`, `pipeline` and the
-Trainer call, and the window of tokens each decoding step reads. The maths and the option names are those of
-nanoebm's docs/DESIGN.md.
+Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes, one class each (three
+that score every token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the
+energy descent on the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`,
+`pipeline` and the Trainer call, and the window of tokens each decoding step reads. The maths and the option names
+are those of nanoebm's docs/DESIGN.md.
 """
 
 import math
