@@ -94,3 +94,11 @@ def test_a_class_needs_its_facts_row_and_its_own_name():
         type("LinearVariant", (LinearLandscape,), {})
     with pytest.raises(TypeError, match="is LinearLandscape already"):
         type("SecondLinear", (EnergyLandscape,), {"name": "linear"})
+
+
+def test_every_shipped_row_has_its_class_and_its_help():
+    assert list(LANDSCAPES) == ["linear", "mixture", "soft_tokens", "ebt"]
+    assert set(modeling_nanoebm.LANDSCAPE_CLASSES) == set(LANDSCAPES)
+    for name, facts in LANDSCAPES.items():
+        assert f"{name!r} ({facts.help})" in OPTION["landscape"].help
+        assert tiny_config(landscape=name).reads_candidate == facts.reads_candidate
