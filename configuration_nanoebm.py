@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 from transformers import PreTrainedConfig
 
-LANDSCAPES = ("linear", "mixture", "soft_tokens", "ebt")
-PROVISIONAL_LANDSCAPES = ("soft_tokens", "ebt")  # the backbone reads a candidate token at position t + 1
 THINK_INITS = ("base_energy", "zeros", "random")
 THINK_GRADIENTS = ("plain", "natural")
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -30,9 +28,48 @@ class Option(NamedTuple):
     default: object
     help: str
     type: type
-    choices: tuple = ()
+    choices: tuple = ()  # the allowed values (landscape's: the LANDSCAPES registry itself, so each row counts)
     kept: str = ""  # why continuing a saved model refuses another value ("": the flag takes effect)
     aliases: tuple = ()  # the research code's names for it
+
+
+class LandscapeFacts(NamedTuple):
+    """What a config must know of one energy landscape without building it: its meaning for the option's help, and
+    the facts its validation and the backbone's size depend on. The landscape itself (its parameters, its energy,
+    its descent's gradient) is the `EnergyLandscape` subclass of the same name in modeling_nanoebm.py. The facts live
+    here, as data, because a config is read without torch (run_train.py's flags, AutoConfig) and must not import the
+    modeling code; the class checks at its definition that its row is here (docs/DESIGN.md, "Adding a landscape")."""
+
+    name: str
+    help: str  # how the energy depends on the belief p, for the `landscape` option's help
+    reads_candidate: bool = False  # the backbone reads a candidate token at t + 1 (one spare position; the energy
+    # then runs through the backbone System 1 uses, so detach_system1 cannot separate them)
+    closed_form: bool = True  # False: no closed-form gradient (the descent is autograd's), so think_gradient 'plain'
+    opens_gate: bool = False  # its correction's output layer can start at zero: correction_scale_init > 0 allowed
+
+
+# The registry of landscapes, by the config's `landscape` name: a new landscape adds one row here and its class
+LANDSCAPES = {facts.name: facts for facts in (
+    LandscapeFacts("linear", "not at all"),
+    LandscapeFacts("mixture", "an MLP of the hidden state and the expected embedding", opens_gate=True),
+    LandscapeFacts("soft_tokens", "the backbone reads a provisional token whose embedding is the expected embedding",
+                   reads_candidate=True),
+    LandscapeFacts("ebt", "the Energy-Based Transformer's scalar energy: the backbone reads the candidate at position "
+                   "t + 1 and a Linear(n_embd, 1) head scores it; System 1 stays the per-token head's -E_base",
+                   reads_candidate=True, closed_form=False),
+)}
+
+
+def landscape_names(**facts) -> tuple:
+    """The registered landscapes whose facts have the values given, e.g. `landscape_names(reads_candidate=False)`."""
+    return tuple(name for name, row in LANDSCAPES.items()
+                 if all(getattr(row, fact) == value for fact, value in facts.items()))
+
+
+def landscape_help() -> str:
+    """The `landscape` option's help, from the registry."""
+    meanings = [f"{name!r} ({row.help})" for name, row in LANDSCAPES.items()]
+    return f"how the energy depends on the current belief p: {', '.join(meanings[:-1])} or {meanings[-1]}"
 
 
 _SHAPED = "the saved weights are shaped and trained for it"
@@ -67,11 +104,7 @@ OPTIONS = (
     Option("d_energy", None, "width of the space where context and token projections meet (default: n_embd)", int,
            kept=_SHAPED),
     Option("use_token_bias", True, "add the per-token bias b_y to the energy", bool, kept=_SHAPED),
-    Option("landscape", "mixture", "how the energy depends on the current belief p: 'linear' (not at all), 'mixture' "
-           "(an MLP of the hidden state and the expected embedding), 'soft_tokens' (the backbone reads a provisional "
-           "token whose embedding is the expected embedding) or 'ebt' (the Energy-Based Transformer's scalar energy: "
-           "the backbone reads the candidate at position t + 1 and a Linear(n_embd, 1) head scores it; System 1 "
-           "stays the per-token head's -E_base)", str, LANDSCAPES, kept=_LANDSCAPE),
+    Option("landscape", "mixture", landscape_help(), str, LANDSCAPES, kept=_LANDSCAPE),  # choices: the registry
     Option("use_soft_tokens", None, "the research code's switch for landscape='soft_tokens' (true sets it; false "
            "turns soft_tokens back into mixture)", bool, kept=_LANDSCAPE),
     Option("correction_scale_init", 0.0, "tanh(s) of the correction's gate at initialisation, in [0, 1): 0 shuts the "
@@ -186,7 +219,7 @@ class NanoEBMConfig(PreTrainedConfig):
     @property
     def reads_candidate(self) -> bool:
         """Thinking runs the backbone on a provisional token (soft tokens, ebt): one spare position is needed."""
-        return self.landscape in PROVISIONAL_LANDSCAPES
+        return LANDSCAPES[self.landscape].reads_candidate
 
     def validate_nanoebm(self):
         """Raise ValueError naming the field, its value and what is allowed."""
@@ -203,15 +236,18 @@ class NanoEBMConfig(PreTrainedConfig):
             need((self.n_embd // self.n_head) % 2 == 0, "n_head", "rope needs an even head size n_embd // n_head")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding", f"allowed: {POSITION_EMBEDDINGS}")
-        need(self.landscape in LANDSCAPES, "landscape", f"allowed: {LANDSCAPES}")
+        need(self.landscape in LANDSCAPES, "landscape", f"allowed: {tuple(LANDSCAPES)}")
+        landscape = LANDSCAPES[self.landscape]
         need(0.0 <= self.correction_scale_init < 1.0, "correction_scale_init", "must be in [0, 1) (it is tanh(s))")
         if self.correction_scale_init > 0:
-            need(self.landscape == "mixture", "correction_scale_init",
-                 f"an open gate needs a zero-initialised output layer, which only landscape='mixture' has "
-                 f"(landscape={self.landscape!r}); use 0")
-        if self.landscape == "ebt":
+            need(landscape.opens_gate, "correction_scale_init",
+                 f"an open gate needs a zero-initialised output layer, which only landscape="
+                 f"{' or '.join(map(repr, landscape_names(opens_gate=True)))} has (landscape={self.landscape!r}); "
+                 f"use 0")
+        if not landscape.closed_form:
             need(self.think_gradient == "plain", "think_gradient",
-                 "landscape='ebt' descends its scalar energy by autograd: only 'plain' is allowed")
+                 f"landscape={self.landscape!r} has no closed-form gradient (its energy is descended by autograd): "
+                 f"only 'plain' is allowed")
         need(self.think_init in THINK_INITS, "think_init", f"allowed: {THINK_INITS}")
         need(self.think_gradient in THINK_GRADIENTS, "think_gradient", f"allowed: {THINK_GRADIENTS}")
         if self.think_gradient == "natural":

@@ -1,10 +1,10 @@
 """nanoebm: a character-level transformer that scores an energy for every candidate next token and thinks.
 
-Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes (three that score every
-token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the energy descent on
-the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`, `pipeline` and the
-Trainer call, and the window of tokens each decoding step reads. The maths and the option names are those of
-nanoebm's docs/DESIGN.md.
+Read top to bottom: the GPT backbone (with a KV cache), the energy head and its landscapes, one class each (three
+that score every token, and the Energy-Based Transformer's scalar energy of a candidate read by the backbone), the
+energy descent on the logits ("thinking", System 2), the causal-LM wrapper whose `forward` is what `generate`,
+`pipeline` and the Trainer call, and the window of tokens each decoding step reads. The maths and the option names
+are those of nanoebm's docs/DESIGN.md.
 """
 
 import math
@@ -24,9 +24,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a saved model folder loaded with trust_remote_code (a package)
-    from .configuration_nanoebm import ADAPT_FIELDS, OPTION, NanoEBMConfig, adaptation_problem, ordinary_file_modes
+    from .configuration_nanoebm import (ADAPT_FIELDS, LANDSCAPES, OPTION, NanoEBMConfig, adaptation_problem,
+                                        landscape_names, ordinary_file_modes)
 except ImportError:  # from a checkout, as a top-level module
-    from configuration_nanoebm import ADAPT_FIELDS, OPTION, NanoEBMConfig, adaptation_problem, ordinary_file_modes
+    from configuration_nanoebm import (ADAPT_FIELDS, LANDSCAPES, OPTION, NanoEBMConfig, adaptation_problem,
+                                       landscape_names, ordinary_file_modes)
 
 logger = logging.get_logger(__name__)
 
@@ -402,7 +404,9 @@ def causal_padding_mask(attention_mask, past_len, T, device, window=None):
 
 
 class EnergyHead(nn.Module):
-    def __init__(self, config: NanoEBMConfig):
+    """The per-token base energy's projections and bias, and the parameters the landscape adds (`build`)."""
+
+    def __init__(self, config: NanoEBMConfig, landscape: "EnergyLandscape"):
         super().__init__()
         self.context_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_c
         self.token_proj = nn.Linear(config.n_embd, config.d_energy, bias=False)  # W_e
@@ -410,18 +414,7 @@ class EnergyHead(nn.Module):
         # 0.02-scaled factors would start the energies, and their gradients, near zero
         self.context_proj.init_std = self.token_proj.init_std = config.d_energy ** -0.5
         self.token_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.use_token_bias else None
-        if config.landscape == "mixture":
-            self.mixture = nn.Sequential(
-                nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias),
-                nn.GELU(),
-                nn.Linear(config.n_embd, config.d_energy, bias=config.bias),
-            )
-            if config.correction_scale_init > 0:  # an open gate starts with a zero output: thinks on the base landscape
-                self.mixture[-1].init_std = 0.0
-        if config.landscape in ("mixture", "soft_tokens"):
-            self.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
-        if config.landscape == "ebt":  # the Energy-Based Transformer's energy head: a scalar per candidate
-            self.scalar = nn.Linear(config.n_embd, 1, bias=False)  # an offset would change no descent
+        landscape.build(self)
 
     def base_energy(self, hidden, token_features):
         energy = -(self.context_proj(hidden).float() @ token_features.float().T)
@@ -439,6 +432,7 @@ class Landscape:
     scale: torch.Tensor | None = None  # tanh(s)
     inputs: dict = field(default_factory=dict)  # the tensors the correction reads (hidden states, context, weights)
     scalar: Callable[..., torch.Tensor] | None = None  # ebt: (p, **inputs) -> E(context, p) (...,), float32
+    autograd: bool = False  # the descent takes dJ/dv by autograd (`EnergyLandscape.autograd`), else the closed form
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         if self.correction is None:
@@ -465,7 +459,159 @@ class Landscape:
 
         with torch.inference_mode(False):
             return Landscape(clone(self.base), self.correction, clone(self.scale),
-                             {k: clone(v) for k, v in self.inputs.items()}, self.scalar)
+                             {k: clone(v) for k, v in self.inputs.items()}, self.scalar, self.autograd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The landscapes, one class each: the config's `landscape` names the class (LANDSCAPE_CLASSES); its facts (what the
+# config validates) are its row of configuration_nanoebm.LANDSCAPES
+
+
+LANDSCAPE_CLASSES = {}  # the config's `landscape` name -> its EnergyLandscape subclass (filled as each is defined)
+
+
+class EnergyLandscape:
+    """One kind of energy landscape, E(h, y | p) or a scalar E(context, p): the parameters it adds to the energy head,
+    its energy for a batch of positions (a `Landscape`), which gradient the descent takes, and the products with the
+    vocabulary that decoding computes once per generate call. A subclass registers itself under its `name`, which must
+    have a row in configuration_nanoebm.LANDSCAPES (the facts the config validates without torch)."""
+
+    name: str = ""  # the config's `landscape` value
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):  # a variant of another landscape must not take its place under the same name
+            raise TypeError(f"{cls.__name__} must set its own `name`, the config's landscape value")
+        if cls.name not in LANDSCAPES:
+            raise TypeError(f"{cls.__name__}.name={cls.name!r} has no row in configuration_nanoebm.LANDSCAPES: add "
+                            f"its LandscapeFacts there (docs/DESIGN.md, 'Adding a landscape')")
+        if cls.name in LANDSCAPE_CLASSES:
+            raise TypeError(f"landscape {cls.name!r} is {LANDSCAPE_CLASSES[cls.name].__name__} already")
+        LANDSCAPE_CLASSES[cls.name] = cls
+
+    def __init__(self, config: NanoEBMConfig):
+        self.config, self.facts = config, LANDSCAPES[self.name]
+
+    def build(self, head: EnergyHead):
+        """Add this landscape's own parameters to the energy head (their names are those of the saved weights)."""
+
+    def vocabulary(self, head: EnergyHead, embeddings, features) -> dict:
+        """Products with the whole vocabulary that every position shares, beyond W_e e_y (`features`): computed once
+        per forward, and once per generate call when decoding (the weights cannot change meanwhile)."""
+        return {}
+
+    def energy(self, model, base, hidden, vocabulary: dict, candidate: dict) -> Landscape:
+        """The energy of the positions `hidden` (B, n, d) as a function of the belief, with E_base `base` (B, n, V),
+        the `vocabulary` products (`features` and this class's own) and, where it reads a candidate
+        (`facts.reads_candidate`), what `NanoEBMModel.provisional_hidden` needs (`candidate_hidden`)."""
+        raise NotImplementedError
+
+    def autograd(self) -> bool:
+        """Whether the descent takes dJ/dv by autograd: where the landscape has no closed form, or its dependence
+        on p is to be differentiated too (`mixture_stopgrad=false`). Else the closed form, p held fixed in E."""
+        return not self.facts.closed_form or not self.config.mixture_stopgrad
+
+
+def landscape_class(name: str) -> type:
+    """The EnergyLandscape subclass registered under the config's `landscape` name."""
+    if name not in LANDSCAPE_CLASSES:
+        raise ValueError(f"landscape={name!r} has no EnergyLandscape subclass in modeling_nanoebm.py (registered: "
+                         f"{sorted(LANDSCAPE_CLASSES)})")
+    return LANDSCAPE_CLASSES[name]
+
+
+def candidate_hidden(model, p, hidden, context_kv, key_valid, query_index, position_ids, **_):
+    """h'(p): what the backbone outputs for a provisional token embedded as E_p[e_y] at position t + 1, reading the
+    real tokens 0..t (soft tokens, ebt)."""
+    embeddings = model.transformer.wte.weight
+    return model.transformer.provisional_hidden(
+        (p.to(embeddings.dtype) @ embeddings).to(hidden.dtype), position_ids + 1, context_kv, key_valid, query_index,
+    )
+
+
+class LinearLandscape(EnergyLandscape):
+    """E = E_base: the belief changes nothing, so at tau = lambda = 1 thinking returns System 1 (DESIGN 3.2)."""
+
+    name = "linear"
+
+    def energy(self, model, base, hidden, vocabulary, candidate):
+        return Landscape(base)
+
+    def autograd(self):
+        return False  # nothing depends on p: the closed form is exact
+
+
+class MixtureLandscape(EnergyLandscape):
+    """r(p) = MLP([h ; E_p[e_y]]), folded with the vocabulary (DESIGN 2, "The mixture, folded")."""
+
+    name = "mixture"
+
+    def build(self, head):
+        config = self.config
+        head.mixture = nn.Sequential(
+            nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias),
+            nn.GELU(),
+            nn.Linear(config.n_embd, config.d_energy, bias=config.bias),
+        )
+        if config.correction_scale_init > 0:  # an open gate starts with a zero output: thinks on the base landscape
+            head.mixture[-1].init_std = 0.0
+        head.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
+
+    def vocabulary(self, head, embeddings, features):
+        """The first layer's token half applied to every embedding (V x n_embd), and the output layer read out
+        against every W_e e_y (n_embd x V, and the bias's (V,))."""
+        first, _, second = head.mixture
+        return dict(
+            token_half=embeddings @ first.weight[:, self.config.n_embd:].T, readout=second.weight.T @ features.T,
+            readout_bias=second.bias @ features.T if second.bias is not None else None,
+        )
+
+    def energy(self, model, base, hidden, vocabulary, candidate):
+        # <MLP([h ; E_p[e_y]]), W_e e_y> folded: the first layer's context half W_h h once per position, its token
+        # half as p (E W_e^T), and the output layer read out against the vocabulary, a (W_2^T F^T) + b_2 F^T: a
+        # thinking step costs two (n_embd x V) products instead of a (2d x d) and a (d x d_energy) layer
+        first, act, _ = model.energy_head.mixture
+        context_half = F.linear(hidden, first.weight[:, :self.config.n_embd], first.bias)
+
+        def correction(p, context_half, token_half, readout, readout_bias):
+            scores = act(context_half + p.to(token_half.dtype) @ token_half) @ readout
+            return scores + readout_bias if readout_bias is not None else scores
+
+        inputs = dict(context_half=context_half, token_half=vocabulary["token_half"],
+                      readout=vocabulary["readout"], readout_bias=vocabulary["readout_bias"])
+        return Landscape(base, correction, torch.tanh(model.energy_head.correction_scale).float(), inputs)
+
+
+class SoftTokensLandscape(EnergyLandscape):
+    """r(p) = W_c h'(p): the backbone reads E_p[e_y] as a provisional token at t + 1 (DESIGN 2, "Soft tokens")."""
+
+    name = "soft_tokens"
+
+    def build(self, head):
+        head.correction_scale = nn.Parameter(torch.zeros(()))  # s; starts at 0: think on the base landscape
+
+    def energy(self, model, base, hidden, vocabulary, candidate):
+        def correction(p, features, **inputs):
+            return model.energy_head.context_proj(candidate_hidden(model, p, **inputs)) @ features.T
+
+        inputs = dict(hidden=hidden, **candidate, features=vocabulary["features"])
+        return Landscape(base, correction, torch.tanh(model.energy_head.correction_scale).float(), inputs)
+
+
+class EBTLandscape(EnergyLandscape):
+    """The Energy-Based Transformer's E(context, p) = w . h'(p), a scalar the backbone computes for the candidate
+    (DESIGN 2.1); its per-token view is E_base, which contrastive divergence trains."""
+
+    name = "ebt"
+
+    def build(self, head):
+        head.scalar = nn.Linear(self.config.n_embd, 1, bias=False)  # an offset would change no descent
+
+    def energy(self, model, base, hidden, vocabulary, candidate):
+        def scalar(p, **inputs):
+            return model.energy_head.scalar(candidate_hidden(model, p, **inputs)).squeeze(-1).float()
+
+        return Landscape(base, inputs=dict(hidden=hidden, **candidate), scalar=scalar)
 
 
 def expected_energy(landscape: Landscape, logits, temperature, entropy_weight, with_objective=True):
@@ -600,7 +746,7 @@ def energy_descent(landscape: Landscape, v0, steps: int, alpha, config, training
     `training` adds Langevin noise before each step, which then corrects it (the final logits are not noisy).
     """
     alpha = step_size(alpha, v0, config, training)
-    autograd_step = landscape.scalar is not None or (not config.mixture_stopgrad and landscape.correction is not None)
+    autograd_step = landscape.autograd
     differentiable = landscape.cloned() if autograd_step and torch.is_inference_mode_enabled() else landscape
     threshold = config.energy_convergence_threshold
     trace = EnergyTrace(threshold) if record_final or threshold > 0 else None
@@ -733,7 +879,8 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     def __init__(self, config: NanoEBMConfig):
         super().__init__(config)
         self.transformer = NanoEBMModel(config)
-        self.energy_head = EnergyHead(config)
+        self.energy_landscape = landscape_class(config.landscape)(config)  # what `landscape` names (not a module)
+        self.energy_head = EnergyHead(config, self.energy_landscape)
         # alpha = softplus(think_lr_raw) > 0; a Parameter only when it is learned, so "learnable" means it
         raw = torch.tensor(inverse_softplus(config.think_lr))
         if config.think_lr_learnable:
@@ -785,11 +932,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
     # -- landscape -------------------------------------------------------------------------------------------
 
     def vocabulary_products(self, detached=False):
-        """What every position shares: W_e e_y (V x d_energy) and, for `mixture`, the correction MLP's weights
-        folded with the vocabulary: its first layer's token half applied to every embedding (V x n_embd), and its
-        output layer read out against every W_e e_y (n_embd x V, and the bias's (V,)). Computed once per `generate`
-        call (the weights cannot change while decoding), else once per forward. `detached`: the embeddings and W_e
-        e_y as constants, so only the MLP's own weights learn from these products (`detach_system1`)."""
+        """What every position shares: W_e e_y (V x d_energy) and the landscape's own products with the vocabulary
+        (`EnergyLandscape.vocabulary`: the mixture's folded MLP). Computed once per `generate` call (the weights
+        cannot change while decoding), else once per forward. `detached`: the embeddings and W_e e_y as constants,
+        so only the landscape's own weights learn from these products (`detach_system1`)."""
         frozen = getattr(self, "_frozen_vocabulary", None)
         if frozen is not None:
             return frozen
@@ -797,14 +943,7 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
         features = self.energy_head.token_proj(embeddings)
         if detached:
             embeddings, features = embeddings.detach(), features.detach()
-        if self.config.landscape != "mixture":
-            return dict(features=features)
-        first, _, second = self.energy_head.mixture
-        return dict(
-            features=features, token_half=embeddings @ first.weight[:, self.config.n_embd:].T,
-            readout=second.weight.T @ features.T,
-            readout_bias=second.bias @ features.T if second.bias is not None else None,
-        )
+        return dict(features=features, **self.energy_landscape.vocabulary(self.energy_head, embeddings, features))
 
     def generate(self, *args, **kwargs):
         """GenerationMixin.generate; with learning while reading (`use_adaptation`, or the config's), the prompt is
@@ -828,52 +967,18 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
 
     def build_landscape(self, hidden, context_kv=None, key_valid=None, query_index=None, position_ids=None,
                         detached=False):
-        """E(h, . | p) for the positions in `hidden` (B, n, d); `detached`: with System 1's parts (h, the vocabulary's
-        features, E_base) as constants (`detach_system1`, per-token landscapes only)."""
-        token_embeddings = self.transformer.wte.weight
+        """E(h, . | p) for the positions in `hidden` (B, n, d), as the config's landscape class computes it; the
+        candidate's context (`context_kv` ...) for a landscape that reads one. `detached`: with System 1's parts (h,
+        the vocabulary's features, E_base) as constants (`detach_system1`, per-token landscapes only)."""
         vocabulary = self.vocabulary_products(detached)
-        features = vocabulary["features"]
-        base = self.energy_head.base_energy(hidden, features)
+        base = self.energy_head.base_energy(hidden, vocabulary["features"])
         if detached:
             hidden, base = hidden.detach(), base.detach()
-        landscape = self.config.landscape
-        if landscape == "linear":
-            return Landscape(base)
-
-        if landscape == "mixture":
-            # <MLP([h ; E_p[e_y]]), W_e e_y> folded: the first layer's context half W_h h once per position, its token
-            # half as p (E W_e^T), and the output layer read out against the vocabulary, a (W_2^T F^T) + b_2 F^T: a
-            # thinking step costs two (n_embd x V) products instead of a (2d x d) and a (d x d_energy) layer
-            first, act, _ = self.energy_head.mixture
-            context_half = F.linear(hidden, first.weight[:, :self.config.n_embd], first.bias)
-
-            def correction(p, context_half, token_half, readout, readout_bias):
-                scores = act(context_half + p.to(token_half.dtype) @ token_half) @ readout
-                return scores + readout_bias if readout_bias is not None else scores
-
-            inputs = dict(context_half=context_half, token_half=vocabulary["token_half"],
-                          readout=vocabulary["readout"], readout_bias=vocabulary["readout_bias"])
-        else:  # soft tokens and ebt: the backbone reads a provisional token embedded as E_p[e_y] at position t + 1
-            def candidate_hidden(p, hidden, context_kv, key_valid, query_index, position_ids, **_):
-                return self.transformer.provisional_hidden(
-                    (p.to(token_embeddings.dtype) @ token_embeddings).to(hidden.dtype), position_ids + 1, context_kv,
-                    key_valid, query_index,
-                )
-
-            inputs = dict(hidden=hidden, context_kv=context_kv, key_valid=key_valid, query_index=query_index,
-                          position_ids=position_ids)
-            if landscape == "ebt":  # E(context, p) = w . h'(p): a scalar the backbone computes for the candidate
-                def scalar(p, **inputs):
-                    return self.energy_head.scalar(candidate_hidden(p, **inputs)).squeeze(-1).float()
-
-                return Landscape(base, inputs=inputs, scalar=scalar)
-
-            def correction(p, features, **inputs):
-                return self.energy_head.context_proj(candidate_hidden(p, **inputs)) @ features.T
-
-            inputs["features"] = features
-        scale = torch.tanh(self.energy_head.correction_scale).float()
-        return Landscape(base, correction, scale, inputs)
+        candidate = dict(context_kv=context_kv, key_valid=key_valid, query_index=query_index,
+                         position_ids=position_ids)
+        landscape = self.energy_landscape.energy(self, base, hidden, vocabulary, candidate)
+        landscape.autograd = self.energy_landscape.autograd()
+        return landscape
 
     # -- thinking --------------------------------------------------------------------------------------------
 
@@ -940,9 +1045,10 @@ class NanoEBMForCausalLM(NanoEBMPreTrainedModel, GenerationMixin):
                 use_thinking=use_thinking, think_steps=think_steps, think_lr=think_lr, think_samples=think_samples,
                 return_energy_trace=return_energy_trace))
         if detach_system1 and soft:
+            own = " or ".join(map(repr, landscape_names(reads_candidate=False)))
             raise ValueError(f"detach_system1=True needs an energy with parameters of its own beside System 1's "
-                             f"('linear' or 'mixture'); landscape={self.config.landscape!r} runs its energy through "
-                             f"the backbone System 1 uses")
+                             f"({own}); landscape={self.config.landscape!r} runs its energy through the backbone "
+                             f"System 1 uses")
         out = self.transformer(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             cache=cache if cache is not None else past_key_values, use_cache=use_cache,

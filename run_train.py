@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from configuration_nanoebm import OPTION, OPTIONS, PROVISIONAL_LANDSCAPES, as_saved, landscape_of
+from configuration_nanoebm import LANDSCAPES, OPTION, OPTIONS, as_saved, landscape_names, landscape_of
 from nanoebm.card import (RUN_RECORD, launch_command, lineage_from, model_card, new_run, read_record, suggested_prompt,
                           summary)
 from nanoebm.cli import (UsageError, check_unk_token, raise_usage_error, reject_unknown, report,
@@ -475,9 +475,10 @@ def check_detach_system1(loss, settings):
         return settings[name].value if name in settings else OPTION[name].default
 
     landscape = landscape_of(value("use_soft_tokens"), value("landscape"))
-    if landscape in PROVISIONAL_LANDSCAPES:
+    if landscape in LANDSCAPES and LANDSCAPES[landscape].reads_candidate:
         raise UsageError(f"--detach_system1 true is invalid with --landscape {landscape}: its energy runs through "
-                         f"the backbone System 1 uses; allowed landscapes: linear, mixture")
+                         f"the backbone System 1 uses; allowed landscapes: "
+                         f"{', '.join(landscape_names(reads_candidate=False))}")
     if loss.aux_ce_weight == 0:
         raise UsageError("--detach_system1 true is invalid with --aux_ce_weight 0: System 1 would learn from "
                          "nothing; give --aux_ce_weight in (0, 1]")

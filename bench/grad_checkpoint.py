@@ -23,15 +23,19 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.profiler._memory_profiler import Action  # noqa: E402
 
-from configuration_nanoebm import NanoEBMConfig  # noqa: E402
+from configuration_nanoebm import LANDSCAPES, NanoEBMConfig  # noqa: E402
 from modeling_nanoebm import NanoEBMForCausalLM  # noqa: E402
 
-LANDSCAPES = {  # the open correction gates make the belief-dependent terms real, as after training
-    "linear": dict(landscape="linear"),
-    "mixture": dict(landscape="mixture", correction_scale_init=0.5),
-    "soft_tokens": dict(landscape="soft_tokens"),
-    "ebt": dict(landscape="ebt", think_max_move=0.0, entropy_weight=0.0, think_lr=5.0),  # second order in training
+SETTINGS = {  # beyond a landscape's defaults, where it is trained otherwise
+    "ebt": dict(think_max_move=0.0, entropy_weight=0.0, think_lr=5.0),  # as its recipes: second order in training
 }
+
+
+def landscape_settings(name):
+    """The config values of landscape `name` (every registered one is measured): an open correction gate where it
+    may start open makes the belief-dependent terms real, as after training."""
+    gate = dict(correction_scale_init=0.5) if LANDSCAPES[name].opens_gate else {}
+    return dict(landscape=name, **gate, **SETTINGS.get(name, {}))
 
 
 def one_step(model, ids):
@@ -69,7 +73,8 @@ def cpu_peak(model, ids):
 def measure(args, name, checkpointing, device):
     torch.manual_seed(0)
     config = NanoEBMConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                           n_embd=args.n_embd, dropout=args.dropout, think_steps=args.think_steps, **LANDSCAPES[name])
+                           n_embd=args.n_embd, dropout=args.dropout, think_steps=args.think_steps,
+                           **landscape_settings(name))
     model = NanoEBMForCausalLM(config).to(device).train()
     if checkpointing:
         model.activation_checkpointing_enable()

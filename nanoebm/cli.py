@@ -104,7 +104,8 @@ def report(prog: str, error: BaseException, status: int = 2) -> int:
 def model_options(names) -> dict:
     """{name: (help, aliases)} of entries of configuration_nanoebm.OPTIONS, the one definition of the model's options,
     read from that file's source: importing it imports torch (transformers' PreTrainedConfig does), which a program's
-    --help does not need, and the table is plain data. tests/test_settings.py checks this against the imported table."""
+    --help does not need, and the table is plain data (a help made by code, the landscape's, is read from the imported
+    table, only when asked for). tests/test_settings.py checks this against the imported table."""
     import ast
     import importlib.util
 
@@ -114,10 +115,17 @@ def model_options(names) -> dict:
                  and [getattr(target, "id", None) for target in node.targets] == ["OPTIONS"])
     found = {}
     for call in table.elts:
-        name, help_text = call.args[0].value, call.args[2].value
+        name = call.args[0].value
+        if name not in names:
+            continue
+        try:
+            help_text = ast.literal_eval(call.args[2])
+        except ValueError:  # a help made by code (the landscape's, from its registry): only the imported table has it
+            from configuration_nanoebm import OPTION
+
+            help_text = OPTION[name].help
         aliases = next((ast.literal_eval(k.value) for k in call.keywords if k.arg == "aliases"), ())
-        if name in names:
-            found[name] = (help_text, tuple(aliases))
+        found[name] = (help_text, tuple(aliases))
     missing = set(names) - set(found)
     if missing:
         raise KeyError(f"configuration_nanoebm.OPTIONS has no {sorted(missing)}")
