@@ -687,7 +687,9 @@ NEW_THINKING = {"use_thinking": "false", "think_steps": "3", "think_lr": "2.0", 
                 "think_lr_random_scale": "2.0", "think_samples": "2", "think_samples_noise_std": "0.1",
                 "softmax_temperature": "0.5", "entropy_weight": "0.5", "think_max_move": "0.5",
                 "absolute_clamp": "30.0", "langevin_noise": "0.1", "mixture_stopgrad": "false", "think_init": "zeros",
-                "think_init_noise_std": "0.2", "think_gradient": "natural", "energy_convergence_threshold": "0.001"}
+                "think_init_noise_std": "0.2", "think_gradient": "natural", "energy_convergence_threshold": "0.001",
+                "use_adaptation": "true", "adapt_lr": "0.001", "adapt_params": "head", "adapt_rule": "sgd",
+                "adapt_decay": "0.01", "adapt_window": "16", "adapt_rank": "8", "adapt_on_output": "true"}
 # and for every flag it keeps
 NEW_KEPT = {"n_layer": "2", "n_head": "4", "n_embd": "64", "dropout": "0.2", "bias": "false",
             "position_embedding": "rope", "d_energy": "16", "use_token_bias": "false", "landscape": "linear",
