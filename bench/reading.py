@@ -183,7 +183,7 @@ def measure(args):
 
     for seed in args.seeds:
         key = f"{args.variant}-s{seed}"
-        entry = results.setdefault(key, {"tuning": []})
+        entry = results.setdefault(key, {"tuning": []})  # (a "cost" entry beside the runs: --cost)
         if "milton" in entry and not args.force:
             chosen = chosen or entry["chosen"]
             continue
@@ -208,6 +208,46 @@ def measure(args):
         save()
         print_report({k: v for k, v in results.items() if "milton" in v})
     print(f"\nreproduce: python bench/reading.py {' '.join(sys.argv[1:])}")
+
+
+def measure_cost(args):
+    """Reading speed, characters per second, of System 1 static (consecutive windows, batched) and with learning
+    (one window at a time: a forward and a backward pass each), interleaved and repeated, one model, one thread."""
+    import torch
+
+    from modeling_nanoebm import NanoEBMForCausalLM
+    from nanoebm.scoring import score_windows
+    from tokenization_char import CharTokenizer
+
+    torch.set_num_threads(args.threads)
+    _, val_text, _ = texts()
+    results = json.loads(Path(args.results).read_text())
+    folder = Path(args.runs) / f"{args.variant}-s{args.seeds[0]}"
+    model = NanoEBMForCausalLM.from_pretrained(folder).eval()
+    ids = ids_of(CharTokenizer.from_pretrained(folder), val_text[len(val_text) // 2:][:args.cost_chars])
+    chosen = results[f"{args.variant}-s{args.seeds[0]}"]["chosen"]
+    timings = {"static": [], "learning": []}
+    for _ in range(args.repeats):
+        for name in timings:
+            started = time.perf_counter()
+            with torch.no_grad():
+                if name == "static":
+                    score_windows(model, ids, model.config.block_size, use_thinking=False)
+                else:
+                    model(ids[None], use_adaptation=True, use_thinking=False, return_energy_trace=False, **chosen)
+            timings[name].append(ids.numel() / (time.perf_counter() - started))
+    results["cost"] = dict(chars=ids.numel(), threads=args.threads, repeats=args.repeats, setting=chosen,
+                           chars_per_s={k: statistics.median(v) for k, v in timings.items()},
+                           spread={k: [min(v), max(v)] for k, v in timings.items()})
+    Path(args.results).write_text(json.dumps(results, indent=1))
+    print_cost(results["cost"])
+
+
+def print_cost(cost):
+    static, learning = cost["chars_per_s"]["static"], cost["chars_per_s"]["learning"]
+    print(f"\nreading cost ({cost['chars']} characters, {cost['threads']} thread(s), median of {cost['repeats']} "
+          f"interleaved repeats): System 1 static {static:.0f} chars/s, learning while reading {learning:.0f} chars/s "
+          f"({static / learning:.1f}x the time)")
 
 
 ROWS = (("system1", "System 1, static"), ("system1_calibrated", "System 1 at its best temperature (fitted on tuning)"),
@@ -258,9 +298,19 @@ def main():
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "reading.json"))
     parser.add_argument("--force", action="store_true", help="measure runs already in the results file again")
     parser.add_argument("--report", help="print the tables of a saved results file")
+    parser.add_argument("--cost", action="store_true", help="time reading with and without learning instead")
+    parser.add_argument("--cost_chars", type=int, default=8000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.report:
-        print_report(json.loads(Path(args.report).read_text()))
+        results = json.loads(Path(args.report).read_text())
+        print_report({k: v for k, v in results.items() if k != "cost"})
+        if "cost" in results:
+            print_cost(results["cost"])
+        return
+    if args.cost:
+        measure_cost(args)
+        print(f"\nreproduce: python bench/reading.py {' '.join(sys.argv[1:])}")
         return
     measure(args)
 
