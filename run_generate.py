@@ -20,35 +20,32 @@ Exit status: 0 on success, 2 on bad input (a message on stderr, never a tracebac
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shlex
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-# The pictures live in nanoebm.plots, the comparison in nanoebm.compare, what both share with generation (the
-# teacher-forced scores, the thinking settings, `note`) in nanoebm.analysis; none of them imports this file, and none
-# imports torch, transformers or matplotlib before a function needs it (--help stays fast).
-from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations, token_strings
-from nanoebm.cli import (UsageError, check_unk_token, model_options, raise_usage_error, reject_unknown, report,
+# The argument checks live in nanoebm.generate_args, generate mode's steps in nanoebm.generating, compare mode in
+# nanoebm.compare, the pictures in nanoebm.plots, what they share (the teacher-forced scores, the thinking settings,
+# `note`) in nanoebm.analysis; none of them imports this file, and none imports torch, transformers or matplotlib
+# before a function needs it (--help stays fast).
+from nanoebm.analysis import PROG, encode, note, position_stats, resolved_thinking, score_continuations
+from nanoebm.cli import (UsageError, model_options, raise_usage_error, reject_unknown, report,
                          translate_research_syntax, unk_token_field)
-from nanoebm.compare import comparison_table, evaluate_model, training_text
-from nanoebm.corpus import resolve_data_path, validation_text
-from nanoebm.folders import check_model_folder, loading
-from nanoebm.page import check_html_path, comparison_page, comparison_section, generation_page, log_page
-from nanoebm.plots import make_folder, plot_comparison, write_plots
+from nanoebm.compare import run_compare
+from nanoebm.generate_args import ADAPTING, check_learning, read_prompt, validate
+from nanoebm.generating import (choose_candidate, generate, generation_record, load_model, print_texts, resolve_device,
+                                summary_line, write_json)
+from nanoebm.page import HTML_CHARS, generation_page, log_page
+from nanoebm.plots import write_plots
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 
 
 THINKING = model_options(("think_steps", "think_lr", "think_samples"))  # (help, research aliases) of each
-ADAPTING = ("use_adaptation", "adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank",
-            "adapt_on_output")  # configuration_nanoebm.ADAPT_FIELDS, named here without importing torch
 MODEL_FLAGS = {**THINKING, **model_options(ADAPTING)}
 
 
@@ -184,7 +181,7 @@ class GenerateArguments:
                           "--compare: one section per model over the validation text."},
     )
     html_chars: int = field(
-        default=2000,
+        default=HTML_CHARS,
         metadata={"help": "--html: the characters (from the first predicted one) whose details the page holds; the "
                           "rest of a longer text is shown plain (about 0.5 KB per character)."},
     )
@@ -233,11 +230,6 @@ RESEARCH_KEYS = {
     "sample_top_p": "top_p",
     **{alias: name for name, (_, aliases) in THINKING.items() for alias in aliases},
 }
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: what from_pretrained's dtype accepts by name
-# flags a generate run's JSON leaves out
-COMPARE_ONLY = ("compare", "data_path", "eval_blocks", "reading_chars", "output_dir")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -297,174 +289,8 @@ def parse_arguments(argv: list[str]) -> GenerateArguments:
     return args
 
 
-def validate(args: GenerateArguments) -> None:
-    """Every flag's range, and the combinations that cannot work, as one UsageError naming the flag; checked in this
-    order, so that a command line with several mistakes is told about the first. Sets --do_sample where
-    --num_candidates implies it."""
-    check_mode(args)
-    check_sampling(args)
-    check_thinking(args)
-    check_decoding(args)
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {args.dtype!r})")
-    if args.num_candidates > 1 and not args.do_sample:
-        note(f"--num_candidates {args.num_candidates} samples its candidates: --do_sample is implied")
-        args.do_sample = True
-    check_inputs(args)
-    check_page(args)
-    if not args.do_sample and (args.top_k is not None or args.temperature != 1.0 or args.top_p != 1.0):
-        note("--top_k / --temperature / --top_p apply to sampling only: add --do_sample (decoding is greedy)")
-
-
-def check_mode(args: GenerateArguments) -> None:
-    """One model to generate from, or the models to compare; some characters to generate."""
-    if not args.compare and not args.model_name_or_path:
-        raise UsageError("give a model: --model_name_or_path DIR (or checkpoint=DIR), or --compare DIR_A DIR_B ...")
-    if args.compare and args.model_name_or_path:
-        raise UsageError("--compare takes the model folders itself: drop --model_name_or_path")
-    if args.max_new_tokens <= 0:
-        raise UsageError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
-
-
-def check_sampling(args: GenerateArguments) -> None:
-    """Finite numbers (NaN and inf parse as floats), then the sampling ranges."""
-    for name in ("temperature", "top_p", "think_lr", "repetition_penalty"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number (got {value})")
-    if not (0.0 < args.top_p <= 1.0):
-        raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p}); 1 disables nucleus sampling")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0 (got {args.temperature}); for greedy decoding drop --do_sample")
-    if args.top_k is not None and args.top_k < 0:
-        raise UsageError(f"--top_k must be >= 0 (got {args.top_k}); 0 means no restriction")
-
-
-def check_thinking(args: GenerateArguments) -> None:
-    """The thinking overrides, where given (None: the model's own)."""
-    if args.think_steps is not None and args.think_steps < 0:
-        raise UsageError(f"--think_steps must be >= 0 (got {args.think_steps})")
-    if args.think_lr is not None and not args.think_lr > 0:
-        raise UsageError(f"--think_lr must be > 0 (got {args.think_lr})")
-    if args.think_samples is not None and args.think_samples < 1:
-        raise UsageError(f"--think_samples must be >= 1 (got {args.think_samples})")
-
-
-def check_decoding(args: GenerateArguments) -> None:
-    """Sequences, candidates and beams: each at least one, and only the combinations generate can serve."""
-    if args.num_return_sequences < 1 or args.num_candidates < 1:
-        raise UsageError("--num_return_sequences and --num_candidates must be >= 1")
-    if args.num_return_sequences > 1 and args.num_candidates > 1:
-        raise UsageError("use either --num_return_sequences (print every sample) or --num_candidates (keep the best)")
-    if args.num_beams < 1:
-        raise UsageError(f"--num_beams must be >= 1 (got {args.num_beams}); 1 means no beam search")
-    if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
-        raise UsageError(f"--num_return_sequences {args.num_return_sequences} is more than --num_beams "
-                         f"{args.num_beams}: beam search returns at most one sequence per beam")
-    if args.num_return_sequences > 1 and not args.do_sample and args.num_beams == 1:
-        raise UsageError("--num_return_sequences > 1 needs --do_sample or --num_beams (greedy decoding returns the "
-                         "same text every time)")
-    if args.num_beams > 1 and args.num_candidates > 1:
-        raise UsageError("use either --num_beams (beam search) or --num_candidates (sample, keep the lowest energy)")
-    if not args.repetition_penalty > 0:
-        raise UsageError(f"--repetition_penalty must be > 0 (got {args.repetition_penalty}); 1 means no penalty")
-    if args.no_repeat_ngram_size < 0:
-        raise UsageError(f"--no_repeat_ngram_size must be >= 0 (got {args.no_repeat_ngram_size}); 0 means off")
-
-
-def check_inputs(args: GenerateArguments) -> None:
-    """The prompt, the seed, the picture's position and the comparison's blocks."""
-    if args.prompt is not None and args.prompt_file is not None:
-        raise UsageError("give either --prompt or --prompt_file, not both")
-    check_unk_token(args.unk_token)
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed must be in [0, 2**32) (got {args.seed})")
-    if args.plot_position is not None and not -args.max_new_tokens <= args.plot_position < args.max_new_tokens:
-        raise UsageError(f"--plot_position {args.plot_position} is outside the {args.max_new_tokens} generated "
-                         f"characters: give -{args.max_new_tokens} to {args.max_new_tokens - 1}")
-    if args.eval_blocks < 1:
-        raise UsageError(f"--eval_blocks must be >= 1 (got {args.eval_blocks})")
-    if args.reading_chars < 0:
-        raise UsageError(f"--reading_chars must be >= 0 (got {args.reading_chars}); 0 skips reading")
-
-
-def check_page(args: GenerateArguments) -> None:
-    """--html's file (its folder must exist and take it: a refused run writes nothing), its size and its logger."""
-    if args.html_chars < 1:
-        raise UsageError(f"--html_chars must be >= 1 (got {args.html_chars})")
-    if args.html is not None:
-        check_html_path(args.html)
-    if args.report_to == "wandb" and args.html is None:
-        raise UsageError("--report_to wandb logs the page: give --html FILE too")
-    if args.html is None and args.html_chars != GenerateArguments.html_chars:
-        note("--html_chars sets the page's details: add --html FILE (no page is written)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def resolve_device(name: str):
-    import torch
-
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
-    if name == "mps" and not mps:
-        raise UsageError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def load_model(path: str, device, unk_token: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) from a saved folder, through the Auto classes (the folder's own code), weights in `dtype`;
-    UsageError with the reason otherwise (nanoebm/folders.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, _, weights = check_model_folder(path)
-    with loading(folder):
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=True, **({"unk_token": unk_token} if unk_token is not None else {})
-        )
-    with loading(folder, weights):
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:  # characters only: the pad id lies outside the vocabulary
-        raise UsageError(f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} characters but the model only "
-                         f"{model.config.vocab_size} ids")
-    return model.to(device).eval(), tokenizer
-
-
-def check_learning(args: GenerateArguments, model, label: str) -> None:
-    """The learning-while-reading flags given, against the loaded model (the window is bounded by its block_size)."""
-    given = {name: getattr(args, name) for name in ADAPTING if getattr(args, name) is not None}
-    if not given:
-        return
-    if not hasattr(model.config, "adapt_lr"):
-        raise UsageError(f"{label}: its model code predates learning while reading (--{next(iter(given))}): continue "
-                         f"it with this nanoebm's run_train.py, or drop the --adapt flags")
-    from configuration_nanoebm import adaptation_problem
-
-    values = {name: getattr(model.config, name) for name in ADAPTING}
-    values.update(given)
-    problem = adaptation_problem(values, model.config.block_size)
-    if problem is not None:
-        raise UsageError(f"--{problem[0]} {values[problem[0]]!r} is invalid: {problem[1]}")
-
-
-def read_prompt(args: GenerateArguments) -> str:
-    if args.prompt_file is not None:
-        if args.prompt_file == "-":
-            return sys.stdin.read()
-        try:
-            return Path(args.prompt_file).expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"cannot read --prompt_file {args.prompt_file!r}: {error}") from error
-    return args.prompt or ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generate mode
+# Generate mode (its steps: nanoebm/generating.py)
 
 
 def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, tokenizer) -> dict:
@@ -482,22 +308,6 @@ def generation_kwargs(args: GenerateArguments, thinking: dict, n: int, model, to
     if args.do_sample:  # transformers would otherwise apply its default top_k=50
         kwargs.update(top_k=args.top_k or 0, temperature=args.temperature, top_p=args.top_p)
     return kwargs
-
-
-@dataclass
-class Generated:
-    """What one generate call made, as the printing, the summary, the pictures and the JSON read it."""
-
-    prompt: str
-    sequences: object  # (n, P + new) ids on the CPU: the prompt, then each continuation
-    P: int  # the prompt's length in tokens
-    texts: list[str]  # each continuation, decoded
-    tokens: list[list[str]]  # each continuation's tokens (token_strings): what the pictures and the JSON index
-    seconds: float
-    tokens_per_s: float
-    stats: list[dict] | None = None  # position_stats per continuation, where scored
-    chosen: int = 0  # the continuation printed in full and summarised
-    candidates: list[dict] | None = None  # with --num_candidates: every candidate's scores
 
 
 def run_generate(args: GenerateArguments, command: str) -> int:
@@ -556,167 +366,8 @@ def run_description(args: GenerateArguments, thinking: dict, n: int, device) -> 
             + (f" x {n}" if n > 1 else "") + f" on {device}" + (f" in {args.dtype}" if args.dtype != "auto" else ""))
 
 
-def generate(model, tokenizer, prompt: str, prompt_ids: list[int], stream: bool, seed: int, kwargs: dict) -> Generated:
-    """model.generate from the seed (printing the text as it comes when `stream`), timed, decoded."""
-    import torch
-    from transformers import TextStreamer, set_seed
-
-    set_seed(seed)
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    streamer = TextStreamer(tokenizer) if stream else None
-    started = time.perf_counter()
-    with torch.no_grad():
-        sequences = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
-    elapsed = time.perf_counter() - started
-    sequences, P = sequences.cpu(), len(prompt_ids)
-    texts = [tokenizer.decode(row[P:].tolist()) for row in sequences]
-    tokens = [token_strings(tokenizer, row[P:].tolist()) for row in sequences]
-    tokens_per_s = len(sequences) * kwargs["max_new_tokens"] / max(elapsed, 1e-9)
-    return Generated(prompt, sequences, P, texts, tokens, elapsed, tokens_per_s)
-
-
-def choose_candidate(gen: Generated, select: str, use_thinking: bool) -> tuple[int, list[dict]]:
-    """--num_candidates: the candidate `select` prefers, and every candidate's scores (listed on stderr)."""
-    nll_key = "nll2" if use_thinking else "nll1"  # the distribution the candidates were sampled from
-    candidates = [dict(index=i, total_energy=float(s["energy"].sum()), mean_energy=float(s["energy"].mean()),
-                       nll=float(s[nll_key].sum()), bits_per_char=float(s[nll_key].mean()) / math.log(2),
-                       text=gen.texts[i]) for i, s in enumerate(gen.stats)]
-    key = "total_energy" if select == "min_energy" else "nll"
-    chosen = min(range(len(candidates)), key=lambda i: candidates[i][key])
-    note(f"{len(candidates)} candidates, selected by {select} "
-         f"({'sum of the energies of the chosen characters' if key == 'total_energy' else 'sum of -log p'}):")
-    for c in candidates:
-        preview = c["text"][:48].replace("\n", "↵")
-        note(f"  {'*' if c['index'] == chosen else ' '} #{c['index']}: energy {c['total_energy']:10.3f} "
-             f"({c['mean_energy']:+.4f}/char)  nll {c['bits_per_char']:.3f} bits/char  {preview!r}")
-    return chosen, candidates
-
-
-def print_texts(gen: Generated, stream: bool) -> None:
-    """stdout: the chosen candidate, or every sample under a header, or the one text unless it was streamed."""
-    n = len(gen.texts)
-    if gen.candidates is not None:
-        print(gen.prompt + gen.texts[gen.chosen], flush=True)
-    elif n > 1:
-        for i, text in enumerate(gen.texts):
-            print(f"----- sample {i + 1}/{n} -----\n{gen.prompt}{text}", flush=True)
-    elif not stream:
-        print(gen.prompt + gen.texts[0], flush=True)
-
-
-def summary_line(gen: Generated, max_new_tokens: int) -> str:
-    """Speed, and where the text was scored, the chosen text's bits per character, KL and energy gap."""
-    summary = (f"{len(gen.texts) * max_new_tokens} characters in {gen.seconds:.2f} s "
-               f"({gen.tokens_per_s:.1f} tokens/s)")
-    if gen.stats is not None:
-        s = gen.stats[gen.chosen]
-        summary += (f"; chosen text: System 1 {float(s['nll1'].mean()) / math.log(2):.3f} / System 2 "
-                    f"{float(s['nll2'].mean()) / math.log(2):.3f} bits/char, "
-                    f"mean KL(S2||S1) {float(s['kl'].mean()):.4g}")
-        if s["gap"] is not None:
-            summary += f", mean energy gap J0-JK {float(s['gap'].mean()):.4g}"
-    return summary
-
-
-def generation_record(gen: Generated, args: GenerateArguments, thinking: dict, model, device) -> dict:
-    """--output_json: the prompt, the chosen text with its per-token numbers, the settings in force, and (several
-    continuations) every candidate or sample."""
-    generate_only = {k: v for k, v in asdict(args).items() if k not in COMPARE_ONLY}
-    settings = {**generate_only, **thinking, "device": str(device), "landscape": model.config.landscape,
-                "block_size": model.config.block_size, "top_k": args.top_k or 0}
-    samples = [dict(text=text, tokens=token_records(gen.sequences[i, gen.P:].tolist(), gen.tokens[i], gen.stats[i]))
-               for i, text in enumerate(gen.texts)]
-    record = dict(prompt=gen.prompt, text=gen.texts[gen.chosen], model=str(args.model_name_or_path),
-                  settings=settings, tokens=samples[gen.chosen]["tokens"],
-                  summary=summary_record(gen.stats[gen.chosen], gen.seconds, gen.tokens_per_s), selected=gen.chosen)
-    if gen.candidates is not None:
-        record["candidates"] = gen.candidates
-    if len(samples) > 1:
-        record["samples"] = samples
-    return record
-
-
-def token_records(ids: list[int], tokens: list[str], s: dict) -> list[dict]:
-    """One record per generated token: its id, its text ("char": a character, or a longer token) and its numbers."""
-    gap = s["gap"].tolist() if s["gap"] is not None else [None] * len(tokens)
-    return [dict(id=i, char=c, p_system1=float(p1), p_system2=float(p2), energy=float(e), energy_gap=g, kl=float(k))
-            for i, c, p1, p2, e, g, k in zip(ids, tokens, s["p1"].tolist(), s["p2"].tolist(), s["energy"].tolist(),
-                                             gap, s["kl"].tolist(), strict=True)]
-
-
-def summary_record(s: dict, elapsed: float, tokens_per_s: float) -> dict:
-    return dict(
-        seconds=elapsed, tokens_per_s=tokens_per_s, total_energy=float(s["energy"].sum()),
-        bits_per_char_system1=float(s["nll1"].mean()) / math.log(2),
-        bits_per_char_system2=float(s["nll2"].mean()) / math.log(2), mean_kl=float(s["kl"].mean()),
-        mean_energy_gap=float(s["gap"].mean()) if s["gap"] is not None else None,
-    )
-
-
-def write_json(record: dict, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error}") from error
-    note(f"wrote {path}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Compare mode
-
-
-def run_compare(args: GenerateArguments, command: str) -> int:
-    """Compare mode: score every model on the one validation text, print the table, draw and write it (and the
-    page, with one section per model)."""
-    device = resolve_device(args.device)
-    try:
-        corpus = resolve_data_path(args.data_path)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from error
-    val = validation_text(corpus.read_text(encoding="utf-8"))
-    prompt = read_prompt(args) or "\n"  # read once: a --prompt_file - (stdin) serves every model
-    names = [Path(p).name or str(p) for p in args.compare]
-    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare, strict=True)]
-    note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
-         f"speed over {args.max_new_tokens} characters, greedy, on {device}")
-    rows, sections = [], []
-    for path, label in zip(args.compare, labels, strict=True):
-        model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
-        check_learning(args, model, repr(str(path)))
-        row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
-        row.update(path=str(path), **training_text(path, corpus))
-        rows.append(row)
-        if args.html:
-            sections.append(comparison_section(model, tokenizer, val, args, row))
-        note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
-    warn_other_texts(rows, corpus)
-    print(comparison_table(rows), flush=True)
-    if args.plot or args.output_dir:
-        note(f"wrote {plot_comparison(rows, make_folder(Path(args.plot or args.output_dir)) / 'compare.png')}")
-    else:
-        note("no bar chart: give --plot DIR or --output_dir DIR")
-    if args.output_json or args.output_dir:
-        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
-                        device=str(device), models=rows),
-                   Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
-    if args.html:
-        page = comparison_page(sections, val, args, command)
-        if args.report_to == "wandb":
-            log_page(page, command)
-    return 0
-
-
-def warn_other_texts(rows: list[dict], corpus: Path) -> None:
-    """A warning for each model trained on another text than the one scored (or on one its record cannot name)."""
-    for row in rows:
-        if row["on_this_text"] is not True:
-            why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
-            note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
-                 f"on {corpus.name}, not on the text it learned")
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# Compare mode: nanoebm/compare.py (run_compare)
 
 
 def quiet_transformers():

@@ -45,6 +45,10 @@ def thinking_module(model):
     return sys.modules[type(model).__module__]
 
 
+# the learning-while-reading settings a run passes to the model for scoring (--compare, the page)
+ADAPT_FLAGS = ("adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank")
+
+
 def resolved_thinking(model, args) -> dict:
     """use_thinking, think_steps and think_lr as a run uses them, and whether it learns while reading (with the rate
     and window): the flags where given, else the model's own."""

@@ -1,8 +1,10 @@
 """What a training run was, kept with what it made: the run record (nanoebm_run.json), the model card, the summary.
 
 A model folder and every checkpoint carry `nanoebm_run.json`: the run's command as launched (accelerate included),
-processes, batch, steps and seed, and the runs it continued (its lineage). Continuing or resuming reads it, so a
-continued run keeps the batch it continues and the card shows every run that made the weights.
+processes, batch, steps and seed, every setting with where it came from, and the runs it continued (its lineage).
+Continuing or resuming reads it, so a continued run keeps the batch it continues, a resume repeats the run's settings,
+and the card shows every run that made the weights. `describe_run` makes it before training, `write_results` writes
+it with the card once the model is saved.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ import json
 import os
 import shlex
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nanoebm.cli import UsageError
+
+if TYPE_CHECKING:
+    from nanoebm.arguments import ParsedArguments
 
 RUN_RECORD = "nanoebm_run.json"
 
@@ -198,3 +207,53 @@ def summary(folder, runs: list[dict], metrics: dict, config, seconds: float, che
         f"  generate:    python run_generate.py --model_name_or_path {shlex.quote(folder)} "
         f"--prompt {shlex.quote(prompt)}",
     ])
+
+
+def json_file(path):
+    """A JSON file's contents, or a UsageError that says it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} is missing or not valid JSON ({error})") from None
+
+
+def describe_run(args: ParsedArguments, model, T, settings: dict) -> dict:
+    """The run record ({"runs": [...]}, this run last): the lineage of the starting weights, then this run, with
+    `settings` (settings.run_settings: every setting with where it came from)."""
+    folder = args.start.model_name_or_path
+    started_from = ({"checkpoint": str(args.resume_from)} if args.resume_from else
+                    {"model": folder} if folder else "random init")
+    runs = lineage_from(folder if not args.resume_from else None, args.resume_from)
+    run = new_run(command=launch_command(args.argv, T.world_size), preset=args.preset, processes=T.world_size,
+                  per_device_batch=T.per_device_train_batch_size, accumulation=T.gradient_accumulation_steps,
+                  block_size=model.config.block_size, max_steps=T.max_steps, seed=T.seed, output_dir=T.output_dir,
+                  started_from=started_from)
+    # a resumed run's global step counts the steps of the run it resumes: this run's own start from there
+    run["started_at_step"] = json_file(args.resume_from / "trainer_state.json").get("global_step", 0) \
+        if args.resume_from else 0
+    run["argv"] = args.argv
+    # every setting with where it came from; a resume of this run repeats them
+    run["settings"] = settings
+    return {"runs": [*runs, run]}
+
+
+def write_results(trainer, work_dir: Path, final_dir: Path, record: dict, metrics: dict, prompt: str):
+    """The run record (finished: its steps and evaluation), the model card and the metrics beside the model saved in
+    `work_dir`, which becomes `final_dir` (folders.finish_folder). `prompt`: what the card suggests generating from
+    (text the model can encode)."""
+    run = record["runs"][-1]
+    evaluation = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    run.update(steps_done=trainer.state.global_step, metrics=evaluation, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    (work_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    (work_dir / "README.md").write_text(model_card(final_dir, record["runs"], metrics, trainer.model.config, prompt))
+    (work_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
+    (work_dir / "training_args.bin").unlink(missing_ok=True)  # the record says it in JSON
+
+
+def opening_text(train_data, eval_blocks, tokenizer, n=200) -> str:
+    """The first characters of the training text as the model reads them (a streamed corpus: of its validation
+    part, which is the stream's start), so every one of them is a character the model can encode."""
+    from nanoebm.data import RandomOffsetBlocks
+
+    ids = train_data.ids[:n] if isinstance(train_data, RandomOffsetBlocks) else eval_blocks[0][:n]
+    return tokenizer.decode(ids.tolist())

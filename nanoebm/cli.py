@@ -6,6 +6,7 @@ known ones.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import sys
@@ -92,6 +93,15 @@ def reject_unknown(parser, remaining) -> None:
             hints.append(f"{word!r}:{hint[1:]}")
     detail = " (" + "; ".join(hints) + ")" if hints else ""
     raise UsageError(f"unrecognized arguments: {' '.join(remaining)}{detail} (see --help)")
+
+
+def given_values(parser, argv) -> dict:
+    """{name: value} of the options the command line gives, typed by the parser; nothing else (no defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, remaining = parser.parse_known_args(argv)
+    reject_unknown(parser, remaining)
+    return vars(namespace)
 
 
 def report(prog: str, error: BaseException, status: int = 2) -> int:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nanoebm.analysis import encode, resolved_thinking
+from nanoebm.analysis import ADAPT_FLAGS, encode, note, resolved_thinking
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
-from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path
+from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path, validation_text
+from nanoebm.generate_args import check_learning, read_prompt
+from nanoebm.generating import load_model, resolve_device, write_json
+from nanoebm.page import comparison_page, comparison_section, log_page
+from nanoebm.plots import make_folder, plot_comparison
 from nanoebm.scoring import calibrated_on_even_blocks, score_blocks, score_reading
 
 
@@ -57,8 +61,6 @@ def calibration_columns(scores) -> dict:
                 bpc_system1_calibrated=result["system1_calibrated"] / math.log(2),
                 bpc_system2_heldout=result["system2"] / math.log(2))
 
-
-ADAPT_FLAGS = ("adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank")
 
 
 def reading_columns(model, tokenizer, val: str, args) -> dict:
@@ -172,3 +174,52 @@ def comparison_table(rows: list[dict]) -> str:
         )
     return "\n".join(lines)
 
+
+def run_compare(args, command: str) -> int:
+    """Compare mode: score every model on the one validation text, print the table, draw and write it (and the
+    page, with one section per model; `command` is the command line, which the page shows)."""
+    device = resolve_device(args.device)
+    try:
+        corpus = resolve_data_path(args.data_path)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    val = validation_text(corpus.read_text(encoding="utf-8"))
+    prompt = read_prompt(args) or "\n"  # read once: a --prompt_file - (stdin) serves every model
+    names = [Path(p).name or str(p) for p in args.compare]
+    labels = [n if names.count(n) == 1 else str(p) for n, p in zip(names, args.compare, strict=True)]
+    note(f"validation: last 10% of {corpus} ({len(val)} characters), {args.eval_blocks} blocks per model; decode "
+         f"speed over {args.max_new_tokens} characters, greedy, on {device}")
+    rows, sections = [], []
+    for path, label in zip(args.compare, labels, strict=True):
+        model, tokenizer = load_model(path, device, args.unk_token, args.dtype)
+        check_learning(args, model, repr(str(path)))
+        row = evaluate_model(model, tokenizer, val, prompt, args, device, label)
+        row.update(path=str(path), **training_text(path, corpus))
+        rows.append(row)
+        if args.html:
+            sections.append(comparison_section(model, tokenizer, val, args, row))
+        note(f"{label}: System 1 {row['bpc_system1']:.4f}, System 2 {row['bpc_system2']:.4f} bits/char")
+    warn_other_texts(rows, corpus)
+    print(comparison_table(rows), flush=True)
+    if args.plot or args.output_dir:
+        note(f"wrote {plot_comparison(rows, make_folder(Path(args.plot or args.output_dir)) / 'compare.png')}")
+    else:
+        note("no bar chart: give --plot DIR or --output_dir DIR")
+    if args.output_json or args.output_dir:
+        write_json(dict(data=str(corpus), eval_blocks=args.eval_blocks, max_new_tokens=args.max_new_tokens,
+                        device=str(device), models=rows),
+                   Path(args.output_json) if args.output_json else Path(args.output_dir) / "compare.json")
+    if args.html:
+        page = comparison_page(sections, val, args, command)
+        if args.report_to == "wandb":
+            log_page(page, command)
+    return 0
+
+
+def warn_other_texts(rows: list[dict], corpus: Path) -> None:
+    """A warning for each model trained on another text than the one scored (or on one its record cannot name)."""
+    for row in rows:
+        if row["on_this_text"] is not True:
+            why = "not on this text" if row["on_this_text"] is False else "which its record cannot tie to this text"
+            note(f"warning: {row['model']} trained on {row['trained_on']}, {why}: its bits/char measure how it does "
+                 f"on {corpus.name}, not on the text it learned")

@@ -2,8 +2,8 @@
 
 Continuing keeps what the saved weights are shaped and trained for (KEPT_ON_CONTINUE: a different value is refused
 with the reason) and takes every other option (THINKING_FIELDS); a resumed run also keeps the step size, which the
-checkpoint's optimizer restores. `run_train.py` calls `build_model` before the Trainer exists, and `check_kept` while
-it settles the data's block size.
+checkpoint's optimizer restores. `run_train.py` calls `saved_tokenizer` (which settles the data's block size: a
+continued model's own) before it reads the data, and `build_model` before the Trainer exists.
 """
 
 import torch
@@ -99,3 +99,27 @@ def set_step_size(model, reset: bool):
         model.think_lr_raw = torch.nn.Parameter(raw)
     else:
         model.register_buffer("think_lr_raw", raw)
+
+
+def saved_tokenizer(args):
+    """A continued model's tokenizer (None for a new model), with the data's block size settled: a continued model's
+    own, else the preset's."""
+    from tokenization_char import CharTokenizer
+
+    start, model_args = args.start, args.model
+    if not start.model_name_or_path:
+        return None
+    folder, saved, _ = check_model_folder(start.model_name_or_path)
+    start.model_name_or_path = str(folder)  # `~` expanded: the tokenizer and the record read it as a path
+    block = saved.get("block_size")
+    if not isinstance(block, int) or block < 1:
+        raise UsageError(f"{folder / 'config.json'} has block_size={block!r}: a saved nanoebm model has a positive "
+                         f"integer there; save the model again with save_pretrained")
+    if model_args.block_size is not None:
+        check_kept("block_size", model_args.block_size, block)
+    model_args.block_size = block
+    if args.resume_from is not None:  # before the weights load: a refused state file is all this run prints
+        from nanoebm.contrastive import check_resume_state
+
+        check_resume_state(args.resume_from, args.loss, saved, args.training.process_index)
+    return CharTokenizer.from_pretrained(start.model_name_or_path)

@@ -17,13 +17,13 @@ import math
 import os
 from pathlib import Path
 
-from nanoebm.analysis import encode, note, resolved_thinking, score_continuations, token_strings
+from nanoebm.analysis import ADAPT_FLAGS, encode, note, resolved_thinking, score_continuations, token_strings
 from nanoebm.cli import UsageError
-from nanoebm.compare import ADAPT_FLAGS
 from nanoebm.scoring import TEMPERATURES, calibrated_system1, score_reading
 
 TEMPLATE = Path(__file__).parent / "templates" / "page.html"
 PAGE_STEPS = 8  # the thinking steps a page scores when the run itself does not think (the slider's range)
+HTML_CHARS = 2000  # --html_chars: the characters whose details a page holds (about 0.5 KB each)
 TOP = 5  # candidates kept per system and step: the bars
 
 

@@ -39,7 +39,7 @@ class EBMTrainer(Trainer):
     """A Trainer whose loss is nanoebm's: refined CE, auxiliary System 1 CE, and contrastive divergence."""
 
     def __init__(self, *args, ebm_args, run_record: dict | None = None, reading_ids=None, **kwargs):
-        """`ebm_args` are nanoebm's loss options (run_train.LossArguments); `run_record` ({"runs": [...]}, the
+        """`ebm_args` are nanoebm's loss options (nanoebm.arguments.LossArguments); `run_record` ({"runs": [...]}, the
         current run last) is written into every checkpoint (nanoebm_run.json), so a resume knows what it continues;
         `reading_ids` (N,): validation text in order, which evaluation also reads with learning while reading."""
         self.ebm, self.run_record, self.reading_ids = ebm_args, run_record, reading_ids

@@ -10,6 +10,7 @@ import pytest
 import run_generate
 import run_train
 from configuration_nanoebm import OPTIONS, NanoEBMConfig
+from nanoebm.arguments import NANOEBM_ARGUMENTS
 from nanoebm.cli import UsageError
 from nanoebm.settings import merge
 
@@ -171,6 +172,6 @@ def test_every_preset_and_recipe_names_real_settings():
     from nanoebm.recipes import RECIPES
     from nanoebm.settings import PRESETS, TRAINING_DEFAULTS
 
-    known = {f.name for cls in (*run_train.NANOEBM_ARGUMENTS, TrainingArguments) for f in run_train.fields(cls)}
+    known = {f.name for cls in (*NANOEBM_ARGUMENTS, TrainingArguments) for f in run_train.fields(cls)}
     for name, values in [*PRESETS.items(), *RECIPES.items(), ("defaults", TRAINING_DEFAULTS)]:
         assert set(values) <= known, (name, set(values) - known)

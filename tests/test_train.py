@@ -19,6 +19,7 @@ from nanoebm import contrastive, continuing, data
 from nanoebm.cli import UsageError
 from nanoebm.corpus import resolve_data_path
 from nanoebm.scoring import TEMPERATURES, score_blocks
+from nanoebm.settings import machine_preset
 from nanoebm.trainer import EBMTrainer, gather_uneven
 from conftest import ROOT, free_port, make_model, run_without_nanoebm
 from modeling_nanoebm import ThinkingDivergedError
@@ -578,8 +579,8 @@ def test_preset_follows_the_machine_and_says_why(monkeypatch):
     assert (args.preset, args.preset_reason) == ("cpu", "no GPU here; --preset gpu for the research config")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU 80GB")
-    assert run_train.machine_preset(False) == ("gpu", "a GPU is present (Test GPU 80GB)")
-    assert run_train.machine_preset(True) == ("cpu", "--use_cpu")
+    assert machine_preset(False) == ("gpu", "a GPU is present (Test GPU 80GB)")
+    assert machine_preset(True) == ("cpu", "--use_cpu")
     assert run_train.parse_args(["--use_cpu"]).preset_reason == "--use_cpu"
 
 
@@ -678,7 +679,7 @@ def saved(tmp_path_factory, small_corpus):
 def continue_model(folder, corpus, *flags):
     """parse_args + build_model as run_train.main does them, for looking at the continued model."""
     parsed = run_train.parse_args(["--model_name_or_path", str(folder), "--data_path", str(corpus), *flags])
-    tokenizer = run_train.saved_tokenizer(parsed)
+    tokenizer = continuing.saved_tokenizer(parsed)
     return continuing.build_model(parsed.start.model_name_or_path, parsed.model, tokenizer)
 
 
@@ -802,7 +803,7 @@ def test_resuming_a_checkpoint_without_a_run_record_keeps_its_step_size(interrup
     (bare / "nanoebm_run.json").unlink()
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(bare), "--think_lr", "2.0"])
     with pytest.raises(UsageError, match="--think_lr 2.0 differs from the checkpoint's"):
-        continuing.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
+        continuing.build_model(parsed.start.model_name_or_path, parsed.model, continuing.saved_tokenizer(parsed),
                              resuming=True)
 
 
@@ -812,7 +813,7 @@ def test_a_resumed_model_trains_in_memory_of_its_own(interrupted):
     fast_pcd run of 2x64 ended up to 2.5e-5 away from the run it repeats. Every tensor it trains is its own,
     aligned like a fresh model's."""
     parsed = run_train.parse_args(["--resume_from_checkpoint", str(interrupted)])
-    model = continuing.build_model(parsed.start.model_name_or_path, parsed.model, run_train.saved_tokenizer(parsed),
+    model = continuing.build_model(parsed.start.model_name_or_path, parsed.model, continuing.saved_tokenizer(parsed),
                                    resuming=True)
     misaligned = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
                   if tensor.data_ptr() % 64]
