@@ -165,15 +165,22 @@ OPTIONS = (
            "(the prompt is always read with learning)", bool),
 )
 OPTION = {option.name: option for option in OPTIONS}
-# What a model saved before an option existed was made with, where today's default differs: its config.json lacks
-# the key, and it loads as this (before residual_init_power, nanoGPT's scaled init was the only one)
+# What a model saved before an option existed was most likely made with, where today's default differs: its
+# config.json lacks the key, and it loads as this. Before residual_init_power, nanoGPT's scaled init (0.5) was the
+# only one asked for, but transformers 5.24 silently skipped it until 2026-11-25 (64ceb46): a folder made on 5.24
+# before then started at 0. So the value is assumed, not known: the run record says so, and a continue may state
+# the true one (`assumed`).
 BEFORE_OPTION = {"residual_init_power": 0.5}
 
 
+def assumed_options(config_dict: dict) -> dict:
+    """The BEFORE_OPTION values a saved config.json lacks: assumed, since it does not say."""
+    return {name: value for name, value in BEFORE_OPTION.items() if name not in config_dict}
+
+
 def as_saved(config_dict: dict) -> dict:
-    """A saved config.json's values, with what a model saved before an option existed was made with (BEFORE_OPTION)
-    where the key is missing."""
-    return {**{name: value for name, value in BEFORE_OPTION.items() if name not in config_dict}, **config_dict}
+    """A saved config.json's values, with the assumed ones (`assumed_options`) where a key is missing."""
+    return {**assumed_options(config_dict), **config_dict}
 
 
 class NanoEBMConfig(PreTrainedConfig):
@@ -210,7 +217,10 @@ class NanoEBMConfig(PreTrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         """A saved config: an option its file lacks is what the model was made with then (`as_saved`), not today's
         default."""
-        return super().from_dict(as_saved(config_dict), **kwargs)
+        loaded = super().from_dict(as_saved(config_dict), **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.assumed = tuple(assumed_options(config_dict))  # not saved (to_dict): a re-saved folder states them
+        return loaded
 
     @property
     def use_soft_tokens(self) -> bool:
@@ -280,6 +290,7 @@ class NanoEBMConfig(PreTrainedConfig):
     def to_dict(self):
         out = super().to_dict()
         out["use_soft_tokens"] = self.use_soft_tokens  # the research code's flag, kept in sync for readers
+        out.pop("assumed", None)
         return out
 
 

@@ -25,7 +25,7 @@ from nanoebm.card import describe_run, opening_text, read_record, suggested_prom
 from nanoebm.cli import UsageError, given_values, raise_usage_error, report, translate_research_syntax
 from nanoebm.folders import CHECKPOINTS, check_output_dir, finish_folder, keep_logs, startup_guard, writing_dir
 from nanoebm.settings import (PRESETS, TRAINING_DEFAULTS, build_arguments, check_resume_flags, choose_preset,
-                              layers_for, merge, run_settings, settle_training, starting_layer)
+                              layers_for, marked_assumed, merge, run_settings, settle_training, starting_layer)
 
 # run_train's public surface: the argument dataclasses live in nanoebm/arguments.py
 __all__ = ["DataArguments", "LossArguments", "ModelArguments", "ParsedArguments", "RunArguments", "StartArguments",
@@ -116,7 +116,7 @@ def parse_args(argv=None) -> ParsedArguments:
     given = given_values(parser, argv)
     checkpoint, source = starting_layer(given, parser)
     preset, reason = choose_preset(given, source)
-    settings = merge(layers_for(given, preset, source))
+    settings = marked_assumed(merge(layers_for(given, preset, source)), source)
     parsed = build_arguments(settings)
     if checkpoint is not None and read_record(checkpoint) is not None:
         check_resume_flags(preset, source, settings)

@@ -67,7 +67,7 @@ def check_continuation(config, overrides: dict, resuming: bool):
     weights and optimizer after the model is built)."""
     for key, value in overrides.items():
         saved = getattr(config, key)
-        if key in KEPT_ON_CONTINUE:
+        if key in KEPT_ON_CONTINUE and key not in getattr(config, "assumed", ()):  # an assumed value may be corrected
             check_kept(key, value, saved)
             continue
         if resuming and key in STEP_SIZE_FIELDS and value != saved:
@@ -82,7 +82,7 @@ def continued(model, overrides: dict, resuming: bool):
     """The saved model with this run's thinking flags: on its config, which forward reads, and the step size also
     in its weights."""
     for key, value in overrides.items():
-        if key not in KEPT_ON_CONTINUE:
+        if key not in KEPT_ON_CONTINUE or key in getattr(model.config, "assumed", ()):
             setattr(model.config, key, value)
     if not resuming and overrides.keys() & set(STEP_SIZE_FIELDS):
         set_step_size(model, reset="think_lr" in overrides)

@@ -14,12 +14,13 @@ resolves a command line: `starting_layer` (the folder continued or the run resum
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
 
-from configuration_nanoebm import OPTIONS, as_saved
+from configuration_nanoebm import OPTIONS, as_saved, assumed_options
 from nanoebm.arguments import MODEL_OPTIONS, NANOEBM_ARGUMENTS, ModelArguments, ParsedArguments
 from nanoebm.card import json_file, read_record
 from nanoebm.cli import UsageError, given_values
@@ -174,8 +175,6 @@ def resumed_layer(checkpoint: Path, parser) -> dict:
 def saved_options(folder) -> dict:
     """The model options a saved folder's config.json holds ({} when it cannot be read: check_model_folder says
     why, when the model is read)."""
-    import json
-
     try:
         saved = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -195,6 +194,23 @@ def continued_layer(folder) -> dict:
         layer.update(preset=run["preset"], per_device_train_batch_size=run["per_device_train_batch_size"],
                      gradient_accumulation_steps=run["gradient_accumulation_steps"])
     return layer
+
+
+def marked_assumed(settings: dict[str, Setting], source: tuple[str, dict] | None) -> dict[str, Setting]:
+    """The settings, where a value comes from the continued or resumed folder's config.json only by assumption (the
+    folder was saved before the option existed: configuration_nanoebm.BEFORE_OPTION), with a source that says so."""
+    if source is None:
+        return settings
+    label = source[0]
+    folder = source[1].get("model_name_or_path") or label.split(" ", 1)[1]
+    try:  # an unreadable folder is check_model_folder's to name, when the model is read
+        saved = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    for name in assumed_options(saved) if isinstance(saved, dict) else ():
+        if name in settings and settings[name].source == label:
+            settings[name] = Setting(settings[name].value, f"assumed: {folder} was saved before {name} existed")
+    return settings
 
 
 def layers_for(given: dict, preset: str, source: tuple[str, dict] | None) -> list:

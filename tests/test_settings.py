@@ -10,6 +10,7 @@ import pytest
 import run_generate
 import run_train
 from configuration_nanoebm import OPTIONS, NanoEBMConfig
+from nanoebm import continuing
 from nanoebm.arguments import NANOEBM_ARGUMENTS
 from nanoebm.cli import UsageError
 from nanoebm.settings import merge
@@ -145,8 +146,9 @@ def test_the_run_record_says_which_preset_the_machine_chose(tmp_path, corpus_tex
 
 
 def test_a_folder_saved_before_residual_init_power_is_what_it_was_made_with(tmp_path, corpus_text):
-    """Before the option existed every model started with nanoGPT's scaled init (0.5): such a folder loads, records
-    and continues as 0.5, not as today's default."""
+    """Before the option existed models were meant to start with nanoGPT's scaled init (0.5), which transformers 5.24
+    skipped for a while (0): such a folder loads as 0.5, the record says the value is assumed, and a continue may
+    state the true value."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(corpus_text[:20000])
     old, new = tmp_path / "old", tmp_path / "new"
@@ -162,7 +164,18 @@ def test_a_folder_saved_before_residual_init_power_is_what_it_was_made_with(tmp_
     assert settings["residual_init_power"] == {"value": 0.5, "from": "command line"}
     assert json.loads((new / "config.json").read_text())["residual_init_power"] == 0.5
     parsed = run_train.parse_args(["--model_name_or_path", str(old), "--output_dir", str(tmp_path / "x")])
-    assert parsed.settings["residual_init_power"] == (0.5, f"continued {old}")
+    assert parsed.settings["residual_init_power"] == (0.5, f"assumed: {old} was saved before residual_init_power "
+                                                           f"existed")
+    true = tmp_path / "true"  # the user knows better: it was made on 5.24 before the fix
+    run_train.main(["--model_name_or_path", str(old), "--data_path", str(corpus), "--output_dir", str(true),
+                    "--max_steps", "1", "--residual_init_power", "0", "--eval_blocks", "4", *TINY[-6:]])
+    assert json.loads((true / "config.json").read_text())["residual_init_power"] == 0
+    settings = json.loads((true / "nanoebm_run.json").read_text())["runs"][-1]["settings"]
+    assert settings["residual_init_power"] == {"value": 0.0, "from": "command line"}
+    parsed = run_train.parse_args(["--model_name_or_path", str(true), "--output_dir", str(tmp_path / "y"),
+                                   "--residual_init_power", "0.5"])
+    with pytest.raises(UsageError, match="--residual_init_power 0.5 differs"):  # once stated, the folder keeps it
+        continuing.build_model(str(true), parsed.model, None)
 
 
 def test_every_preset_and_recipe_names_real_settings():
