@@ -93,7 +93,7 @@ class EBMTrainer(Trainer):
                             collate_fn=self.data_collator, num_workers=workers,
                             pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last,
                             worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
-                            in_order=args.dataloader_in_order, **extra)
+                            in_order=getattr(args, "dataloader_in_order", True), **extra)  # a flag since 5.10.1
         return self.accelerator.prepare(loader)
 
     # -- optimiser: nanoGPT's weight-decay grouping, plus alpha with its own learning rate ---------------------
