@@ -267,6 +267,7 @@ def test_a_short_run_of_each_recipe(tmp_path, corpus_text, recipe, capsys):
 
 # -- the saved folder -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_round_trip_through_trust_remote_code_and_pipeline(trained, corpus_text, tmp_path):
     from tokenization_char import CharTokenizer
 

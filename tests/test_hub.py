@@ -34,6 +34,7 @@ def test_saved_folder_is_complete(saved):
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
 
+@pytest.mark.slow
 def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path):
     """Load in a subprocess whose cwd and sys.path know nothing of this checkout: same weights, same text."""
     folder, model, tokenizer = saved
@@ -104,6 +105,7 @@ def test_pipeline_reaches_the_thinking_loop(saved):
 
 # -- vocabulary resizing round trip, and the modes of a saved folder's files -----------------------------------
 
+@pytest.mark.slow
 def test_resized_model_round_trips_through_trust_remote_code(saved, tmp_path):
     """resize_token_embeddings(len(tokenizer) + 1) resizes every tensor sized by the vocabulary and config.vocab_size;
     the saved folder loads in a clean process, generates the same ids, and its energy head has the new size."""

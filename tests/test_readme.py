@@ -1,7 +1,8 @@
 """The README's commands, exactly as written and in the order written, on a fresh copy of the repository.
 
 Training commands are shortened with flags appended at the end (fewer steps, fewer validation blocks), never changed
-in meaning; `make train` runs its recipe (`python run_train.py`) in this environment; `make test` is this suite.
+in meaning; `make train` runs its recipe (`python run_train.py`) in this environment; `make test` and `make test-all`
+are this suite.
 """
 
 import os
@@ -14,6 +15,8 @@ import sys
 import pytest
 
 from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow  # about 170 s: every command a fresh process, most of them training
 
 SHORT_TRAINING = ["--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "3",
                   "--eval_blocks", "4", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
@@ -35,11 +38,11 @@ def readme_commands():
 
 
 def as_run(line):
-    """The argv that runs README line `line` here, or None for `make test` (this suite)."""
+    """The argv that runs README line `line` here, or None for `make test` and `make test-all` (this suite)."""
     for long, short in SHORTER_PATHS.items():
         line = line.replace(long, short)
     words = shlex.split(line)
-    if words[:2] == ["make", "test"]:
+    if words[:2] in (["make", "test"], ["make", "test-all"]):
         return None
     if words[:2] == ["make", "train"]:  # the Makefile's recipe, in the environment under test
         words = ["python", "run_train.py"]
