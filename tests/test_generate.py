@@ -577,7 +577,8 @@ def train_tiny(corpus, out):
     import run_train
 
     run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2", "--report_to",
+                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--eval_reading_chars", "200",
+                    "--max_steps", "2", "--report_to",
                     "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_steps", "1000",
                     "--data_path", str(corpus), "--output_dir", str(out)])
     return out

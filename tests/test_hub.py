@@ -181,7 +181,8 @@ def test_run_train_folders_follow_the_umask(tmp_path, corpus_text, mask, mode):
     out = tmp_path / "out"
     with umask(mask):
         run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
-                        "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2",
+                        "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--eval_reading_chars", "200",
+                        "--max_steps", "2",
                         "--save_steps", "1", "--keep_checkpoints", "true", "--report_to", "none",
                         "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--data_path", str(corpus),
                         "--output_dir", str(out)])

@@ -513,7 +513,7 @@ def test_continue_from_a_saved_folder(tmp_path, small_corpus, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # a path as the shell leaves it in --flag=~/...
     metrics = run_train.main(["--model_name_or_path=~/first/out", "--data_path", str(small_corpus), "--output_dir",
                               str(out), "--max_steps", "3", "--eval_blocks", "4", "--think_steps", "3",
-                              "--report_to", "none", "--disable_tqdm", "true"])
+                              "--report_to", "none", "--disable_tqdm", "true", "--eval_reading_chars", "200"])
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["block_size"], config["think_steps"]) == (1, 32, 32, 3)
     assert metrics["eval_system2_bpc"] > 0
@@ -752,7 +752,8 @@ def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
 
 def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus, capsys):
     """The real command: --think_lr 2.0 --think_lr_learnable false, then back to learnable from the fixed folder."""
-    common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--report_to", "none",
+    common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--eval_reading_chars", "200",
+              "--report_to", "none",
               "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100",
               "--entropy_weight", "0.5"]  # lambda < tau: System 1 is no longer the descent's fixed point, so every
     # step moves and the step size gets a gradient whatever the (barely trained) correction gate of `saved` says
@@ -908,7 +909,7 @@ def test_continuing_on_new_characters_names_them_and_unk_token(tmp_path, saved, 
     text = tmp_path / "new.txt"
     text.write_text(small_corpus.read_text().replace("e", "é").replace("a", "~"))
     argv = ["--model_name_or_path", str(saved), "--data_path", str(text), "--max_steps", "2", "--eval_blocks", "4",
-            "--report_to", "none", "--disable_tqdm", "true", "--do_train", "true"]
+            "--eval_reading_chars", "200", "--report_to", "none", "--disable_tqdm", "true", "--do_train", "true"]
     assert run_train.cli([*argv, "--output_dir", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "'~', 'é'" in err and "--unk_token ' '" in err and len(err.strip().splitlines()) == 1, err
