@@ -36,13 +36,16 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 train: $(VENV)/.installed
 	$(BIN)/python run_train.py $(ARGS)
 
-TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+# two pytest-xdist workers, each file whole in one (its trained models made once), one thread each (OMP_NUM_THREADS:
+# the processes the slow tests start too): on 2 cores two threads per process beside another process are slower
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+PYTEST := $(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 test: $(VENV)/.installed
-	$(TEST_ENV) $(BIN)/python -m pytest tests -q -m "not slow" $(ARGS)
+	$(TEST_ENV) $(PYTEST) -m "not slow" $(ARGS)
 
 test-all: $(VENV)/.installed
-	$(TEST_ENV) $(BIN)/python -m pytest tests -q $(ARGS)
+	$(TEST_ENV) $(PYTEST) $(ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
