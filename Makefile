@@ -3,7 +3,9 @@
 #
 #   make train                       # train on the embedded tiny Shakespeare (cpu preset without a GPU) into out/
 #   make train ARGS="--max_steps 500 --output_dir out-short"
-#   make test                        # the test suite, offline
+#   make test                        # the fast tests, offline (in-process; not those marked slow)
+#   make test-all                    # every test: also the slow ones, which start Python processes (the README's
+#                                    # commands, subprocesses, accelerate launch) or a browser; CI runs this
 #   make lint                        # ruff, configured in pyproject.toml
 #
 # TORCH picks the torch build (`pip install torch==2.13.0` is the CPU build on this project's CI machines and the
@@ -19,7 +21,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: train test lint setup clean
+.PHONY: train test test-all lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +36,17 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 train: $(VENV)/.installed
 	$(BIN)/python run_train.py $(ARGS)
 
+# two pytest-xdist workers, each file whole in one (its trained models made once), each with one torch thread
+# (tests/conftest.py: the tiny models lose more than they gain from a second); the processes the slow tests start keep
+# torch's default (the README's commands train the cpu preset's model, which gains)
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+PYTEST := $(BIN)/python -m pytest tests -q -n 2 --dist loadfile
+
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest tests -q $(ARGS)
+	$(TEST_ENV) $(PYTEST) -m "not slow" $(ARGS)
+
+test-all: $(VENV)/.installed
+	$(TEST_ENV) $(PYTEST) $(ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -14,7 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NANOEBM_CACHE", tempfile.mkdtemp(prefix="nanoebm-test-cache-"))  # prepared corpora, per session
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest-xdist worker (`make test` runs two: tiny models gain little from a second thread), else up
+# to two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 from configuration_nanoebm import NanoEBMConfig  # noqa: E402
 from modeling_nanoebm import NanoEBMForCausalLM  # noqa: E402

@@ -161,7 +161,8 @@ def test_the_trainer_flag_trains_with_checkpointing(tmp_path, corpus_text):
     callback = SeesCheckpointing()
     metrics = run_train.main(
         ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-         "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--max_steps", "4", "--logging_steps", "2",
+         "--per_device_train_batch_size", "8", "--eval_blocks", "8", "--eval_reading_chars", "200", "--max_steps",
+         "4", "--logging_steps", "2",
          "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--landscape", "ebt",
          flag, "true", "--data_path", str(corpus), "--output_dir", str(tmp_path / "out")],
         callbacks=[callback],

@@ -9,11 +9,14 @@ import json
 import shutil
 import textwrap
 
+import pytest
+
 from conftest import ROOT, run_without_nanoebm
 
 FROZEN = ROOT / "tests" / "fixtures" / "frozen"
 
 
+@pytest.mark.slow
 def test_frozen_folders_load_and_generate_what_they_did_when_saved(tmp_path):
     expected = json.loads((FROZEN / "expected.json").read_text())
     assert set(expected) == {folder.name for folder in FROZEN.iterdir() if folder.is_dir()} and len(expected) >= 2

@@ -82,6 +82,7 @@ def subprocess_run(*argv, timeout=240):
 # end to end
 
 
+@pytest.mark.slow
 def test_cli_subprocess_streams_and_writes_json(model_dir, tmp_path, loaded, tokenizer):
     out_json = tmp_path / "sample.json"
     done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 40,
@@ -338,6 +339,7 @@ def test_bad_model_folders(capsys, tmp_path, model_dir):
     assert code == 2 and "--model_name_or_path" in err
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_subprocess_has_no_traceback(model_dir, tmp_path):
     done = subprocess_run("--model_name_or_path", tmp_path, "--prompt", "x")
     assert done.returncode == 2 and "no config.json" in done.stderr and "Traceback" not in done.stderr
@@ -381,6 +383,7 @@ def test_damaged_weights_are_one_message(capsys, tmp_path, model_dir, how):
     assert code == 2 and "model.safetensors" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_damaged_weights_in_a_subprocess_print_one_line(model_dir, tmp_path):
     """The whole stderr of the process (transformers' own logging included) is the one message."""
     folder = damage_weights(Path(shutil.copytree(model_dir, tmp_path / "model")), "truncated")
@@ -398,6 +401,7 @@ def test_tokenizer_with_more_characters_than_the_model(capsys, tmp_path, tokeniz
     assert code == 2 and f"the tokenizer has {tokenizer.vocab_size} characters but the model only" in err
 
 
+@pytest.mark.slow
 def test_help_and_imports_stay_light():
     """--help needs no torch, and the helper modules import neither torch nor run_generate (no import cycle)."""
     script = (
@@ -422,6 +426,7 @@ def test_help_and_imports_stay_light():
     assert "--model_name_or_path" in done.stdout
 
 
+@pytest.mark.slow
 def test_compare_prints_only_the_table_on_stdout(model_dir):
     """In a fresh process with WANDB_MODE=offline, importing the Trainer prints an info line; it must not land in
     the table a user pipes somewhere."""
@@ -472,7 +477,7 @@ def test_help_explains_every_flag(capsys):
 DECODING_FLAGS = dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=3)
 
 
-def test_beam_search_and_repetition_flags_reach_generate(model_dir, loaded, tokenizer, tmp_path):
+def test_beam_search_and_repetition_flags_reach_generate(capsys, model_dir, loaded, tokenizer, tmp_path):
     ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
 
     def reference(**kw):
@@ -482,14 +487,14 @@ def test_beam_search_and_repetition_flags_reach_generate(model_dir, loaded, toke
     for name in DECODING_FLAGS:  # each flag changes the text: matching `expected` proves all three arrived
         assert reference(**{k: v for k, v in DECODING_FLAGS.items() if k != name}) != expected, name
     out_json = tmp_path / "beams.json"
-    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 30,
-                          "--num_beams", 3, "--repetition_penalty", 1.3, "--no_repeat_ngram_size", 3,
-                          "--device", "cpu", "--output_json", out_json)
-    assert done.returncode == 0, done.stderr
+    code, out, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 30,
+                         "--num_beams", 3, "--repetition_penalty", 1.3, "--no_repeat_ngram_size", 3,
+                         "--device", "cpu", "--output_json", out_json)
+    assert code == 0, err
     record = json.loads(out_json.read_text(encoding="utf-8"))
     assert record["text"] == expected
-    assert done.stdout == "ROMEO:" + expected + "\n"  # beams cannot stream: printed once at the end
-    assert "beam search (3 beams)" in done.stderr and "repetition_penalty=1.3" in done.stderr
+    assert out == "ROMEO:" + expected + "\n"  # beams cannot stream: printed once at the end
+    assert "beam search (3 beams)" in err and "repetition_penalty=1.3" in err
     assert {k: record["settings"][k] for k in DECODING_FLAGS} == DECODING_FLAGS
     text = "ROMEO:" + expected
     trigrams = [text[i:i + 3] for i in range(len(text) - 2)]
@@ -512,14 +517,14 @@ def chosen_energies(model, tokenizer, text, prompt_len):
     return energies.gather(-1, ids[0, prompt_len:, None])[:, 0].float()
 
 
-def test_dtype_loads_the_weights_in_that_precision(model_dir, loaded, tokenizer, tmp_path):
+def test_dtype_loads_the_weights_in_that_precision(capsys, model_dir, loaded, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out_json = tmp_path / "bf16.json"
-    done = subprocess_run("--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
-                          "--dtype", "bfloat16", "--device", "cpu", "--output_json", out_json)
-    assert done.returncode == 0, done.stderr
-    assert "in bfloat16" in done.stderr
+    code, _, err = run(capsys, "--model_name_or_path", model_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20,
+                       "--dtype", "bfloat16", "--device", "cpu", "--output_json", out_json)
+    assert code == 0, err
+    assert "in bfloat16" in err
     record = json.loads(out_json.read_text(encoding="utf-8"))
     assert record["settings"]["dtype"] == "bfloat16"
     half = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
@@ -549,6 +554,7 @@ def test_bad_decoding_flags(capsys, tmp_path, model_dir, argv, message):
     assert err.count("\n") == 1 and out == "" and not out_json.exists()
 
 
+@pytest.mark.slow
 def test_bad_decoding_flag_in_a_subprocess_is_one_line(model_dir):
     done = subprocess_run("--model_name_or_path", model_dir, "--dtype", "half")
     assert done.returncode == 2 and done.stdout == ""
@@ -571,7 +577,8 @@ def train_tiny(corpus, out):
     import run_train
 
     run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2", "--report_to",
+                    "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--eval_reading_chars", "200",
+                    "--max_steps", "2", "--report_to",
                     "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_steps", "1000",
                     "--data_path", str(corpus), "--output_dir", str(out)])
     return out
@@ -695,7 +702,7 @@ def favouring(vocab_size, *ids):
     return model
 
 
-def test_model_sized_len_tokenizer_generates_plots_and_json_in_a_subprocess(tmp_path, tokenizer):
+def test_model_sized_len_tokenizer_generates_plots_and_json(capsys, tmp_path, tokenizer):
     """vocab_size=len(tokenizer), the pad the model's favourite and named nowhere in the folder: run_generate passes
     the tokenizer's pad id, so no '<pad>' is generated; the pictures and the JSON index tokens. Before, '<pad>' was
     generated and plot_kl_strip failed with IndexError (it indexed the characters of the decoded text)."""
@@ -703,9 +710,9 @@ def test_model_sized_len_tokenizer_generates_plots_and_json_in_a_subprocess(tmp_
     folder = save(favouring(len(tokenizer), pad), tokenizer, tmp_path / "sized-len-tokenizer")
     assert len(tokenizer) == 66 and json.loads((folder / "config.json").read_text())["vocab_size"] == 66
     plots, out_json = tmp_path / "plots", tmp_path / "sample.json"
-    done = subprocess_run("--model_name_or_path", folder, "--prompt", "ROMEO:", "--max_new_tokens", 30, "--device",
-                          "cpu", "--no_stream", "--plot", plots, "--output_json", out_json)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    code, _, err = run(capsys, "--model_name_or_path", folder, "--prompt", "ROMEO:", "--max_new_tokens", 30,
+                       "--device", "cpu", "--no_stream", "--plot", plots, "--output_json", out_json)
+    assert code == 0 and "Traceback" not in err, err[-3000:]
     for name in ("energy_trace.png", "thinking_at_position.png", "kl_strip.png", "energy_descent.png"):
         assert_png(plots / name)
     record = json.loads(out_json.read_text(encoding="utf-8"))

@@ -34,6 +34,7 @@ def test_saved_folder_is_complete(saved):
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
 
+@pytest.mark.slow
 def test_round_trip_through_trust_remote_code_in_a_clean_process(saved, tmp_path):
     """Load in a subprocess whose cwd and sys.path know nothing of this checkout: same weights, same text."""
     folder, model, tokenizer = saved
@@ -104,6 +105,7 @@ def test_pipeline_reaches_the_thinking_loop(saved):
 
 # -- vocabulary resizing round trip, and the modes of a saved folder's files -----------------------------------
 
+@pytest.mark.slow
 def test_resized_model_round_trips_through_trust_remote_code(saved, tmp_path):
     """resize_token_embeddings(len(tokenizer) + 1) resizes every tensor sized by the vocabulary and config.vocab_size;
     the saved folder loads in a clean process, generates the same ids, and its energy head has the new size."""
@@ -179,7 +181,8 @@ def test_run_train_folders_follow_the_umask(tmp_path, corpus_text, mask, mode):
     out = tmp_path / "out"
     with umask(mask):
         run_train.main(["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
-                        "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--max_steps", "2",
+                        "--per_device_train_batch_size", "4", "--eval_blocks", "2", "--eval_reading_chars", "200",
+                        "--max_steps", "2",
                         "--save_steps", "1", "--keep_checkpoints", "true", "--report_to", "none",
                         "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--data_path", str(corpus),
                         "--output_dir", str(out)])

@@ -237,6 +237,7 @@ def assert_png(path):
     assert width >= 800 and height >= 400 and len(data) > 10_000, (width, height, len(data))
 
 
+@pytest.mark.slow
 def test_page_in_a_real_browser(browser, learning_page, tmp_path):
     path, _ = learning_page
     s = page_data(path)["sections"][0]
@@ -262,6 +263,7 @@ def test_page_in_a_real_browser(browser, learning_page, tmp_path):
     assert page.errors == [] and page.fetched == []
 
 
+@pytest.mark.slow
 def test_compare_page_switches_models_in_a_browser(browser, capsys, tmp_path, model_dir):
     path, other = tmp_path / "page.html", shutil.copytree(model_dir, tmp_path / "other")
     code, _, err = run(capsys, "--compare", model_dir, other, "--eval_blocks", 2, "--max_new_tokens", 2,

@@ -16,7 +16,8 @@ from nanoebm.cli import UsageError
 from nanoebm.settings import merge
 
 TINY = ["--preset", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--per_device_train_batch_size", "4", "--eval_blocks", "4", "--warmup_steps", "1", "--save_steps", "2",
+        "--per_device_train_batch_size", "4", "--eval_blocks", "4", "--eval_reading_chars", "200", "--warmup_steps",
+        "1", "--save_steps", "2",
         "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
 
 
@@ -159,7 +160,8 @@ def test_a_folder_saved_before_residual_init_power_is_what_it_was_made_with(tmp_
     (old / "config.json").write_text(json.dumps(config))
     assert NanoEBMConfig.from_pretrained(old).residual_init_power == 0.5
     run_train.main(["--model_name_or_path", str(old), "--data_path", str(corpus), "--output_dir", str(new),
-                    "--max_steps", "1", "--residual_init_power", "0.5", "--eval_blocks", "4", *TINY[-6:]])
+                    "--max_steps", "1", "--residual_init_power", "0.5", "--eval_blocks", "4", "--eval_reading_chars",
+                    "200", *TINY[-6:]])
     settings = json.loads((new / "nanoebm_run.json").read_text())["runs"][-1]["settings"]
     assert settings["residual_init_power"] == {"value": 0.5, "from": "command line"}
     assert json.loads((new / "config.json").read_text())["residual_init_power"] == 0.5
@@ -168,7 +170,8 @@ def test_a_folder_saved_before_residual_init_power_is_what_it_was_made_with(tmp_
                                                            f"existed")
     true = tmp_path / "true"  # the user knows better: it was made on 5.24 before the fix
     run_train.main(["--model_name_or_path", str(old), "--data_path", str(corpus), "--output_dir", str(true),
-                    "--max_steps", "1", "--residual_init_power", "0", "--eval_blocks", "4", *TINY[-6:]])
+                    "--max_steps", "1", "--residual_init_power", "0", "--eval_blocks", "4", "--eval_reading_chars",
+                    "200", *TINY[-6:]])
     assert json.loads((true / "config.json").read_text())["residual_init_power"] == 0
     settings = json.loads((true / "nanoebm_run.json").read_text())["runs"][-1]["settings"]
     assert settings["residual_init_power"] == {"value": 0.0, "from": "command line"}

@@ -326,6 +326,7 @@ def test_folders_saved_before_the_pad_token_load(tmp_path, small, legacy, caplog
     assert again.get_vocab() == tok.get_vocab() and again.unk_token == tok.unk_token
 
 
+@pytest.mark.slow
 def test_autotokenizer_remote_code_in_clean_subprocess(tmp_path, small):
     """With trust_remote_code the folder's own CharTokenizer; without it the fast tokenizer of tokenizer.json, which
     needs no code from the folder. Both give CharTokenizer's ids, decoding and padding."""
@@ -440,6 +441,7 @@ def test_fast_tokenizer_refuses_unknown_characters_or_maps_them_to_unk(tmp_path,
     assert CharTokenizer.from_pretrained(tmp_path).unk_token == " "
 
 
+@pytest.mark.slow
 def test_a_model_folders_tokenizer_loads_quietly_without_remote_code(tmp_path, small):
     """A model folder's config.json names custom code, so `AutoTokenizer.from_pretrained(folder)` without
     trust_remote_code first asks whether to run it (transformers asks for every such folder, and on a terminal waits)

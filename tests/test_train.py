@@ -349,9 +349,11 @@ def evil_pickle(marker):
 
 
 @pytest.mark.parametrize("planted", ["contrastive_state_0.pt", "contrastive_state_0.safetensors"])
-def test_resuming_a_checkpoint_with_a_planted_pickle_runs_nothing(tmp_path, small_corpus, planted):
+def test_resuming_a_checkpoint_with_a_planted_pickle_runs_nothing(tmp_path, small_corpus, planted, capfd,
+                                                                   monkeypatch):
     """A checkpoint whose state file was replaced by a malicious pickle (under the older .pt name, or under the
-    current name): the resume refuses it with one line and exit status 2, and the pickle's command never runs."""
+    current name): the resume refuses it with one line and exit status 2, and the pickle's command never runs (the
+    command line in this process: a pickle that ran would touch `marker` all the same)."""
     out, _ = train(tmp_path, small_corpus, "--max_steps", "4", "--save_steps", "2", "--contrastive_type", "pcd",
                    "--do_train", "true", "--keep_checkpoints", "true", callbacks=[StopAt(2)])
     for name in ("model.safetensors", "config.json", "nanoebm_run.json", "README.md", "all_results.json"):
@@ -361,11 +363,13 @@ def test_resuming_a_checkpoint_with_a_planted_pickle_runs_nothing(tmp_path, smal
     marker = tmp_path / "payload-ran"
     (checkpoint / planted).write_bytes(evil_pickle(marker))
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--resume_from_checkpoint", str(checkpoint)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()  # the training run's own output
+    code = run_train.cli(["--resume_from_checkpoint", str(checkpoint)])
+    err = capfd.readouterr().err  # file-descriptor level: transformers' own logging too
     assert not marker.exists(), "the planted pickle ran"
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert len(done.stderr.strip().splitlines()) == 1 and str(checkpoint / planted) in done.stderr, done.stderr
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and str(checkpoint / planted) in err, err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
 
 
@@ -451,6 +455,7 @@ def test_replay_resumes_the_descent_from_stored_logits():
     assert replay.count == 3 and replay.cursor == 3
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -475,6 +480,7 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, small_corpus):
     assert "--num_processes 2" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_saved_folder_is_a_complete_model_that_a_pipeline_loads(tmp_path, small_corpus):
     out, metrics = train(tmp_path, small_corpus, "--max_steps", "10")
     assert {"eval_system1_bpc", "eval_system2_bpc", "eval_system2_2x_bpc", "eval_energy_gap"} <= metrics.keys()
@@ -507,7 +513,7 @@ def test_continue_from_a_saved_folder(tmp_path, small_corpus, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # a path as the shell leaves it in --flag=~/...
     metrics = run_train.main(["--model_name_or_path=~/first/out", "--data_path", str(small_corpus), "--output_dir",
                               str(out), "--max_steps", "3", "--eval_blocks", "4", "--think_steps", "3",
-                              "--report_to", "none", "--disable_tqdm", "true"])
+                              "--report_to", "none", "--disable_tqdm", "true", "--eval_reading_chars", "200"])
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["block_size"], config["think_steps"]) == (1, 32, 32, 3)
     assert metrics["eval_system2_bpc"] > 0
@@ -612,34 +618,38 @@ def test_bad_data_and_checkpoints(tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data_path", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and "missing.txt" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_diverging_training_is_one_message_naming_the_knobs(tmp_path, small_corpus):
+def test_diverging_training_is_one_message_naming_the_knobs(tmp_path, small_corpus, capfd, monkeypatch):
     """NaN/Inf in a training step: exit status 1, one message naming what to lower, no traceback."""
-    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *TINY, "--learning_rate", "1e8",
-                           "--max_steps", "30", "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "At training step" in done.stderr and "think_lr" in done.stderr, done.stderr[-2000:]
-    assert "--learning_rate (now 100000000.0)" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    code = run_train.cli([*TINY, "--learning_rate", "1e8", "--max_steps", "30", "--data_path", str(small_corpus),
+                          "--output_dir", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    assert "At training step" in err and "think_lr" in err, err[-2000:]
+    assert "--learning_rate (now 100000000.0)" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "model.safetensors").exists()  # no half-made model
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random"])
-def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, damage):
+def test_continuing_from_damaged_weights_is_one_message(tmp_path, small_corpus, damage, capfd, monkeypatch):
     first, _ = train(tmp_path / "first", small_corpus, "--max_steps", "2", "--do_train", "true")
     weights = first / "model.safetensors"
     raw = weights.read_bytes()
     weights.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else bytes(range(256)) * 8)
-    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--model_name_or_path", str(first),
-                           "--data_path", str(small_corpus), "--output_dir", str(tmp_path / "next")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert str(weights) in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()  # the training run's own output
+    code = run_train.cli(["--model_name_or_path", str(first), "--data_path", str(small_corpus), "--output_dir",
+                          str(tmp_path / "next")])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert str(weights) in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "next").exists()  # nothing written
 
 
@@ -742,7 +752,8 @@ def test_continuing_with_think_lr_steps_with_it(saved, small_corpus):
 
 def test_continue_run_saves_and_uses_a_new_fixed_step_size(tmp_path, saved, small_corpus, capsys):
     """The real command: --think_lr 2.0 --think_lr_learnable false, then back to learnable from the fixed folder."""
-    common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--report_to", "none",
+    common = ["--data_path", str(small_corpus), "--max_steps", "3", "--eval_blocks", "4", "--eval_reading_chars", "200",
+              "--report_to", "none",
               "--disable_tqdm", "true", "--do_train", "true", "--think_lr_lr_multiplier", "100",
               "--entropy_weight", "0.5"]  # lambda < tau: System 1 is no longer the descent's fixed point, so every
     # step moves and the step size gets a gradient whatever the (barely trained) correction gate of `saved` says
@@ -845,16 +856,16 @@ def test_tensorboard_logs_outlive_the_checkpoints(tmp_path, small_corpus):
     assert [event.step for event in logged.Scalars("train/loss_pred")] == [2, 4]
 
 
-def test_a_missing_logger_is_one_line_before_anything_is_written(tmp_path, small_corpus):
+def test_a_missing_logger_is_one_line_before_anything_is_written(tmp_path, small_corpus, capfd, monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("dvclive"):  # not tensorboard: the dev extra installs it
         pytest.skip("dvclive is installed here")
     out = tmp_path / "o"
-    done = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *TINY, "--data_path", str(small_corpus),
-                           "--output_dir", str(out), "--max_steps", "2", "--report_to", "dvclive"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+    monkeypatch.chdir(tmp_path)
+    code = run_train.cli([*TINY, "--data_path", str(small_corpus), "--output_dir", str(out), "--max_steps", "2",
+                          "--report_to", "dvclive"])
+    assert code == 2 and capfd.readouterr().err.strip().splitlines() == [
         "run_train.py: error: --report_to dvclive: that logger is not available here: pip install dvclive"]
     assert not out.exists()
 
@@ -898,7 +909,7 @@ def test_continuing_on_new_characters_names_them_and_unk_token(tmp_path, saved, 
     text = tmp_path / "new.txt"
     text.write_text(small_corpus.read_text().replace("e", "é").replace("a", "~"))
     argv = ["--model_name_or_path", str(saved), "--data_path", str(text), "--max_steps", "2", "--eval_blocks", "4",
-            "--report_to", "none", "--disable_tqdm", "true", "--do_train", "true"]
+            "--eval_reading_chars", "200", "--report_to", "none", "--disable_tqdm", "true", "--do_train", "true"]
     assert run_train.cli([*argv, "--output_dir", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "'~', 'é'" in err and "--unk_token ' '" in err and len(err.strip().splitlines()) == 1, err
