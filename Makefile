@@ -36,10 +36,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 train: $(VENV)/.installed
 	$(BIN)/python run_train.py $(ARGS)
 
-# two pytest-xdist workers, each file whole in one (its trained models made once), each with one torch thread
-# (tests/conftest.py: the tiny models lose more than they gain from a second); the processes the slow tests start keep
-# torch's default (the README's commands train the cpu preset's model, which gains)
-TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+# two pytest-xdist workers, each file whole in one (its trained models made once), one torch thread each, and one for
+# the processes the slow tests start too: on 2 cores a 2-thread process beside a busy worker spins (OpenMP) and runs
+# several times slower (a --compare subprocess passed its 300 s timeout that way)
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 PYTEST := $(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 test: $(VENV)/.installed

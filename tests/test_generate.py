@@ -432,7 +432,8 @@ def test_compare_prints_only_the_table_on_stdout(model_dir):
     the table a user pipes somewhere."""
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, str(ROOT / "run_generate.py"), "--compare", str(model_dir), "--eval_blocks",
-                           "3", "--max_new_tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+                           "3", "--max_new_tokens", "4", "--reading_chars", "100"], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("| model"), done.stdout[:300]
 

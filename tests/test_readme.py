@@ -19,7 +19,8 @@ from conftest import ROOT, free_port
 pytestmark = pytest.mark.slow  # about 170 s: every command a fresh process, most of them training
 
 SHORT_TRAINING = ["--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "3",
-                  "--eval_blocks", "4", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+                  "--eval_blocks", "4", "--eval_reading_chars", "200", "--disable_tqdm", "true",
+                  "--dataloader_num_workers", "0"]
 SHORTER_PATHS = {"checkpoint-1000": "checkpoint-3"}  # the checkpoint a shortened run saved
 SHORT_GENERATION = ["--max_new_tokens", "20"]
 
