@@ -37,6 +37,23 @@ def corpus_ids(corpus_text):
     return torch.tensor([stoi[c] for c in corpus_text[:30000]])
 
 
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """The test module's saved `model_dir`, loaded as a user would: through the Auto classes, with its own code."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+
+
+def run_cli(capsys, *argv):
+    """run_generate.py in-process: (exit status, stdout, stderr)."""
+    from run_generate import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_config(**overrides):
     values = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     values.update(overrides)

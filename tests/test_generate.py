@@ -14,14 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_model, train_briefly
+from conftest import ROOT, make_model, run_cli as run, train_briefly
 from tokenization_char import CharTokenizer
 
 from nanoebm.analysis import position_stats, score_continuations
 from nanoebm.compare import comparison_table
 from nanoebm.corpus import EMBEDDED_CORPUS, fixed_blocks, resolve_data_path, validation_text
 from nanoebm.scoring import TEMPERATURES
-from run_generate import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,19 +49,6 @@ def linear_dir(tmp_path_factory, corpus_text, tokenizer):
     ids = torch.tensor(tokenizer(corpus_text[:30000])["input_ids"])
     model = train_briefly(make_model(seed=1, landscape="linear"), ids, steps=15)
     return save(model, tokenizer, tmp_path_factory.mktemp("gen-linear"))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def generate_json(capsys, tmp_path, model_dir, *argv, name="out.json"):

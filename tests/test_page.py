@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from conftest import make_model, train_briefly
+from conftest import make_model, run_cli as run, train_briefly
 from tokenization_char import CharTokenizer
 
 from nanoebm.analysis import position_stats, score_continuations
@@ -38,19 +38,6 @@ def model_dir(tmp_path_factory, corpus_text, tokenizer):
     """A tiny mixture model (block_size 32: a page of 80 characters already reads several windows)."""
     return trained(tmp_path_factory.mktemp("page-mixture"), tokenizer, corpus_text, 0, landscape="mixture",
                    think_lr=1.0, correction_scale=0.5)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def page_data(path):
