@@ -45,8 +45,16 @@ def thinking_module(model):
     return sys.modules[type(model).__module__]
 
 
-# the learning-while-reading settings a run passes to the model for scoring (--compare, the page)
-ADAPT_FLAGS = ("adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank")
+# configuration_nanoebm.ADAPT_FIELDS, named here without importing torch: run_generate's learning flags
+ADAPTING = ("use_adaptation", "adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank",
+            "adapt_on_output")
+
+
+def scoring_adapt_flags(args) -> dict:
+    """The adapt_* flags a run gave that scoring with learning takes (--compare, the page): not the switch, which
+    scoring sets itself, nor learning from generated text, which reading a given text has none of."""
+    return {name: getattr(args, name) for name in ADAPTING if name not in ("use_adaptation", "adapt_on_output")
+            and getattr(args, name, None) is not None}
 
 
 def resolved_thinking(model, args) -> dict:

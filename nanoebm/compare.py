@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nanoebm.analysis import ADAPT_FLAGS, encode, note, resolved_thinking
+from nanoebm.analysis import encode, note, resolved_thinking, scoring_adapt_flags
 from nanoebm.card import read_record
 from nanoebm.cli import UsageError, flag_value
 from nanoebm.corpus import fixed_blocks, load_bpc_metric, resolve_data_path, validation_text
@@ -77,7 +77,7 @@ def reading_columns(model, tokenizer, val: str, args) -> dict:
         return dict.fromkeys(names + ("reading_chars",))
     text = val[:args.reading_chars]
     ids = torch.tensor(encode(tokenizer, text, "the validation text"))
-    adapt = {name: getattr(args, name) for name in ADAPT_FLAGS if getattr(args, name, None) is not None}
+    adapt = scoring_adapt_flags(args)
     scores = score_reading(model, ids, think_steps=args.think_steps, think_lr=args.think_lr, **adapt)
     values = [float(scores[k].mean()) / math.log(2) for k in ("nll1_static", "nll2_static", "nll1_adapted",
                                                                "nll2_adapted")]

@@ -9,14 +9,9 @@ import math
 import sys
 from pathlib import Path
 
-from nanoebm.analysis import note
+from nanoebm.analysis import ADAPTING, note
 from nanoebm.cli import UsageError, check_unk_token
 from nanoebm.page import HTML_CHARS, check_html_path
-
-
-ADAPTING = ("use_adaptation", "adapt_lr", "adapt_params", "adapt_rule", "adapt_decay", "adapt_window", "adapt_rank",
-            "adapt_on_output")  # configuration_nanoebm.ADAPT_FIELDS, named here without importing torch
-
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype: what from_pretrained's dtype accepts by name
 

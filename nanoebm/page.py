@@ -17,7 +17,8 @@ import math
 import os
 from pathlib import Path
 
-from nanoebm.analysis import ADAPT_FLAGS, encode, note, resolved_thinking, score_continuations, token_strings
+from nanoebm.analysis import (encode, note, resolved_thinking, score_continuations, scoring_adapt_flags,
+                              token_strings)
 from nanoebm.cli import UsageError
 from nanoebm.scoring import TEMPERATURES, calibrated_system1, score_reading
 
@@ -103,7 +104,7 @@ def reading(model, ids, thinking: dict, args, steps: int) -> dict:
     before it learns from it)."""
     import torch
 
-    adapt = {name: getattr(args, name) for name in ADAPT_FLAGS if getattr(args, name, None) is not None}
+    adapt = scoring_adapt_flags(args)
     adapt["adapt_window"] = thinking["adapt_window"] or model.config.adapt_window or model.config.block_size
     think = dict(use_thinking=thinking["use_thinking"], think_steps=steps, think_lr=thinking["think_lr"])
     ids = ids.to(model.device)
